@@ -1,0 +1,1 @@
+//! dinov2-curate (work in progress).

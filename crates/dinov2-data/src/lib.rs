@@ -1,0 +1,1 @@
+//! dinov2-data (work in progress).

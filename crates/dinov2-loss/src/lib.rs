@@ -1,0 +1,1 @@
+//! dinov2-loss (work in progress).

@@ -1,0 +1,402 @@
+//! Model configuration: [`VitConfig`] for any size, and the eight official backbones.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Feed-forward block of a transformer layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    /// `fc1` → exact (erf) GELU → `fc2` (ViT-S/B/L).
+    Mlp,
+    /// Packed SwiGLU: `w12` → silu(first half) · second half → `w3` (ViT-g).
+    Swiglu,
+}
+
+/// How the learned position table is resampled to another patch grid.
+///
+/// The official code has two bicubic paths, and which one a model uses is part of the model
+/// (it was trained with it), not of the weight format:
+/// * non-register models: `scale_factor = (n + offset) / M` with offset 0.1, no antialias (A = -0.75, clamped taps);
+/// * register models: `size = n`, antialias on (A = -0.5, renormalised taps, PIL-style support).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PosEmbedInterpolation {
+    /// Offset added to the target grid before computing the scale factor; 0 selects the size path.
+    pub offset: f64,
+    /// Antialiased bicubic (`_upsample_bicubic2d_aa`).
+    pub antialias: bool,
+}
+
+/// Architecture of a DINOv2 vision transformer. Every field has the official meaning
+/// (`dinov2/models/vision_transformer.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Image size the position table was trained at (518 for the released weights): the table has
+    /// `(img_size / patch_size)^2 + 1` rows.
+    pub img_size: usize,
+    /// Patch size (14 for every released model).
+    pub patch_size: usize,
+    /// Input channels.
+    pub in_chans: usize,
+    /// Token width D.
+    pub embed_dim: usize,
+    /// Number of transformer blocks.
+    pub depth: usize,
+    /// Attention heads (head dim = embed_dim / num_heads).
+    pub num_heads: usize,
+    /// FFN hidden size ratio (4 for all released models; SwiGLU rounds the hidden size, see [`VitConfig::ffn_hidden_dim`]).
+    pub mlp_ratio: f64,
+    /// FFN kind.
+    pub ffn: FfnKind,
+    /// Bias in the fused qkv projection.
+    pub qkv_bias: bool,
+    /// Bias in the attention output projection.
+    pub proj_bias: bool,
+    /// Biases in the FFN linears.
+    pub ffn_bias: bool,
+    /// LayerScale initial value; `None` means no LayerScale parameters (`ls1`/`ls2`).
+    pub layer_scale_init: Option<f64>,
+    /// Register tokens (0 or 4 for the released models).
+    pub num_register_tokens: usize,
+    /// Position-table interpolation of this model.
+    pub interpolation: PosEmbedInterpolation,
+    /// LayerNorm epsilon (1e-6).
+    pub layer_norm_eps: f64,
+    /// Stochastic depth rate (training only).
+    pub drop_path_rate: f64,
+    /// Same drop-path rate for every block (`true` in the official training configs) instead of `linspace(0, rate, depth)`.
+    pub drop_path_uniform: bool,
+}
+
+impl VitConfig {
+    fn base(embed_dim: usize, depth: usize, num_heads: usize, ffn: FfnKind) -> Self {
+        VitConfig {
+            img_size: 518,
+            patch_size: 14,
+            in_chans: 3,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            ffn,
+            qkv_bias: true,
+            proj_bias: true,
+            ffn_bias: true,
+            layer_scale_init: Some(1.0),
+            num_register_tokens: 0,
+            interpolation: PosEmbedInterpolation {
+                offset: 0.1,
+                antialias: false,
+            },
+            layer_norm_eps: 1e-6,
+            drop_path_rate: 0.0,
+            drop_path_uniform: false,
+        }
+    }
+
+    /// ViT-S/14 as released (D=384, 12 blocks, 6 heads).
+    pub fn vit_small() -> Self {
+        Self::base(384, 12, 6, FfnKind::Mlp)
+    }
+    /// ViT-B/14 as released (D=768, 12 blocks, 12 heads).
+    pub fn vit_base() -> Self {
+        Self::base(768, 12, 12, FfnKind::Mlp)
+    }
+    /// ViT-L/14 as released (D=1024, 24 blocks, 16 heads).
+    pub fn vit_large() -> Self {
+        Self::base(1024, 24, 16, FfnKind::Mlp)
+    }
+    /// ViT-g/14 as released (D=1536, 40 blocks, 24 heads, SwiGLU).
+    pub fn vit_giant2() -> Self {
+        Self::base(1536, 40, 24, FfnKind::Swiglu)
+    }
+
+    /// The same model with `n` register tokens and the register models' interpolation (size path, antialias).
+    pub fn with_registers(mut self, n: usize) -> Self {
+        self.num_register_tokens = n;
+        if n > 0 {
+            self.interpolation = PosEmbedInterpolation {
+                offset: 0.0,
+                antialias: true,
+            };
+        }
+        self
+    }
+
+    /// Side of the square position grid stored in the weights (`img_size / patch_size`, 37 for the released models).
+    pub fn pos_grid(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    /// Rows of `pos_embed`: one class slot plus the grid.
+    pub fn num_pos_tokens(&self) -> usize {
+        self.pos_grid() * self.pos_grid() + 1
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+
+    /// FFN hidden size: `int(D * mlp_ratio)` for the MLP; for SwiGLU the official rounding
+    /// `(int(hidden * 2 / 3) + 7) // 8 * 8` (4096 for ViT-g).
+    pub fn ffn_hidden_dim(&self) -> usize {
+        let hidden = (self.embed_dim as f64 * self.mlp_ratio) as usize;
+        match self.ffn {
+            FfnKind::Mlp => hidden,
+            FfnKind::Swiglu => (hidden * 2 / 3).div_ceil(8) * 8,
+        }
+    }
+
+    /// Drop-path rate of block `i` (uniform or `linspace(0, rate, depth)`).
+    pub fn drop_path_rate_of_block(&self, i: usize) -> f64 {
+        if self.drop_path_uniform || self.depth <= 1 {
+            self.drop_path_rate
+        } else {
+            self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+        }
+    }
+
+    /// Checks that the numbers describe a buildable model.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.patch_size == 0 || self.embed_dim == 0 || self.depth == 0 || self.num_heads == 0 {
+            return fail(format!(
+                "patch_size, embed_dim, depth and num_heads must be positive (got {}, {}, {}, {})",
+                self.patch_size, self.embed_dim, self.depth, self.num_heads
+            ));
+        }
+        if self.embed_dim % self.num_heads != 0 {
+            return fail(format!(
+                "embed_dim {} is not divisible by num_heads {}",
+                self.embed_dim, self.num_heads
+            ));
+        }
+        if self.img_size < self.patch_size {
+            return fail(format!(
+                "img_size {} is smaller than patch_size {}",
+                self.img_size, self.patch_size
+            ));
+        }
+        if self.in_chans == 0 {
+            return fail("in_chans must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return fail(format!(
+                "drop_path_rate {} is outside [0, 1)",
+                self.drop_path_rate
+            ));
+        }
+        if self.ffn_hidden_dim() == 0 {
+            return fail("the FFN hidden size rounds to zero".into());
+        }
+        if !(self.layer_norm_eps > 0.0) {
+            return fail(format!(
+                "layer_norm_eps must be positive (got {})",
+                self.layer_norm_eps
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Size of an official backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Arch {
+    /// ViT-S/14, 21 M parameters.
+    Small,
+    /// ViT-B/14, 86 M parameters.
+    Base,
+    /// ViT-L/14, 300 M parameters.
+    Large,
+    /// ViT-g/14, 1.1 B parameters.
+    Giant,
+}
+
+impl Arch {
+    /// Letter used in the official names (`s`, `b`, `l`, `g`).
+    pub fn letter(self) -> char {
+        match self {
+            Arch::Small => 's',
+            Arch::Base => 'b',
+            Arch::Large => 'l',
+            Arch::Giant => 'g',
+        }
+    }
+    /// Word used in the Hugging Face repository names.
+    pub fn hf_word(self) -> &'static str {
+        match self {
+            Arch::Small => "small",
+            Arch::Base => "base",
+            Arch::Large => "large",
+            Arch::Giant => "giant",
+        }
+    }
+    /// Official configuration of this size (without registers).
+    pub fn config(self) -> VitConfig {
+        match self {
+            Arch::Small => VitConfig::vit_small(),
+            Arch::Base => VitConfig::vit_base(),
+            Arch::Large => VitConfig::vit_large(),
+            Arch::Giant => VitConfig::vit_giant2(),
+        }
+    }
+    /// The size whose width is `embed_dim`, if any.
+    pub fn from_embed_dim(embed_dim: usize) -> Option<Arch> {
+        match embed_dim {
+            384 => Some(Arch::Small),
+            768 => Some(Arch::Base),
+            1024 => Some(Arch::Large),
+            1536 => Some(Arch::Giant),
+            _ => None,
+        }
+    }
+    const ALL: [Arch; 4] = [Arch::Small, Arch::Base, Arch::Large, Arch::Giant];
+}
+
+/// One of the eight released backbones.
+///
+/// ```
+/// use dinov2_model::OfficialModel;
+/// let m: OfficialModel = "dinov2_vitb14_reg".parse().unwrap();
+/// assert_eq!(m.hf_repo(), "facebook/dinov2-with-registers-base");
+/// assert_eq!(m.config().num_register_tokens, 4);
+/// assert_eq!("facebook/dinov2-small".parse::<OfficialModel>().unwrap().short_name(), "dinov2_vits14");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OfficialModel {
+    /// Backbone size.
+    pub arch: Arch,
+    /// With 4 register tokens.
+    pub registers: bool,
+}
+
+impl OfficialModel {
+    /// All eight, plain then register models, small to giant.
+    pub fn all() -> Vec<OfficialModel> {
+        [false, true]
+            .iter()
+            .flat_map(|&registers| {
+                Arch::ALL
+                    .iter()
+                    .map(move |&arch| OfficialModel { arch, registers })
+            })
+            .collect()
+    }
+    /// torch-hub entry point name, e.g. `dinov2_vits14` or `dinov2_vitg14_reg`.
+    pub fn short_name(&self) -> String {
+        format!(
+            "dinov2_vit{}14{}",
+            self.arch.letter(),
+            if self.registers { "_reg" } else { "" }
+        )
+    }
+    /// Checkpoint file stem on the official download server, e.g. `dinov2_vits14_reg4_pretrain`.
+    pub fn checkpoint_stem(&self) -> String {
+        format!(
+            "dinov2_vit{}14{}_pretrain",
+            self.arch.letter(),
+            if self.registers { "_reg4" } else { "" }
+        )
+    }
+    /// Hugging Face repository holding the `transformers` checkpoint.
+    pub fn hf_repo(&self) -> String {
+        if self.registers {
+            format!("facebook/dinov2-with-registers-{}", self.arch.hf_word())
+        } else {
+            format!("facebook/dinov2-{}", self.arch.hf_word())
+        }
+    }
+    /// The official configuration (img_size 518, LayerScale, registers and interpolation as released).
+    pub fn config(&self) -> VitConfig {
+        let c = self.arch.config();
+        if self.registers {
+            c.with_registers(4)
+        } else {
+            c
+        }
+    }
+}
+
+impl std::fmt::Display for OfficialModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.short_name())
+    }
+}
+
+impl std::str::FromStr for OfficialModel {
+    type Err = Error;
+
+    /// Accepts official short names (`dinov2_vits14`, `dinov2_vits14_reg`, `dinov2_vits14_reg4`) and
+    /// Hub ids (`facebook/dinov2-small`, `facebook/dinov2-with-registers-small`), case-insensitively.
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        OfficialModel::all()
+            .into_iter()
+            .find(|m| {
+                lower == m.short_name()
+                    || lower == m.hf_repo()
+                    || (m.registers && lower == format!("dinov2_vit{}14_reg4", m.arch.letter()))
+            })
+            .ok_or_else(|| Error::UnknownModel(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_sizes_match_the_reference_table() {
+        let s = VitConfig::vit_small();
+        assert_eq!((s.embed_dim, s.depth, s.num_heads, s.ffn_hidden_dim()), (384, 12, 6, 1536));
+        let g = VitConfig::vit_giant2();
+        assert_eq!((g.embed_dim, g.depth, g.num_heads), (1536, 40, 24));
+        assert_eq!(g.ffn_hidden_dim(), 4096, "SwiGLU hidden rounding of ViT-g");
+        assert_eq!(s.num_pos_tokens(), 1370);
+        assert_eq!(s.head_dim(), 64);
+    }
+
+    #[test]
+    fn register_models_use_the_size_path_with_antialias() {
+        let c: OfficialModel = "dinov2_vitl14_reg".parse().unwrap();
+        let cfg = c.config();
+        assert_eq!(cfg.num_register_tokens, 4);
+        assert_eq!(cfg.interpolation.offset, 0.0);
+        assert!(cfg.interpolation.antialias);
+        let p = OfficialModel { arch: Arch::Large, registers: false }.config();
+        assert_eq!(p.interpolation.offset, 0.1);
+        assert!(!p.interpolation.antialias);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for m in OfficialModel::all() {
+            assert_eq!(m.short_name().parse::<OfficialModel>().unwrap(), m);
+            assert_eq!(m.hf_repo().parse::<OfficialModel>().unwrap(), m);
+        }
+        assert!(matches!("vit_tiny".parse::<OfficialModel>(), Err(Error::UnknownModel(_))));
+        assert_eq!(
+            OfficialModel { arch: Arch::Giant, registers: true }.checkpoint_stem(),
+            "dinov2_vitg14_reg4_pretrain"
+        );
+    }
+
+    #[test]
+    fn drop_path_schedule() {
+        let mut c = VitConfig::vit_small();
+        c.drop_path_rate = 0.3;
+        assert_eq!(c.drop_path_rate_of_block(0), 0.0);
+        assert!((c.drop_path_rate_of_block(11) - 0.3).abs() < 1e-12);
+        c.drop_path_uniform = true;
+        assert_eq!(c.drop_path_rate_of_block(0), 0.3);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let mut c = VitConfig::vit_small();
+        c.num_heads = 5;
+        assert!(matches!(c.validate(), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,1 @@
+//! Hugging Face Hub download and cache resolution (in progress).
