@@ -544,7 +544,8 @@ def make_family(name: str, fam: dict, root: Path, parts: set, dv) -> None:
 
     if "weights" in parts:
         write_json(rust_config(fam), out_dir / "config.json")
-        save_pth(sd, out_dir / "official.pth")
+        # The real state_dict object (OrderedDict carrying `_metadata`), like the released hub checkpoints.
+        save_pth(model.state_dict(), out_dir / "official.pth")
         save_st(sd, out_dir / "official.safetensors")
         # official.pth round trip
         back = torch.load(out_dir / "official.pth", map_location="cpu", weights_only=True)
@@ -581,13 +582,24 @@ def make_family(name: str, fam: dict, root: Path, parts: set, dv) -> None:
                     for j in range(2):
                         assert_close(ci[j], o[f"inter_idx.{j}.patch"], 0.0, "chunked intermediates")
             g_ck = torch.Generator().manual_seed(fam["seed"] + 21)
-            teacher = {"backbone." + k: v for k, v in csd.items()}
-            teacher["dino_head.mlp.0.weight"] = torch.randn(16, D, generator=g_ck)
+            # Like SSLMetaArch's teacher ModuleDict: {"backbone": chunked ViT, "dino_head": head}; only one small head
+            # tensor (`dino_head.mlp.0.weight`) to keep the file small.
+            teacher_mod = nn.Module()
+            teacher_mod.backbone = chunked
+            teacher_mod.dino_head = nn.Module()
+            teacher_mod.dino_head.mlp = nn.Sequential(nn.Linear(D, 16, bias=False))
+            with torch.no_grad():
+                teacher_mod.dino_head.mlp[0].weight.copy_(torch.randn(16, D, generator=g_ck))
+            teacher = teacher_mod.state_dict()
+            want_keys = {"backbone." + k for k in csd} | {"dino_head.mlp.0.weight"}
+            assert set(teacher) == want_keys, sorted(set(teacher) ^ want_keys)
             save_pth({"teacher": teacher}, out_dir / "train_ckpt.pth")
             log(f"  train_ckpt.pth: chunked keys e.g. {[k for k in teacher if '.attn.qkv.weight' in k]}")
 
         for hn, hd in heads.items():
-            save_pth({k: v.clone() for k, v in hd.items()}, out_dir / f"{hn}_head.pth")
+            lin = nn.Linear(hd["weight"].shape[1], hd["weight"].shape[0])
+            lin.load_state_dict(hd)
+            save_pth(lin.state_dict(), out_dir / f"{hn}_head.pth")  # like the hub *_linear_head.pth files
             save_st(hd, out_dir / f"{hn}_head.safetensors")
 
     if "outputs" in parts:
@@ -603,6 +615,71 @@ def make_family(name: str, fam: dict, root: Path, parts: set, dv) -> None:
 POS_GRIDS = [(16, 16), (7, 7), (37, 37), (37, 20), (40, 30), (1, 1), (23, 11), (74, 74), (5, 60)]
 POS_GRADS = [("offset", 16, 16), ("offset", 40, 30), ("aa", 16, 16), ("aa", 23, 11)]
 POS_MODES = {"offset": dict(offset=0.1, antialias=False), "aa": dict(offset=0.0, antialias=True)}
+
+
+def _keys_cubic(d, A):
+    d = abs(d)
+    if d <= 1.0:
+        return ((A + 2.0) * d - (A + 3.0)) * d * d + 1.0
+    if d < 2.0:
+        return ((A * d - 5.0 * A) * d + 8.0 * A) * d - 4.0 * A
+    return 0.0
+
+
+def _axis_matrix(n_in: int, n_out: int, mode: str):
+    """Independent float64 re-derivation (from the written spec in docs/reference, not from torch) of one axis of
+    PyTorch's bicubic resampling as used by the official interpolate_pos_encoding. Returns [n_out, n_in]."""
+    import numpy as np
+
+    m = np.zeros((n_out, n_in))
+    if mode == "offset":  # scale_factor path: scale = 1 / scale_factor = n_in / (n_out + 0.1); A = -0.75; clamped taps
+        s = n_in / (n_out + 0.1)
+        for i in range(n_out):
+            x = s * (i + 0.5) - 0.5
+            x0 = min(math.floor(x), n_in - 1)
+            t = min(max(x - x0, 0.0), 1.0)
+            ws = [_keys_cubic(1 + t, -0.75), _keys_cubic(t, -0.75), _keys_cubic(1 - t, -0.75), _keys_cubic(2 - t, -0.75)]
+            for k, wk in zip(range(x0 - 1, x0 + 3), ws):
+                m[i, min(max(k, 0), n_in - 1)] += wk
+    else:  # antialias size path: scale = n_in / n_out; A = -0.5; support-scaled, renormalised, no clamping
+        s = n_in / n_out
+        support = 2.0 * s if s >= 1.0 else 2.0
+        inv = 1.0 / s if s >= 1.0 else 1.0
+        for i in range(n_out):
+            c = s * (i + 0.5)
+            xmin = max(int(c - support + 0.5), 0)
+            xmax = min(int(c + support + 0.5), n_in)
+            ws = [_keys_cubic((j + xmin - c + 0.5) * inv, -0.5) for j in range(xmax - xmin)]
+            tot = sum(ws)
+            for j, wj in enumerate(ws):
+                m[i, xmin + j] += wj / tot
+    return m
+
+
+def _check_pos_independent(out: dict) -> float:
+    import numpy as np
+
+    table = out["table"][0].double().numpy()  # [1370, 8]
+    grid = table[1:].reshape(37, 37, -1)
+    worst = 0.0
+    for mode in POS_MODES:
+        for h, w in POS_GRIDS:
+            got = out[f"{mode}.{h}x{w}"][0].double().numpy()
+            if (h, w) == (37, 37):
+                want = table  # official shortcut: no interpolation at all
+            else:
+                ah, aw = _axis_matrix(37, h, mode), _axis_matrix(37, w, mode)
+                want = np.concatenate([table[:1], np.einsum("ia,jb,abd->ijd", ah, aw, grid).reshape(h * w, -1)])
+            worst = max(worst, float(np.abs(got - want).max()))
+            key = f"{mode}.{h}x{w}.grad"
+            if key in out:
+                cot = out[f"{mode}.{h}x{w}.cot"][0].double().numpy()
+                ah, aw = _axis_matrix(37, h, mode), _axis_matrix(37, w, mode)
+                g = np.einsum("ia,jb,ijd->abd", ah, aw, cot[1:].reshape(h, w, -1)).reshape(37 * 37, -1)
+                want_g = np.concatenate([cot[:1], g])
+                worst = max(worst, float(np.abs(out[key][0].double().numpy() - want_g).max()))
+    assert worst < 2e-5, f"independent bicubic re-derivation disagrees with the official path: {worst}"
+    return worst
 
 
 def make_pos(root: Path, dv) -> None:
@@ -635,6 +712,8 @@ def make_pos(root: Path, dv) -> None:
                 (res * cot).sum().backward()
                 out[f"{mode}.{h}x{w}.cot"] = cot
                 out[f"{mode}.{h}x{w}.grad"] = model.pos_embed.grad.detach().clone()
+    worst = _check_pos_independent(out)
+    log(f"[pos_embed] independent float64 re-derivation of both bicubic kernels (values and grads): max|diff| {worst:.3g}")
     save_st(out, root / "pos_embed.safetensors")
     log(f"[pos_embed] keys: {', '.join(f'{k}{list(v.shape)}' for k, v in out.items())}")
 
@@ -765,7 +844,19 @@ antialias True: size path). Keys `<mode>.<h>x<w>` [1,1+h*w,8] for h x w in {grid
 no-interpolation shortcut (output == table). Gradients: `<mode>.<h>x<w>.cot` (seeded cotangent, output shape) and
 `<mode>.<h>x<w>.grad` [1,1370,8] = d(sum(out * cot))/d(table) for {grads}.
 
-## Observations (reference implementations vs each other)
+## Notes for tests using these files
+
+* Everything is float32 from PyTorch's CPU kernels. A correct f32 port will not be bitwise equal: the pos-embed
+  bicubic values already differ from an exact float64 evaluation of the documented formulas by up to ~1.5e-5 absolute
+  (~4e-6 relative; PyTorch computes source coordinates and tap weights in f32), so compare with tolerances of the
+  order of 1e-4 (abs, values are O(1)) for model outputs and ~5e-5 for `pos_embed.safetensors`.
+* HF `Dinov2Model` and timm (`dynamic_img_size=True`) do NOT reproduce the official non-register models away from the
+  native size: both use size-based bicubic (HF without antialias, timm with antialias) instead of the official
+  scale_factor = (n + 0.1)/M path. The register family agrees everywhere (HF and official both use size + antialias).
+  See the observed numbers below. The fixtures' outputs are always the OFFICIAL ones.
+* `masks` are u8; the official call uses `masks.bool()`.
+
+## Observations logged while building (reference implementations vs each other)
 
 {observations}
 
