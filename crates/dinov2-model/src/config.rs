@@ -350,7 +350,10 @@ mod tests {
     #[test]
     fn official_sizes_match_the_reference_table() {
         let s = VitConfig::vit_small();
-        assert_eq!((s.embed_dim, s.depth, s.num_heads, s.ffn_hidden_dim()), (384, 12, 6, 1536));
+        assert_eq!(
+            (s.embed_dim, s.depth, s.num_heads, s.ffn_hidden_dim()),
+            (384, 12, 6, 1536)
+        );
         let g = VitConfig::vit_giant2();
         assert_eq!((g.embed_dim, g.depth, g.num_heads), (1536, 40, 24));
         assert_eq!(g.ffn_hidden_dim(), 4096, "SwiGLU hidden rounding of ViT-g");
@@ -365,7 +368,11 @@ mod tests {
         assert_eq!(cfg.num_register_tokens, 4);
         assert_eq!(cfg.interpolation.offset, 0.0);
         assert!(cfg.interpolation.antialias);
-        let p = OfficialModel { arch: Arch::Large, registers: false }.config();
+        let p = OfficialModel {
+            arch: Arch::Large,
+            registers: false,
+        }
+        .config();
         assert_eq!(p.interpolation.offset, 0.1);
         assert!(!p.interpolation.antialias);
     }
@@ -376,9 +383,16 @@ mod tests {
             assert_eq!(m.short_name().parse::<OfficialModel>().unwrap(), m);
             assert_eq!(m.hf_repo().parse::<OfficialModel>().unwrap(), m);
         }
-        assert!(matches!("vit_tiny".parse::<OfficialModel>(), Err(Error::UnknownModel(_))));
+        assert!(matches!(
+            "vit_tiny".parse::<OfficialModel>(),
+            Err(Error::UnknownModel(_))
+        ));
         assert_eq!(
-            OfficialModel { arch: Arch::Giant, registers: true }.checkpoint_stem(),
+            OfficialModel {
+                arch: Arch::Giant,
+                registers: true
+            }
+            .checkpoint_stem(),
             "dinov2_vitg14_reg4_pretrain"
         );
     }

@@ -14,11 +14,21 @@ pub enum Error {
     MissingKey { key: String, expected: Vec<usize> },
 
     /// A weight is present but has the wrong shape.
-    #[error("weight `{key}` has shape {actual:?} in the checkpoint but the model expects {expected:?}")]
+    #[error(
+        "weight `{key}` has shape {actual:?} in the checkpoint but the model expects {expected:?}"
+    )]
     ShapeMismatch {
         key: String,
         expected: Vec<usize>,
         actual: Vec<usize>,
+    },
+
+    /// The checkpoint has a backbone weight this configuration does not use (strict loading, as the official code).
+    #[error("unexpected weight `{key}` with shape {shape:?}: the checkpoint does not match the configuration ({hint})")]
+    UnexpectedKey {
+        key: String,
+        shape: Vec<usize>,
+        hint: String,
     },
 
     /// The input image size is not usable (not a multiple of the patch size, zero, ...).

@@ -1,0 +1,429 @@
+//! Transformer building blocks with the official parameter names and semantics
+//! (`dinov2/layers/{patch_embed,attention,mlp,swiglu_ffn,layer_scale,block}.py`).
+//!
+//! Token tensors are packed `[rows, D]` matrices; a [`SeqLayout`] tells attention which rows form one image.
+
+use std::sync::Arc;
+
+use candle_core::{Tensor, D};
+
+use crate::config::{FfnKind, VitConfig};
+use crate::error::{Error, Result};
+use crate::ops::{self, AttentionBackend, SeqLayout};
+use crate::state_dict::StateDict;
+
+/// Fetches `prefix.name` with the expected shape.
+pub(crate) fn param(sd: &StateDict, key: &str, shape: &[usize]) -> Result<Tensor> {
+    Ok(sd.get_shaped(key, shape)?.clone())
+}
+
+/// A linear layer `y = x Wᵀ + b` (weights `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        sd: &StateDict,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: param(sd, &format!("{prefix}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(param(sd, &format!("{prefix}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+    /// Applies the layer to `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.clone()));
+        }
+    }
+}
+
+/// LayerNorm with affine parameters (differentiable fused kernel).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(sd: &StateDict, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: param(sd, &format!("{prefix}.weight"), &[dim])?,
+            bias: param(sd, &format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        out.push((format!("{prefix}.bias"), self.bias.clone()));
+    }
+}
+
+/// Non-overlapping `p × p` patches projected to D (a stride-p convolution, computed as patchify + GEMM).
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) patch: usize,
+}
+
+impl PatchEmbed {
+    pub(crate) fn load(sd: &StateDict, cfg: &VitConfig) -> Result<Self> {
+        let (d, c, p) = (cfg.embed_dim, cfg.in_chans, cfg.patch_size);
+        Ok(PatchEmbed {
+            weight: param(sd, "patch_embed.proj.weight", &[d, c, p, p])?,
+            bias: param(sd, "patch_embed.proj.bias", &[d])?,
+            patch: p,
+        })
+    }
+
+    /// `[B, C, H, W]` → `[B, h·w, D]` tokens in row-major patch order, and the grid `(h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
+        let (b, c, hp, wp) = x.dims4()?;
+        let p = self.patch;
+        if hp % p != 0 || wp % p != 0 || hp == 0 || wp == 0 {
+            return Err(Error::InputNotMultipleOfPatch {
+                height: hp,
+                width: wp,
+                patch: p,
+            });
+        }
+        let (expected_c, d) = (self.weight.dim(1)?, self.weight.dim(0)?);
+        if c != expected_c {
+            return Err(Error::invalid(format!(
+                "input has {c} channels, the model expects {expected_c}"
+            )));
+        }
+        let (h, w) = (hp / p, wp / p);
+        let patches = x
+            .reshape((b, c, h, p, w, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * h * w, c * p * p))?;
+        let weight = self.weight.reshape((d, c * p * p))?;
+        let t = ops::linear(&patches, &weight, Some(&self.bias))?;
+        Ok((t.reshape((b, h * w, d))?, (h, w)))
+    }
+}
+
+/// Multi-head self-attention (`attn.qkv`, `attn.proj`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) num_heads: usize,
+    pub(crate) scale: f64,
+}
+
+impl Attention {
+    pub(crate) fn load(sd: &StateDict, prefix: &str, cfg: &VitConfig) -> Result<Self> {
+        let d = cfg.embed_dim;
+        Ok(Attention {
+            qkv: Linear::load(sd, &format!("{prefix}.qkv"), 3 * d, d, cfg.qkv_bias)?,
+            proj: Linear::load(sd, &format!("{prefix}.proj"), d, d, cfg.proj_bias)?,
+            num_heads: cfg.num_heads,
+            scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
+        })
+    }
+
+    /// `[rows, D]` → `[rows, D]`, attending within each segment of `layout`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layout: &SeqLayout,
+        backend: &dyn AttentionBackend,
+    ) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let o = backend.attention(&qkv, layout, self.num_heads, self.scale)?;
+        self.proj.forward(&o)
+    }
+
+    /// Attention probabilities `[B, heads, T, T]` for a uniform batch of `batch` sequences.
+    pub fn probabilities(&self, x: &Tensor, batch: usize) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        Ok(ops::attention_probs(
+            &qkv,
+            batch,
+            self.num_heads,
+            self.scale,
+        )?)
+    }
+}
+
+/// Feed-forward network: `Mlp` (fc1 → GELU → fc2) or packed `SwiGLU` (w12 → silu(x1)·x2 → w3).
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// `mlp.fc1`, `mlp.fc2`.
+    Mlp { fc1: Linear, fc2: Linear },
+    /// `mlp.w12` (packed gate and value), `mlp.w3`.
+    Swiglu {
+        w12: Linear,
+        w3: Linear,
+        hidden: usize,
+    },
+}
+
+impl Ffn {
+    pub(crate) fn load(sd: &StateDict, prefix: &str, cfg: &VitConfig) -> Result<Self> {
+        let (d, h, bias) = (cfg.embed_dim, cfg.ffn_hidden_dim(), cfg.ffn_bias);
+        Ok(match cfg.ffn {
+            FfnKind::Mlp => Ffn::Mlp {
+                fc1: Linear::load(sd, &format!("{prefix}.fc1"), h, d, bias)?,
+                fc2: Linear::load(sd, &format!("{prefix}.fc2"), d, h, bias)?,
+            },
+            FfnKind::Swiglu => Ffn::Swiglu {
+                w12: Linear::load(sd, &format!("{prefix}.w12"), 2 * h, d, bias)?,
+                w3: Linear::load(sd, &format!("{prefix}.w3"), d, h, bias)?,
+                hidden: h,
+            },
+        })
+    }
+
+    /// Applies the FFN row-wise.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Mlp { fc1, fc2 } => {
+                let h = match &fc1.bias {
+                    // Inference fast path: bias and GELU fused into the GEMM's output pass.
+                    Some(b)
+                        if !x.track_op() && !fc1.weight.track_op() && ops::use_cpu_kernel(x) =>
+                    {
+                        ops::linear_gelu_inference(x, &fc1.weight, b)?
+                    }
+                    _ => ops::gelu_erf(&fc1.forward(x)?)?,
+                };
+                fc2.forward(&h)
+            }
+            Ffn::Swiglu { w12, w3, hidden } => {
+                let h = w12.forward(x)?;
+                let x1 = h.narrow(D::Minus1, 0, *hidden)?;
+                let x2 = h.narrow(D::Minus1, *hidden, *hidden)?;
+                w3.forward(&(x1.silu()? * x2)?)
+            }
+        }
+    }
+
+    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        match self {
+            Ffn::Mlp { fc1, fc2 } => {
+                fc1.named(&format!("{prefix}.fc1"), out);
+                fc2.named(&format!("{prefix}.fc2"), out);
+            }
+            Ffn::Swiglu { w12, w3, .. } => {
+                w12.named(&format!("{prefix}.w12"), out);
+                w3.named(&format!("{prefix}.w3"), out);
+            }
+        }
+    }
+}
+
+/// How images are packed into rows: groups of `batch` images of `tokens` tokens each, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packing {
+    /// `(batch, tokens per image)` of each group.
+    pub groups: Vec<(usize, usize)>,
+    /// Whether this came from a list-of-crops call (the official nested forward: drop path always
+    /// uses the batch-subset form).
+    pub is_list: bool,
+}
+
+impl Packing {
+    /// One attention segment per image.
+    pub fn layout(&self) -> SeqLayout {
+        let lengths: Vec<usize> = self
+            .groups
+            .iter()
+            .flat_map(|&(b, t)| std::iter::repeat_n(t, b))
+            .collect();
+        SeqLayout::from_lengths(&lengths)
+    }
+}
+
+/// Training-time randomness handed to blocks.
+pub(crate) struct TrainContext<'a> {
+    pub rng: &'a mut dyn rand::RngCore,
+}
+
+/// One pre-norm transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub(crate) norm1: LayerNorm,
+    pub(crate) attn: Attention,
+    pub(crate) ls1: Option<Tensor>,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) mlp: Ffn,
+    pub(crate) ls2: Option<Tensor>,
+    pub(crate) drop_path: f64,
+}
+
+impl Block {
+    pub(crate) fn load(sd: &StateDict, i: usize, cfg: &VitConfig) -> Result<Self> {
+        let p = format!("blocks.{i}");
+        let d = cfg.embed_dim;
+        let ls = |n: &str| -> Result<Option<Tensor>> {
+            cfg.layer_scale_init
+                .map(|_| param(sd, &format!("{p}.{n}.gamma"), &[d]))
+                .transpose()
+        };
+        Ok(Block {
+            norm1: LayerNorm::load(sd, &format!("{p}.norm1"), d, cfg.layer_norm_eps)?,
+            attn: Attention::load(sd, &format!("{p}.attn"), cfg)?,
+            ls1: ls("ls1")?,
+            norm2: LayerNorm::load(sd, &format!("{p}.norm2"), d, cfg.layer_norm_eps)?,
+            mlp: Ffn::load(sd, &format!("{p}.mlp"), cfg)?,
+            ls2: ls("ls2")?,
+            drop_path: cfg.drop_path_rate_of_block(i),
+        })
+    }
+
+    fn attn_branch(
+        &self,
+        x: &Tensor,
+        layout: &SeqLayout,
+        be: &dyn AttentionBackend,
+    ) -> Result<Tensor> {
+        self.attn.forward(&self.norm1.forward(x)?, layout, be)
+    }
+
+    fn ffn_branch(&self, x: &Tensor) -> Result<Tensor> {
+        self.mlp.forward(&self.norm2.forward(x)?)
+    }
+
+    /// `x + ls(branch(x))` in eval mode, or with stochastic depth in training.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        packing: &Packing,
+        be: &dyn AttentionBackend,
+        train: Option<&mut TrainContext<'_>>,
+    ) -> Result<Tensor> {
+        let layout = packing.layout();
+        match train {
+            Some(ctx) if self.drop_path > 0.0 => {
+                let r = self.drop_path;
+                let attn = |x: &Tensor, l: &SeqLayout| self.attn_branch(x, l, be);
+                let ffn = |x: &Tensor, _: &SeqLayout| self.ffn_branch(x);
+                if packing.is_list || r > 0.1 {
+                    let x = drop_add_residual_subset(x, packing, r, &attn, self.ls1.as_ref(), ctx)?;
+                    drop_add_residual_subset(&x, packing, r, &ffn, self.ls2.as_ref(), ctx)
+                } else {
+                    let y = scale(&attn(x, &layout)?, self.ls1.as_ref())?;
+                    let x = (x + drop_path_per_sample(&y, packing, r, ctx)?)?;
+                    let y = scale(&ffn(&x, &layout)?, self.ls2.as_ref())?;
+                    Ok((&x + drop_path_per_sample(&y, packing, r, ctx)?)?)
+                }
+            }
+            _ => {
+                let x = (x + scale(&self.attn_branch(x, &layout, be)?, self.ls1.as_ref())?)?;
+                Ok((&x + scale(&self.ffn_branch(&x)?, self.ls2.as_ref())?)?)
+            }
+        }
+    }
+
+    pub(crate) fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) {
+        let p = format!("blocks.{i}");
+        self.norm1.named(&format!("{p}.norm1"), out);
+        self.attn.qkv.named(&format!("{p}.attn.qkv"), out);
+        self.attn.proj.named(&format!("{p}.attn.proj"), out);
+        if let Some(g) = &self.ls1 {
+            out.push((format!("{p}.ls1.gamma"), g.clone()));
+        }
+        self.norm2.named(&format!("{p}.norm2"), out);
+        self.mlp.named(&format!("{p}.mlp"), out);
+        if let Some(g) = &self.ls2 {
+            out.push((format!("{p}.ls2.gamma"), g.clone()));
+        }
+    }
+}
+
+fn scale(y: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match gamma {
+        Some(g) => y.broadcast_mul(g)?,
+        None => y.clone(),
+    })
+}
+
+/// Classic DropPath (0 < rate ≤ 0.1): each image's branch is kept with probability `1 - rate`, scaled by `1 / (1 - rate)`.
+fn drop_path_per_sample(
+    y: &Tensor,
+    packing: &Packing,
+    rate: f64,
+    ctx: &mut TrainContext<'_>,
+) -> Result<Tensor> {
+    use rand::Rng;
+    let keep = 1.0 - rate;
+    let mut scale_rows = Vec::with_capacity(y.dim(0)?);
+    for &(b, t) in &packing.groups {
+        for _ in 0..b {
+            let kept = ctx.rng.random_bool(keep);
+            let s = if kept { (1.0 / keep) as f32 } else { 0.0 };
+            scale_rows.extend(std::iter::repeat_n(s, t));
+        }
+    }
+    let n = scale_rows.len();
+    let s = Tensor::from_vec(scale_rows, (n, 1), y.device())?.to_dtype(y.dtype())?;
+    Ok(y.broadcast_mul(&s)?)
+}
+
+/// Batch-subset stochastic depth (`drop_add_residual_stochastic_depth[_list]`): per group, a random subset
+/// of `max(int(B·(1-r)), 1)` images computes the branch; its residual is added back scaled by `B / subset`.
+fn drop_add_residual_subset(
+    x: &Tensor,
+    packing: &Packing,
+    rate: f64,
+    branch: &dyn Fn(&Tensor, &SeqLayout) -> Result<Tensor>,
+    gamma: Option<&Tensor>,
+    ctx: &mut TrainContext<'_>,
+) -> Result<Tensor> {
+    use rand::seq::SliceRandom;
+    let mut rows = Vec::new();
+    let mut row_scale = Vec::new();
+    let mut sub_groups = Vec::new();
+    let mut offset = 0usize;
+    for &(b, t) in &packing.groups {
+        let subset = ((b as f64 * (1.0 - rate)) as usize).max(1).min(b);
+        let mut perm: Vec<usize> = (0..b).collect();
+        perm.shuffle(ctx.rng);
+        let factor = b as f32 / subset as f32;
+        for &img in &perm[..subset] {
+            let start = offset + img * t;
+            rows.extend((start..start + t).map(|r| r as u32));
+            row_scale.extend(std::iter::repeat_n(factor, t));
+        }
+        sub_groups.push((subset, t));
+        offset += b * t;
+    }
+    let dev = x.device();
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, dev)?;
+    let x_sub = x.index_select(&idx, 0)?;
+    let sub = Packing {
+        groups: sub_groups,
+        is_list: packing.is_list,
+    };
+    let y = scale(&branch(&x_sub, &sub.layout())?, gamma)?;
+    let s = Tensor::from_vec(row_scale, (n, 1), dev)?.to_dtype(y.dtype())?;
+    Ok(x.index_add(&idx, &y.broadcast_mul(&s)?, 0)?)
+}
+
+/// Keeps the compiler honest about the backend being shareable across threads.
+pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;

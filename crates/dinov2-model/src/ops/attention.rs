@@ -1,0 +1,467 @@
+//! Multi-head self-attention over packed sequences (block-diagonal attention).
+//!
+//! Tokens of several images, possibly of different lengths (2 global crops of 257 tokens and 8 local
+//! crops of 50, say), are stored one after the other as rows of a `[rows, 3·D]` qkv matrix. A
+//! [`SeqLayout`] says where each image's rows are; every image attends only to itself. A uniform batch
+//! `[B, T]` is the special case of `B` segments of length `T`. This is what xformers' `BlockDiagonalMask`
+//! does in the official code, and what flash-attn's varlen kernels do on CUDA (`cu_seqlens` are the
+//! segment offsets): [`AttentionBackend`] is the seam where such a kernel plugs in.
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{slice_f32, with_f32, SyncPtr};
+use super::softmax::softmax_row;
+
+/// Where each sequence sits in a packed token matrix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeqLayout {
+    /// `(first row, number of rows)` of each sequence, in order, contiguous and non-overlapping.
+    segments: Vec<(usize, usize)>,
+}
+
+impl SeqLayout {
+    /// `batch` sequences of `len` tokens each.
+    pub fn uniform(batch: usize, len: usize) -> Self {
+        SeqLayout {
+            segments: (0..batch).map(|b| (b * len, len)).collect(),
+        }
+    }
+
+    /// Sequences of the given lengths, packed in order.
+    pub fn from_lengths(lengths: &[usize]) -> Self {
+        let mut off = 0;
+        let segments = lengths
+            .iter()
+            .map(|&l| {
+                let s = (off, l);
+                off += l;
+                s
+            })
+            .collect();
+        SeqLayout { segments }
+    }
+
+    /// The `(first row, len)` pairs.
+    pub fn segments(&self) -> &[(usize, usize)] {
+        &self.segments
+    }
+
+    /// Total number of rows.
+    pub fn total_rows(&self) -> usize {
+        self.segments.last().map(|&(o, l)| o + l).unwrap_or(0)
+    }
+
+    /// `Some(len)` when every sequence has the same length.
+    pub fn uniform_len(&self) -> Option<usize> {
+        let first = self.segments.first()?.1;
+        self.segments
+            .iter()
+            .all(|&(_, l)| l == first)
+            .then_some(first)
+    }
+
+    /// Cumulative offsets `[0, l0, l0+l1, ...]`, as flash-attn varlen's `cu_seqlens`.
+    pub fn cu_seqlens(&self) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.segments.len() + 1);
+        v.push(0);
+        v.extend(self.segments.iter().map(|&(o, l)| (o + l) as u32));
+        v
+    }
+}
+
+/// A self-attention kernel over packed sequences.
+///
+/// `qkv` is `[rows, 3·D]` with, per row, all heads' queries, then keys, then values (the official
+/// `qkv` Linear layout); the result is `[rows, D]` with heads concatenated. Implementations must be
+/// differentiable with respect to `qkv` when it tracks gradients.
+pub trait AttentionBackend: Send + Sync + std::fmt::Debug {
+    /// Computes `softmax(q·kᵀ·scale)·v` within each segment of `layout`.
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        layout: &SeqLayout,
+        num_heads: usize,
+        scale: f64,
+    ) -> Result<Tensor>;
+}
+
+/// Fused CPU kernel (f32): reads q, k, v in place from the qkv matrix, one GEMM pair per (sequence, head),
+/// with a fused backward. Falls back to [`GenericAttention`] for other devices and dtypes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuFusedAttention;
+
+/// Attention from primitive candle ops (batched matmuls and a differentiable softmax); works on every device.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GenericAttention;
+
+impl AttentionBackend for CpuFusedAttention {
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        layout: &SeqLayout,
+        num_heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        if super::use_cpu_kernel(qkv) {
+            check_qkv(qkv, layout, num_heads)?;
+            qkv.contiguous()?.apply_op1(AttentionOp {
+                layout: Arc::new(layout.clone()),
+                num_heads,
+                scale: scale as f32,
+            })
+        } else {
+            GenericAttention.attention(qkv, layout, num_heads, scale)
+        }
+    }
+}
+
+impl AttentionBackend for GenericAttention {
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        layout: &SeqLayout,
+        num_heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        check_qkv(qkv, layout, num_heads)?;
+        attention_generic(qkv, layout, num_heads, scale)
+    }
+}
+
+/// The default backend for a tensor's device: the fused CPU kernel (which itself defers to the
+/// generic path off the CPU).
+pub fn attention(qkv: &Tensor, layout: &SeqLayout, num_heads: usize, scale: f64) -> Result<Tensor> {
+    CpuFusedAttention.attention(qkv, layout, num_heads, scale)
+}
+
+fn check_qkv(qkv: &Tensor, layout: &SeqLayout, num_heads: usize) -> Result<()> {
+    let (rows, three_d) = qkv.dims2()?;
+    if rows != layout.total_rows() {
+        bail!(
+            "attention: qkv has {rows} rows but the layout covers {}",
+            layout.total_rows()
+        );
+    }
+    if num_heads == 0 || three_d % (3 * num_heads) != 0 {
+        bail!("attention: qkv width {three_d} is not 3 x heads ({num_heads}) x head_dim");
+    }
+    Ok(())
+}
+
+/// Splits `[rows, 3D]` rows of one uniform group into q, k, v of shape `[B, heads, T, hd]`.
+fn split_heads(qkv: &Tensor, b: usize, t: usize, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let hd = qkv.dim(1)? / (3 * heads);
+    let x = qkv
+        .reshape((b, t, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?;
+    Ok((
+        x.get(0)?.contiguous()?,
+        x.get(1)?.contiguous()?,
+        x.get(2)?.contiguous()?,
+    ))
+}
+
+/// Attention probabilities `[B, heads, T, T]` of a uniform batch (`qkv` `[B·T, 3D]`), differentiable.
+pub fn attention_probs(qkv: &Tensor, batch: usize, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let rows = qkv.dim(0)?;
+    if batch == 0 || rows % batch != 0 {
+        bail!("attention_probs: {rows} rows do not split into {batch} sequences");
+    }
+    let (q, k, _) = split_heads(qkv, batch, rows / batch, num_heads)?;
+    let s = (q.matmul(&k.t()?)? * scale)?;
+    super::softmax_last_dim(&s)
+}
+
+/// Reference attention from primitive ops: each run of equal-length segments is one batched matmul.
+pub fn attention_generic(
+    qkv: &Tensor,
+    layout: &SeqLayout,
+    num_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let d = qkv.dim(1)? / 3;
+    let mut outs = Vec::new();
+    let segs = layout.segments();
+    let mut i = 0;
+    while i < segs.len() {
+        let (start, len) = segs[i];
+        let mut j = i + 1;
+        while j < segs.len() && segs[j].1 == len {
+            j += 1;
+        }
+        let b = j - i;
+        let part = qkv.narrow(0, start, b * len)?;
+        let (q, k, v) = split_heads(&part, b, len, num_heads)?;
+        let s = (q.matmul(&k.t()?)? * scale)?;
+        let p = super::softmax::softmax_last_dim_generic(&s)?;
+        let o = p.matmul(&v)?; // [b, heads, len, hd]
+        outs.push(o.transpose(1, 2)?.reshape((b * len, d))?);
+        i = j;
+    }
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else {
+        Tensor::cat(&outs, 0)
+    }
+}
+
+struct AttentionOp {
+    layout: Arc<SeqLayout>,
+    num_heads: usize,
+    scale: f32,
+}
+
+/// Single-threaded GEMM on raw strided pointers: `dst = (read ? dst : 0) + beta · lhs · rhs`.
+///
+/// # Safety
+/// Every pointer/stride pair must address valid memory for the given m, n, k.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_st(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    read: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        read,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl AttentionOp {
+    fn items(&self) -> Vec<(usize, usize, usize)> {
+        let mut items = Vec::with_capacity(self.layout.segments().len() * self.num_heads);
+        for &(start, len) in self.layout.segments() {
+            for h in 0..self.num_heads {
+                items.push((start, len, h));
+            }
+        }
+        // Longest sequences first so the pool balances.
+        items.sort_by(|a, b| b.1.cmp(&a.1));
+        items
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "dinov2-packed-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = slice_f32(s, l)?;
+        let (rows, three_d) = l.shape().dims2()?;
+        let d = three_d / 3;
+        let hd = d / self.num_heads;
+        let mut out = vec![0f32; rows * d];
+        let dst = SyncPtr(out.as_mut_ptr());
+        let src = qkv.as_ptr() as usize;
+        let scale = self.scale;
+        self.items().into_par_iter().for_each_init(
+            Vec::new,
+            |scratch: &mut Vec<f32>, (start, t, h)| {
+                scratch.resize(t * t, 0.0);
+                let base = src as *const f32;
+                // SAFETY: all offsets stay inside the [rows, 3D] input and [rows, D] output; each (segment, head)
+                // writes a disjoint column block of its own rows.
+                unsafe {
+                    let q = base.add(start * three_d + h * hd);
+                    let k = base.add(start * three_d + d + h * hd);
+                    let v = base.add(start * three_d + 2 * d + h * hd);
+                    gemm_st(
+                        t,
+                        t,
+                        hd,
+                        scratch.as_mut_ptr(),
+                        t,
+                        1,
+                        false,
+                        q,
+                        three_d,
+                        1,
+                        k,
+                        1,
+                        three_d,
+                        scale,
+                    );
+                    scratch.chunks_exact_mut(t).for_each(softmax_row);
+                    let o = dst.get().add(start * d + h * hd);
+                    gemm_st(
+                        t,
+                        hd,
+                        t,
+                        o,
+                        d,
+                        1,
+                        false,
+                        scratch.as_ptr(),
+                        t,
+                        1,
+                        v,
+                        three_d,
+                        1,
+                        1.0,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, three_d) = qkv.dims2()?;
+        let d = three_d / 3;
+        let hd = d / self.num_heads;
+        let scale = self.scale;
+        let mut dqkv = vec![0f32; rows * three_d];
+        let dst = SyncPtr(dqkv.as_mut_ptr());
+        with_f32(qkv, |x| {
+            with_f32(grad, |g| {
+                let xs = x.as_ptr() as usize;
+                let gs = g.as_ptr() as usize;
+                self.items().into_par_iter().for_each_init(
+                    || (Vec::new(), Vec::new()),
+                    |(p, dp): &mut (Vec<f32>, Vec<f32>), (start, t, h)| {
+                        p.resize(t * t, 0.0);
+                        dp.resize(t * t, 0.0);
+                        // SAFETY: as in the forward; each item writes its own head's columns of its own rows.
+                        unsafe {
+                            let base = xs as *const f32;
+                            let q = base.add(start * three_d + h * hd);
+                            let k = base.add(start * three_d + d + h * hd);
+                            let v = base.add(start * three_d + 2 * d + h * hd);
+                            let go = (gs as *const f32).add(start * d + h * hd);
+                            let dq = dst.get().add(start * three_d + h * hd);
+                            let dk = dst.get().add(start * three_d + d + h * hd);
+                            let dv = dst.get().add(start * three_d + 2 * d + h * hd);
+                            // P = softmax(scale q kᵀ)
+                            gemm_st(
+                                t,
+                                t,
+                                hd,
+                                p.as_mut_ptr(),
+                                t,
+                                1,
+                                false,
+                                q,
+                                three_d,
+                                1,
+                                k,
+                                1,
+                                three_d,
+                                scale,
+                            );
+                            p.chunks_exact_mut(t).for_each(softmax_row);
+                            // dV = Pᵀ dO
+                            gemm_st(
+                                t,
+                                hd,
+                                t,
+                                dv,
+                                three_d,
+                                1,
+                                false,
+                                p.as_ptr(),
+                                1,
+                                t,
+                                go,
+                                d,
+                                1,
+                                1.0,
+                            );
+                            // dP = dO Vᵀ
+                            gemm_st(
+                                t,
+                                t,
+                                hd,
+                                dp.as_mut_ptr(),
+                                t,
+                                1,
+                                false,
+                                go,
+                                d,
+                                1,
+                                v,
+                                1,
+                                three_d,
+                                1.0,
+                            );
+                            // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                            for (prow, dprow) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                                let dot: f32 =
+                                    prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                                for (pv, dv) in prow.iter().zip(dprow.iter_mut()) {
+                                    *dv = pv * (*dv - dot) * scale;
+                                }
+                            }
+                            // dQ = dS K ; dK = dSᵀ Q
+                            gemm_st(
+                                t,
+                                hd,
+                                t,
+                                dq,
+                                three_d,
+                                1,
+                                false,
+                                dp.as_ptr(),
+                                t,
+                                1,
+                                k,
+                                three_d,
+                                1,
+                                1.0,
+                            );
+                            gemm_st(
+                                t,
+                                hd,
+                                t,
+                                dk,
+                                three_d,
+                                1,
+                                false,
+                                dp.as_ptr(),
+                                1,
+                                t,
+                                q,
+                                three_d,
+                                1,
+                                1.0,
+                            );
+                        }
+                    },
+                );
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dqkv, (rows, three_d), qkv.device())?))
+    }
+}

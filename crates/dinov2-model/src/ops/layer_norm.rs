@@ -1,0 +1,107 @@
+//! LayerNorm over the last dimension, with weight and bias.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu::{rows_per_chunk, slice_f32};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (biased variance, as PyTorch).
+///
+/// Differentiable with respect to all three inputs on every device; f32 CPU tensors use a fused kernel.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::use_cpu_kernel(x) && super::use_cpu_kernel(weight) && super::use_cpu_kernel(bias) {
+        let x = x.contiguous()?;
+        x.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps },
+        )
+    } else {
+        layer_norm_generic(x, weight, bias, eps)
+    }
+}
+
+/// [`layer_norm`] composed of primitive candle ops (the reference and the non-CPU path).
+pub fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xhat.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "dinov2-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s1, l1)?;
+        let w = slice_f32(s2, l2)?;
+        let b = slice_f32(s3, l3)?;
+        let d = l1.dims().last().copied().unwrap_or(1);
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer_norm: weight/bias of {}/{} elements for rows of {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps as f32;
+        let rows = x.len() / d.max(1);
+        let chunk = rows_per_chunk(rows) * d;
+        out.par_chunks_mut(chunk.max(1))
+            .zip(x.par_chunks(chunk.max(1)))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let mean = xrow.iter().sum::<f32>() / d as f32;
+                    let var = xrow.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    for i in 0..d {
+                        orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let gw = g.broadcast_mul(w)?;
+        let m1 = gw.mean_keepdim(D::Minus1)?;
+        let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = gw
+            .broadcast_sub(&m1)?
+            .sub(&xhat.broadcast_mul(&m2)?)?
+            .broadcast_mul(&rstd)?;
+        let d = x.dim(D::Minus1)?;
+        let g2 = g.reshape(((), d))?;
+        let dw = (g2.clone() * xhat.reshape(((), d))?)?.sum(0)?;
+        let db = g2.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}

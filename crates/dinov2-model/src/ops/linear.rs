@@ -1,0 +1,137 @@
+//! Affine map `x · Wᵀ + b` over the last dimension, with the bias (and optionally GELU) fused into the GEMM pass.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{slice_f32, SyncPtr};
+use super::gelu::{gelu_in_place, PAR_CHUNK};
+
+/// `x · weightᵀ + bias` for `x` of shape `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
+///
+/// Differentiable on every device. On the CPU in f32 the bias is written before the GEMM accumulates into it
+/// (one pass over the output instead of two).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b)
+            if super::use_cpu_kernel(x)
+                && super::use_cpu_kernel(weight)
+                && super::use_cpu_kernel(b) =>
+        {
+            x.contiguous()?.apply_op3(
+                &weight.contiguous()?,
+                &b.contiguous()?,
+                LinearOp { gelu: false },
+            )
+        }
+        _ => linear_generic(x, weight, bias),
+    }
+}
+
+/// `gelu(x · weightᵀ + bias)` without gradient tracking: the inference fast path of the MLP's first layer.
+pub(crate) fn linear_gelu_inference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &LinearOp { gelu: true },
+    )
+}
+
+/// [`linear`] from primitive ops.
+pub fn linear_generic(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+struct LinearOp {
+    gelu: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "dinov2-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s1, l1)?;
+        let w = slice_f32(s2, l2)?;
+        let b = slice_f32(s3, l3)?;
+        let k = l1.dims().last().copied().unwrap_or(0);
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || b.len() != n {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?}, bias {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let m = if k == 0 { 0 } else { x.len() / k };
+        let mut out = vec![0f32; m * n];
+        out.par_chunks_mut(n.max(1) * 64)
+            .for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+        if m > 0 && n > 0 && k > 0 {
+            let dst = SyncPtr(out.as_mut_ptr());
+            // SAFETY: dst has m*n elements, x has m*k, w has n*k; strides describe row-major x, wᵀ (via w's strides) and dst.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.get(),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
+        }
+        if self.gelu {
+            out.par_chunks_mut(PAR_CHUNK).for_each(gelu_in_place);
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let k = w.dim(1)?;
+        let n = w.dim(0)?;
+        let g2 = g.reshape(((), n))?;
+        let x2 = x.reshape(((), k))?;
+        let dx = g2.matmul(w)?.reshape(x.shape())?;
+        let dw = g2.t()?.matmul(&x2)?;
+        let db = g2.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}

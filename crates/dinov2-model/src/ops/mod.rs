@@ -1,0 +1,32 @@
+//! Fused CPU kernels with backward passes, and their generic (any device) equivalents.
+//!
+//! candle-nn's fused `LayerNorm` fast path and `softmax_last_dim` drop gradients (see
+//! `docs/architecture.md`). Every op here is differentiable: the CPU f32 path is a `CustomOp` whose
+//! `bwd` is implemented, and every other device/dtype takes a composition of differentiable candle ops.
+//! Tests check that both paths agree and that gradients match finite differences.
+
+mod attention;
+mod cpu;
+mod gelu;
+mod layer_norm;
+mod linear;
+mod softmax;
+
+pub use attention::{
+    attention, attention_generic, attention_probs, AttentionBackend, CpuFusedAttention,
+    GenericAttention, SeqLayout,
+};
+pub use gelu::{gelu_erf, gelu_erf_generic};
+pub use layer_norm::{layer_norm, layer_norm_generic};
+pub(crate) use linear::linear_gelu_inference;
+pub use linear::{linear, linear_generic};
+pub use softmax::{softmax_last_dim, softmax_last_dim_generic};
+
+pub(crate) use cpu::slice_f32 as cpu_slice;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Whether the fused CPU kernels apply to this tensor (f32 on the CPU).
+pub(crate) fn use_cpu_kernel(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}

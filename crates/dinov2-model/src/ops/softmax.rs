@@ -1,0 +1,60 @@
+//! Softmax over the last dimension.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu::{rows_per_chunk, slice_f32};
+
+/// Softmax over the last dimension, differentiable on every device (unlike `candle_nn::ops::softmax_last_dim`).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if super::use_cpu_kernel(x) {
+        x.contiguous()?.apply_op1(SoftmaxOp)
+    } else {
+        softmax_last_dim_generic(x)
+    }
+}
+
+/// [`softmax_last_dim`] from primitive ops.
+pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// In-place softmax of one row.
+#[inline]
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "dinov2-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s, l)?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = x.to_vec();
+        let chunk = rows_per_chunk(out.len() / d) * d;
+        out.par_chunks_mut(chunk.max(1))
+            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax_row));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
