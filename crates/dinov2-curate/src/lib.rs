@@ -1,1 +1,15 @@
-//! dinov2-curate (work in progress).
+//! # dinov2-curate
+//!
+//! The DINOv2 data-curation pipeline on precomputed embeddings: an embedding store (memory-mapped `.npy` /
+//! safetensors), exact and IVF k-NN, self and relative deduplication, sample- and cluster-based retrieval,
+//! k-means, hierarchical k-means with resampling and balanced hierarchical sampling, plus the `curate` CLI.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod kmeans;
+pub mod knn;
+pub mod linalg;
+pub mod npy;
+pub mod store;
+
+pub use error::{CurateError, Result};

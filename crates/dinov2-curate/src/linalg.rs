@@ -1,0 +1,84 @@
+//! Dense kernels: `A * B^T` through the `gemm` crate, squared norms, and the thread count.
+
+use crate::error::{CurateError, Result};
+
+/// Number of worker threads (rayon's pool, which honours `RAYON_NUM_THREADS`).
+pub fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// `out[i * n + j] = <a_i, b_j>` for row-major `a` (`m x d`) and `b` (`n x d`).
+/// `parallel` lets the GEMM itself use the rayon pool; pass `false` when already inside a parallel loop.
+pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut [f32], parallel: bool) -> Result<()> {
+    if a.len() < m * d || b.len() < n * d || out.len() < m * n {
+        return Err(CurateError::Shape(format!(
+            "gemm {m}x{d} * ({n}x{d})^T with buffers {}, {}, {}",
+            a.len(),
+            b.len(),
+            out.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if d == 0 {
+        out[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        return Ok(());
+    }
+    let par = if parallel && threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    // SAFETY: bounds checked above; dst (m x n, row stride n), lhs (m x d, row stride d) and rhs = b^T (d x n:
+    // element (p, j) at b[j * d + p]) lie inside their slices, and `out` does not alias `a` or `b` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            d,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            d as isize,
+            b.as_ptr(),
+            d as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// Squared L2 norm of every `d`-long row.
+pub fn sq_norms(x: &[f32], d: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    x.par_chunks(d.max(1)).map(|r| r.iter().map(|v| v * v).sum()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_matches_naive() {
+        let (m, n, d) = (7, 5, 13);
+        let a: Vec<f32> = (0..m * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..n * d).map(|i| ((i * 17 % 7) as f32 - 3.0) / 2.0).collect();
+        for par in [false, true] {
+            let mut out = vec![f32::NAN; m * n];
+            matmul_abt(&a, m, &b, n, d, &mut out, par).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f32 = (0..d).map(|p| a[i * d + p] * b[j * d + p]).sum();
+                    assert!((out[i * n + j] - r).abs() < 1e-4, "{i} {j}");
+                }
+            }
+        }
+        assert!(matmul_abt(&a, m + 1, &b, n, d, &mut [0.0; 35], false).is_err());
+    }
+}
