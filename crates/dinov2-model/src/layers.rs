@@ -427,3 +427,64 @@ fn drop_add_residual_subset(
 
 /// Keeps the compiler honest about the backend being shareable across threads.
 pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use rand::SeedableRng;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn batch_subset_drop_path_keeps_the_official_count_and_scale() {
+        // Groups of 5 images x 3 tokens and 2 images x 4 tokens (a list forward), rate 0.4:
+        // subsets of max(int(5*0.6), 1) = 3 and max(int(2*0.6), 1) = 1 images, scaled by 5/3 and 2.
+        let packing = Packing {
+            groups: vec![(5, 3), (2, 4)],
+            is_list: true,
+        };
+        let x = Tensor::ones((5 * 3 + 2 * 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut ctx = TrainContext { rng: &mut rng };
+        let identity = |x: &Tensor, l: &SeqLayout| -> Result<Tensor> {
+            assert_eq!(l.total_rows(), x.dim(0)?);
+            Ok(x.clone())
+        };
+        let out = drop_add_residual_subset(&x, &packing, 0.4, &identity, None, &mut ctx).unwrap();
+        let v = values(&out);
+        let first: Vec<f32> = v[..30].to_vec();
+        let second: Vec<f32> = v[30..].to_vec();
+        let hit = |vals: &[f32], scaled: f32| {
+            vals.iter()
+                .filter(|&&a| (a - (1.0 + scaled)).abs() < 1e-6)
+                .count()
+        };
+        assert_eq!(
+            hit(&first, 5.0 / 3.0),
+            3 * 3 * 2,
+            "3 images of 3 tokens x 2 channels got the branch"
+        );
+        assert_eq!(first.iter().filter(|&&a| a == 1.0).count(), 2 * 3 * 2);
+        assert_eq!(hit(&second, 2.0), 4 * 2);
+        assert_eq!(second.iter().filter(|&&a| a == 1.0).count(), 4 * 2);
+    }
+
+    #[test]
+    fn per_sample_drop_path_keeps_with_probability_one_minus_rate() {
+        let packing = Packing {
+            groups: vec![(1000, 2)],
+            is_list: false,
+        };
+        let y = Tensor::ones((2000, 1), DType::F32, &Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut ctx = TrainContext { rng: &mut rng };
+        let v = values(&drop_path_per_sample(&y, &packing, 0.1, &mut ctx).unwrap());
+        assert!(v.iter().all(|&a| a == 0.0 || (a - 1.0 / 0.9).abs() < 1e-6));
+        assert!(v.chunks(2).all(|c| c[0] == c[1]), "one draw per image");
+        let kept = v.iter().filter(|&&a| a > 0.0).count() as f64 / 2000.0;
+        assert!((kept - 0.9).abs() < 0.03, "kept fraction {kept}");
+    }
+}
