@@ -1,1 +1,0 @@
-//! Weight formats (in progress).

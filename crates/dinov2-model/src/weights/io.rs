@@ -1,0 +1,214 @@
+//! Low-level file access: sniffing the container, reading `.safetensors` and zip `.pth` files, atomic writes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Largest safetensors header we accept (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// What a file holds, judged by its first bytes (never by its extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Container {
+    Safetensors,
+    /// A zip archive: `torch.save` since torch 1.6.
+    Zip,
+    /// A bare pickle: `torch.save(..., _use_new_zipfile_serialization=False)` or torch < 1.6.
+    LegacyPickle,
+}
+
+pub(crate) fn format_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads the first bytes of `path` and says which container it is.
+pub(crate) fn sniff(path: &Path) -> Result<Container> {
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
+    let mut head = [0u8; 9];
+    let n = read_up_to(&mut f, &mut head).map_err(|e| io_err(path, e))?;
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return Ok(Container::Zip);
+    }
+    if n == 9 {
+        let hlen = u64::from_le_bytes([
+            head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7],
+        ]);
+        if head[8] == b'{' && (2..=MAX_HEADER).contains(&hlen) {
+            if hlen > len - 8 {
+                return Err(format_err(
+                    path,
+                    format!(
+                        "truncated safetensors file: the header alone needs {} bytes but the file has {len}",
+                        hlen + 8
+                    ),
+                ));
+            }
+            return Ok(Container::Safetensors);
+        }
+    }
+    if n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        return Ok(Container::LegacyPickle);
+    }
+    let what = if n == 0 {
+        "the file is empty".to_string()
+    } else if head.first() == Some(&b'{') {
+        "it looks like a JSON file, not a weights file".to_string()
+    } else {
+        "neither a safetensors file nor a PyTorch (zip) checkpoint".to_string()
+    };
+    Err(format_err(path, what))
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..])? {
+            0 => break,
+            k => filled += k,
+        }
+    }
+    Ok(filled)
+}
+
+/// Reads every tensor of a safetensors file one at a time (peak memory: the tensors, not the file twice).
+pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
+    let truncated = |what: &str| format_err(path, format!("truncated safetensors file ({what})"));
+    let mut n8 = [0u8; 8];
+    f.read_exact(&mut n8).map_err(|_| truncated("no header"))?;
+    let hlen = u64::from_le_bytes(n8);
+    if hlen > MAX_HEADER || hlen > len.saturating_sub(8) {
+        return Err(truncated("header longer than the file"));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| truncated("short header"))?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| format_err(path, format!("invalid safetensors header: {e}")))?;
+    let data_start = 8 + hlen;
+    let data_len = meta.data_len() as u64;
+    if data_start + data_len > len {
+        return Err(format_err(
+            path,
+            format!(
+                "truncated safetensors file: the header describes {data_len} bytes of tensor data but only {} follow it",
+                len - data_start
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    for name in meta.offset_keys() {
+        let Some(info) = meta.info(&name) else {
+            continue;
+        };
+        let (s, e) = info.data_offsets;
+        let mut buf = vec![0u8; e - s];
+        f.seek(SeekFrom::Start(data_start + s as u64))
+            .map_err(|e| io_err(path, e))?;
+        f.read_exact(&mut buf)
+            .map_err(|_| truncated("short tensor data"))?;
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &buf)
+            .map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
+        let t = view
+            .load(&Device::Cpu)
+            .map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Reads the tensors of a zip `.pth` file, from the top-level entry `key` (or the top-level dict itself).
+///
+/// candle's pickle reader is wrapped so that a malformed file gives an error, never a panic.
+pub(crate) fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
+    let owned = path.to_path_buf();
+    let key_owned = key.map(str::to_string);
+    let res = std::panic::catch_unwind(move || {
+        candle_core::pickle::read_all_with_key(&owned, key_owned.as_deref())
+    });
+    match res {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format_err(
+            path,
+            format!("cannot read the PyTorch checkpoint: {e}"),
+        )),
+        Err(_) => Err(format_err(
+            path,
+            "malformed PyTorch checkpoint (the pickle reader gave up)",
+        )),
+    }
+}
+
+/// Writes `path` atomically: the bytes go to a temporary file in the same directory, which is synced and then
+/// renamed over `path`. On error the temporary file is removed and `path` is untouched.
+pub(crate) fn atomic_write<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&Path) -> Result<()>,
+{
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{nanos}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = write(&tmp).and_then(|()| {
+        let f = File::open(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Atomic write of raw bytes.
+pub(crate) fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write(path, |tmp| {
+        let mut f = File::create(tmp).map_err(|e| io_err(tmp, e))?;
+        f.write_all(bytes).map_err(|e| io_err(tmp, e))
+    })
+}
+
+/// Atomic safetensors write with `{"format": "pt"}` metadata (what `transformers` expects).
+pub(crate) fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let mut tensors = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    atomic_write(path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k, t)), Some(meta), tmp)
+            .map_err(|e| format_err(tmp, format!("cannot write safetensors: {e}")))
+    })
+}

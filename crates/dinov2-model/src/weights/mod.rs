@@ -1,0 +1,1172 @@
+//! Weight formats: every published DINOv2 checkpoint layout → one canonical [`StateDict`].
+//!
+//! [`load_weights`] reads a file or a directory, recognises the layout **by its keys** (never by the file
+//! extension alone), converts it to the official facebookresearch/dinov2 names, checks every tensor's shape,
+//! and infers the [`VitConfig`] from the tensors:
+//!
+//! | layout | recognised by | conversion |
+//! |---|---|---|
+//! | official (`.pth` / `.safetensors`) | `cls_token` + `mask_token` | none |
+//! | Hugging Face `transformers` | `embeddings.cls_token` (optionally under `dinov2.` / `dinov2_with_registers.`) | q/k/v fused in order into `qkv`, `layer_scale1.lambda1` → `ls1.gamma`, `weights_in/out` → `mlp.w12/w3`, `layernorm` → `norm`, ... |
+//! | timm | official names without `mask_token`, or `reg_token` | `reg_token` → `register_tokens`; a class-less `pos_embed` gets a zero class row (timm folded `pos_embed[0]` into `cls_token`, and only the sum matters); packed SwiGLU `mlp.fc1/fc2` → `mlp.w12/w3` |
+//! | training checkpoint | top-level `teacher`/`student`/`model` entry, `backbone.`/`module.` prefixes, or chunked `blocks.{chunk}.{i}.` | prefixes stripped, `blocks.{chunk}.{i}.` → `blocks.{i}.` |
+//!
+//! Tensors that are not part of the backbone (a `transformers` `classifier.*`, `dino_head.*`, `ibot_head.*`,
+//! timm `head.*`) are returned in [`LoadedWeights::extra`] under their original names.
+//!
+//! The reverse direction: [`save_safetensors`] (official names) and [`save_transformers`] (a directory that
+//! `Dinov2Model.from_pretrained` / `Dinov2WithRegistersModel.from_pretrained` load without missing keys).
+
+mod io;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Arch, FfnKind, PosEmbedInterpolation, VitConfig};
+use crate::error::{Error, Result};
+use crate::state_dict::StateDict;
+
+use io::{format_err, io_err, Container};
+
+/// Tensors with their names, as read from a file.
+type NamedTensors = Vec<(String, Tensor)>;
+
+/// The layout a checkpoint was stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// Official names in a PyTorch (zip) file, e.g. `dinov2_vits14_pretrain.pth`.
+    OfficialPth,
+    /// Official names in a safetensors file (what [`save_safetensors`] writes).
+    OfficialSafetensors,
+    /// Hugging Face `transformers` (`Dinov2Model`, `Dinov2WithRegistersModel`, `...ForImageClassification`).
+    Transformers,
+    /// timm (`vit_*_patch14_dinov2`, `vit_*_patch14_reg4_dinov2`).
+    Timm,
+    /// An official training checkpoint (`{"teacher": {"backbone.blocks.0.0. ...": ...}}` and friends).
+    TrainingCheckpoint,
+}
+
+/// Backbone weights under the official names plus what was found around them.
+#[derive(Debug, Clone)]
+pub struct LoadedWeights {
+    /// Canonical official names, `f32` on the CPU, backbone only (`mask_token` included when present).
+    pub state_dict: StateDict,
+    /// The configuration: inferred from the tensors (and `config.json` for `transformers`), or the one given.
+    pub config: VitConfig,
+    /// The layout the file was in.
+    pub format: WeightFormat,
+    /// Non-backbone tensors under their original names (`classifier.*`, `dino_head.*`, `ibot_head.*`, `head.*`, ...).
+    pub extra: StateDict,
+}
+
+/// Options of [`load_weights_with`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Use this configuration instead of inferring one (needed when the width is not one of the released
+    /// sizes and there is no `transformers` `config.json` to give the number of heads). The tensors are
+    /// checked against it.
+    pub config: Option<VitConfig>,
+    /// For `.pth` files: the top-level entry holding the state dict (`"teacher"`, `"student"`, `"model"`).
+    /// Without it `"teacher"`, then `"model"`, then the top level itself are tried. `"student"` also selects the
+    /// `student.` half of a `{"model": {"student.…", "teacher.…"}}` checkpoint.
+    pub checkpoint_key: Option<String>,
+}
+
+/// Loads a checkpoint in any supported layout (see the [module docs](self)) with an inferred configuration.
+///
+/// `path` is a `.pth` / `.safetensors` file, or a directory holding `model.safetensors` (or a sharded
+/// `model.safetensors.index.json`, or `pytorch_model.bin`) and optionally a `transformers` `config.json`.
+///
+/// ```
+/// use dinov2_model::weights::{load_weights, save_safetensors, WeightFormat};
+/// use dinov2_model::{StateDict, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// // A random ViT-S/14-shaped state dict, saved and loaded back.
+/// let mut cfg = VitConfig::vit_small();
+/// cfg.depth = 1;
+/// cfg.img_size = 28;
+/// let mut sd = StateDict::new();
+/// for (name, shape) in dinov2_model::weights::backbone_shapes(&cfg) {
+///     sd.insert(name, candle_core::Tensor::randn(0f32, 1.0, shape, &candle_core::Device::Cpu)?);
+/// }
+/// let path = std::env::temp_dir().join(format!("doc-load-{}.safetensors", std::process::id()));
+/// save_safetensors(&sd, &path)?;
+/// let loaded = load_weights(&path)?;
+/// assert_eq!(loaded.format, WeightFormat::OfficialSafetensors);
+/// assert_eq!(loaded.config, cfg); // 384 wide → 6 heads, as released
+/// # std::fs::remove_file(&path).ok();
+/// # Ok(())
+/// # }
+/// ```
+pub fn load_weights(path: &Path) -> Result<LoadedWeights> {
+    load_weights_with(path, &LoadOptions::default())
+}
+
+/// [`load_weights`] with an explicit configuration and/or checkpoint key.
+///
+/// ```no_run
+/// use dinov2_model::weights::{load_weights_with, LoadOptions};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let opts = LoadOptions { config: None, checkpoint_key: Some("student".into()) };
+/// let w = load_weights_with("eval/training_12499/teacher_checkpoint.pth".as_ref(), &opts)?;
+/// println!("{} blocks, extra heads: {:?}", w.config.depth, w.extra.keys().collect::<Vec<_>>());
+/// # Ok(())
+/// # }
+/// ```
+pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeights> {
+    let raw = read_raw(path, opts)?;
+    let (canon, extra, format) = canonicalize(raw.tensors, raw.container, raw.key_used, opts)
+        .map_err(|e| match e {
+            Error::Format { reason, .. } => format_err(path, reason),
+            e => e,
+        })?;
+    if !canon.contains("cls_token") && !canon.contains("patch_embed.proj.weight") {
+        let mut seen: Vec<&String> = canon.keys().chain(extra.keys()).take(6).collect();
+        seen.sort();
+        let reason = if seen.is_empty() {
+            "no tensors found".to_string()
+        } else {
+            format!(
+                "no DINOv2 backbone weights found (no `cls_token`, `embeddings.cls_token` or `patch_embed.proj.weight`; keys include {})",
+                seen.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            )
+        };
+        return Err(format_err(path, reason));
+    }
+    let config = match &opts.config {
+        Some(c) => {
+            c.validate()?;
+            c.clone()
+        }
+        None => infer_config(&canon, raw.hf_config.as_ref())?,
+    };
+    check_state_dict(&canon, &config)?;
+    let state_dict = to_f32(canon)?;
+    let extra = to_f32(extra)?;
+    Ok(LoadedWeights {
+        state_dict,
+        config,
+        format,
+        extra,
+    })
+}
+
+/// Tensors read from disk, before any renaming.
+struct RawWeights {
+    tensors: Vec<(String, Tensor)>,
+    container: Container,
+    /// The top-level `.pth` entry the tensors came from.
+    key_used: Option<String>,
+    hf_config: Option<serde_json::Value>,
+}
+
+fn read_raw(path: &Path, opts: &LoadOptions) -> Result<RawWeights> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if meta.is_dir() {
+        return read_dir(path, opts);
+    }
+    let container = io::sniff(path)?;
+    let (tensors, key_used) = read_file(path, container, opts)?;
+    // A lone `model.safetensors` next to its `config.json` (a `transformers` directory addressed by file).
+    let hf_config = match path.parent() {
+        Some(dir) if container == Container::Safetensors => {
+            read_hf_config(&dir.join("config.json")).ok().flatten()
+        }
+        _ => None,
+    };
+    Ok(RawWeights {
+        tensors,
+        container,
+        key_used,
+        hf_config,
+    })
+}
+
+fn read_file(
+    path: &Path,
+    container: Container,
+    opts: &LoadOptions,
+) -> Result<(NamedTensors, Option<String>)> {
+    match container {
+        Container::Safetensors => Ok((io::read_safetensors(path)?, None)),
+        Container::LegacyPickle => Err(format_err(
+            path,
+            "legacy (non-zip) PyTorch serialization is not supported; re-save it with a current torch: \
+             `torch.save(torch.load(f, weights_only=True), f)`",
+        )),
+        Container::Zip => {
+            if let Some(k) = &opts.checkpoint_key {
+                match io::read_pth(path, Some(k)) {
+                    Ok(t) => return Ok((t, Some(k.clone()))),
+                    // `student` inside a `{"model": {"student.…": …}}` checkpoint.
+                    Err(e) if k == "student" => match io::read_pth(path, Some("model")) {
+                        Ok(t) if !t.is_empty() => return Ok((t, Some("model".into()))),
+                        _ => return Err(e),
+                    },
+                    Err(e) => return Err(e),
+                }
+            }
+            for k in ["teacher", "model"] {
+                if let Ok(t) = io::read_pth(path, Some(k)) {
+                    if !t.is_empty() {
+                        return Ok((t, Some(k.to_string())));
+                    }
+                }
+            }
+            Ok((io::read_pth(path, None)?, None))
+        }
+    }
+}
+
+fn read_hf_config(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(path, format!("invalid JSON: {e}")))?;
+    Ok(Some(v))
+}
+
+fn read_dir(dir: &Path, opts: &LoadOptions) -> Result<RawWeights> {
+    let hf_config = read_hf_config(&dir.join("config.json"))?;
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let bin = dir.join("pytorch_model.bin");
+    let (tensors, container, key_used) = if single.is_file() {
+        (io::read_safetensors(&single)?, Container::Safetensors, None)
+    } else if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format_err(&index, format!("invalid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| format_err(&index, "no `weight_map` object"))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|s| s.as_str()).collect();
+        let mut all = Vec::new();
+        for s in shards {
+            if s.contains('/') || s.contains('\\') || s.starts_with('.') {
+                return Err(format_err(
+                    &index,
+                    format!("shard name `{s}` is not a plain file name"),
+                ));
+            }
+            all.extend(io::read_safetensors(&dir.join(s))?);
+        }
+        (all, Container::Safetensors, None)
+    } else if bin.is_file() {
+        let c = io::sniff(&bin)?;
+        let (t, k) = read_file(&bin, c, opts)?;
+        (t, c, k)
+    } else {
+        return Err(format_err(
+            dir,
+            "the directory holds no `model.safetensors`, `model.safetensors.index.json` or `pytorch_model.bin`",
+        ));
+    };
+    Ok(RawWeights {
+        tensors,
+        container,
+        key_used,
+        hf_config,
+    })
+}
+
+fn to_f32(sd: StateDict) -> Result<StateDict> {
+    sd.into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
+            Ok((k, t.to_device(&Device::Cpu)?))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layout detection and conversion to the official names.
+
+const HF_PREFIXES: [&str; 2] = ["dinov2.", "dinov2_with_registers."];
+
+/// Whether `key` names a backbone parameter under the official naming.
+fn is_backbone_name(key: &str) -> bool {
+    matches!(
+        key,
+        "cls_token" | "pos_embed" | "register_tokens" | "mask_token"
+    ) || key.starts_with("patch_embed.")
+        || key.starts_with("blocks.")
+        || key.starts_with("norm.")
+}
+
+/// `blocks.{a}.{b}.rest` with both indices numeric → `Some((a, b, rest))`.
+fn chunked_block(key: &str) -> Option<(&str, &str, &str)> {
+    let rest = key.strip_prefix("blocks.")?;
+    let (a, rest) = rest.split_once('.')?;
+    let (b, rest) = rest.split_once('.')?;
+    let num = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    (num(a) && num(b)).then_some((a, b, rest))
+}
+
+fn canonicalize(
+    raw: Vec<(String, Tensor)>,
+    container: Container,
+    key_used: Option<String>,
+    opts: &LoadOptions,
+) -> Result<(StateDict, StateDict, WeightFormat)> {
+    let names: Vec<&str> = raw.iter().map(|(k, _)| k.as_str()).collect();
+    let training = key_used.is_some()
+        || names.iter().any(|k| {
+            ["module.", "backbone.", "teacher.", "student."]
+                .iter()
+                .any(|p| k.starts_with(p))
+                || chunked_block(k).is_some()
+        });
+    let hf = names.iter().any(|k| {
+        *k == "embeddings.cls_token"
+            || HF_PREFIXES
+                .iter()
+                .any(|p| k.strip_prefix(p) == Some("embeddings.cls_token"))
+    });
+    if training {
+        let (sd, extra) = from_training(raw, opts)?;
+        return Ok((sd, extra, WeightFormat::TrainingCheckpoint));
+    }
+    if hf {
+        let (sd, extra) = from_transformers(raw)?;
+        return Ok((sd, extra, WeightFormat::Transformers));
+    }
+    let timm = names.contains(&"reg_token")
+        || (names.contains(&"cls_token") && !names.contains(&"mask_token"));
+    let raw = if timm {
+        raw.into_iter()
+            .map(|(k, t)| {
+                if k == "reg_token" {
+                    ("register_tokens".to_string(), t)
+                } else {
+                    (k, t)
+                }
+            })
+            .collect()
+    } else {
+        raw
+    };
+    let (sd, extra) = split_extra(raw);
+    if timm {
+        return Ok((from_timm(sd)?, extra, WeightFormat::Timm));
+    }
+    let format = if container == Container::Safetensors {
+        WeightFormat::OfficialSafetensors
+    } else {
+        WeightFormat::OfficialPth
+    };
+    Ok((sd, extra, format))
+}
+
+/// Splits official-named tensors from everything else.
+fn split_extra(raw: Vec<(String, Tensor)>) -> (StateDict, StateDict) {
+    let mut sd = StateDict::new();
+    let mut extra = StateDict::new();
+    for (k, t) in raw {
+        if is_backbone_name(&k) {
+            sd.insert(k, t);
+        } else {
+            extra.insert(k, t);
+        }
+    }
+    (sd, extra)
+}
+
+fn from_training(raw: Vec<(String, Tensor)>, opts: &LoadOptions) -> Result<(StateDict, StateDict)> {
+    let strip_module = |k: &str| -> String {
+        let mut k = k;
+        while let Some(r) = k.strip_prefix("module.") {
+            k = r;
+        }
+        k.to_string()
+    };
+    let raw: Vec<(String, Tensor)> = raw
+        .into_iter()
+        .map(|(k, t)| (strip_module(&k), t))
+        .collect();
+    // `{"model": {"teacher.backbone.…", "student.backbone.…"}}`: keep one half.
+    let has = |p: &str| raw.iter().any(|(k, _)| k.starts_with(p));
+    let raw = if has("teacher.") || has("student.") {
+        let want = if opts.checkpoint_key.as_deref() == Some("student") || !has("teacher.") {
+            "student."
+        } else {
+            "teacher."
+        };
+        raw.into_iter()
+            .filter_map(|(k, t)| k.strip_prefix(want).map(|r| (strip_module(r), t)))
+            .collect()
+    } else {
+        raw
+    };
+    let has_backbone = raw.iter().any(|(k, _)| k.starts_with("backbone."));
+    let mut sd = StateDict::new();
+    let mut extra = StateDict::new();
+    for (k, t) in raw {
+        let k = if has_backbone {
+            match k.strip_prefix("backbone.") {
+                Some(r) => strip_module(r),
+                None => {
+                    extra.insert(k, t);
+                    continue;
+                }
+            }
+        } else {
+            k
+        };
+        let k = match chunked_block(&k) {
+            Some((_, i, rest)) => format!("blocks.{i}.{rest}"),
+            None => k,
+        };
+        if is_backbone_name(&k) {
+            if sd.insert(k.clone(), t).is_some() {
+                return Err(Error::Format {
+                    path: PathBuf::new(),
+                    reason: format!("`{k}` appears twice after removing the block-chunk index"),
+                });
+            }
+        } else {
+            extra.insert(k, t);
+        }
+    }
+    Ok((sd, extra))
+}
+
+/// Official name of a `transformers` key (without the model prefix), except q/k/v which are fused separately.
+fn hf_to_official(k: &str) -> Option<String> {
+    let simple = match k {
+        "embeddings.cls_token" => Some("cls_token"),
+        "embeddings.mask_token" => Some("mask_token"),
+        "embeddings.position_embeddings" => Some("pos_embed"),
+        "embeddings.register_tokens" => Some("register_tokens"),
+        "embeddings.patch_embeddings.projection.weight" => Some("patch_embed.proj.weight"),
+        "embeddings.patch_embeddings.projection.bias" => Some("patch_embed.proj.bias"),
+        "layernorm.weight" => Some("norm.weight"),
+        "layernorm.bias" => Some("norm.bias"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = k.strip_prefix("encoder.layer.")?;
+    let (i, rest) = rest.split_once('.')?;
+    if i.is_empty() || !i.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let mapped = match rest {
+        "norm1.weight" | "norm1.bias" | "norm2.weight" | "norm2.bias" => rest.to_string(),
+        "attention.output.dense.weight" => "attn.proj.weight".into(),
+        "attention.output.dense.bias" => "attn.proj.bias".into(),
+        "layer_scale1.lambda1" => "ls1.gamma".into(),
+        "layer_scale2.lambda1" => "ls2.gamma".into(),
+        "mlp.fc1.weight" | "mlp.fc1.bias" | "mlp.fc2.weight" | "mlp.fc2.bias" => rest.to_string(),
+        "mlp.weights_in.weight" => "mlp.w12.weight".into(),
+        "mlp.weights_in.bias" => "mlp.w12.bias".into(),
+        "mlp.weights_out.weight" => "mlp.w3.weight".into(),
+        "mlp.weights_out.bias" => "mlp.w3.bias".into(),
+        _ => return None,
+    };
+    Some(format!("blocks.{i}.{mapped}"))
+}
+
+fn from_transformers(raw: Vec<(String, Tensor)>) -> Result<(StateDict, StateDict)> {
+    let prefix = HF_PREFIXES
+        .iter()
+        .find(|p| raw.iter().any(|(k, _)| k.starts_with(*p)))
+        .copied();
+    let mut sd = StateDict::new();
+    let mut extra = StateDict::new();
+    // (block, "weight"/"bias") → [q, k, v]
+    let mut qkv: BTreeMap<(usize, &'static str), [Option<Tensor>; 3]> = BTreeMap::new();
+    for (orig, t) in raw {
+        let k = match prefix {
+            Some(p) => match orig.strip_prefix(p) {
+                Some(r) => r.to_string(),
+                None => {
+                    extra.insert(orig, t);
+                    continue;
+                }
+            },
+            None => orig.clone(),
+        };
+        if let Some(rest) = k.strip_prefix("encoder.layer.") {
+            if let Some((i, r)) = rest.split_once(".attention.attention.") {
+                if let Ok(i) = i.parse::<usize>() {
+                    let slot = match r.split_once('.') {
+                        Some(("query", w)) => Some((0, w)),
+                        Some(("key", w)) => Some((1, w)),
+                        Some(("value", w)) => Some((2, w)),
+                        _ => None,
+                    };
+                    if let Some((j, w)) = slot {
+                        let w: &'static str = match w {
+                            "weight" => "weight",
+                            "bias" => "bias",
+                            _ => {
+                                extra.insert(orig, t);
+                                continue;
+                            }
+                        };
+                        qkv.entry((i, w)).or_default()[j] = Some(t);
+                        continue;
+                    }
+                }
+            }
+        }
+        match hf_to_official(&k) {
+            Some(name) => {
+                sd.insert(name, t);
+            }
+            None => {
+                extra.insert(orig, t);
+            }
+        }
+    }
+    for ((i, w), parts) in qkv {
+        let p = prefix.unwrap_or("");
+        let mut ts = Vec::with_capacity(3);
+        for (j, part) in parts.into_iter().enumerate() {
+            let name = ["query", "key", "value"][j];
+            match part {
+                Some(t) => ts.push(t),
+                None => {
+                    let d = ts
+                        .first()
+                        .map(|t: &Tensor| t.dims().to_vec())
+                        .unwrap_or_default();
+                    return Err(Error::MissingKey {
+                        key: format!("{p}encoder.layer.{i}.attention.attention.{name}.{w}"),
+                        expected: d,
+                    });
+                }
+            }
+        }
+        sd.insert(format!("blocks.{i}.attn.qkv.{w}"), Tensor::cat(&ts, 0)?);
+    }
+    Ok((sd, extra))
+}
+
+/// timm → official, after `reg_token` was renamed `register_tokens`.
+fn from_timm(mut sd: StateDict) -> Result<StateDict> {
+    if let Some(pos) = sd.get("pos_embed") {
+        if let [1, rows, d] = *pos.dims() {
+            if is_square(rows) {
+                let zero = Tensor::zeros((1, 1, d), pos.dtype(), pos.device())?;
+                let full = Tensor::cat(&[&zero, pos], 1)?;
+                sd.insert("pos_embed", full);
+            }
+        }
+    }
+    // Packed SwiGLU (timm's SwiGLUPacked keeps the fc1/fc2 names): fc1 rows = 2 × fc2 columns.
+    let blocks: BTreeSet<String> = sd
+        .keys()
+        .filter_map(|k| {
+            let r = k.strip_prefix("blocks.")?;
+            let (i, rest) = r.split_once('.')?;
+            (rest == "mlp.fc1.weight").then(|| i.to_string())
+        })
+        .collect();
+    for i in blocks {
+        let (Some(f1), Some(f2)) = (
+            sd.get(&format!("blocks.{i}.mlp.fc1.weight")),
+            sd.get(&format!("blocks.{i}.mlp.fc2.weight")),
+        ) else {
+            continue;
+        };
+        if f1.rank() == 2 && f2.rank() == 2 && f1.dims()[0] == 2 * f2.dims()[1] {
+            for (from, to) in [("fc1", "w12"), ("fc2", "w3")] {
+                for wb in ["weight", "bias"] {
+                    if let Some(t) = sd.remove(&format!("blocks.{i}.mlp.{from}.{wb}")) {
+                        sd.insert(format!("blocks.{i}.mlp.{to}.{wb}"), t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(sd)
+}
+
+fn is_square(n: usize) -> bool {
+    let r = (n as f64).sqrt().round() as usize;
+    r * r == n
+}
+
+fn isqrt_exact(n: usize) -> Option<usize> {
+    let r = (n as f64).sqrt().round() as usize;
+    (r * r == n).then_some(r)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Configuration inference and checking.
+
+fn dims_of<'a>(sd: &'a StateDict, key: &str) -> Option<&'a [usize]> {
+    sd.get(key).map(|t| t.dims())
+}
+
+/// Infers the architecture from a canonical (official-named) state dict.
+///
+/// `hf_config` is a `transformers` `config.json`: it gives the number of heads (and LayerNorm eps,
+/// LayerScale value) and is cross-checked against the tensors. Without it, the number of heads comes from
+/// the released sizes (384 → 6, 768 → 12, 1024 → 16, 1536 → 24); other widths give [`Error::Config`] asking
+/// for an explicit configuration ([`LoadOptions::config`]).
+///
+/// The interpolation of the position table is a property of the model family, not of the file:
+/// register models (R > 0) get the size path with antialias, the others the `+0.1` scale-factor path.
+///
+/// ```
+/// use dinov2_model::weights::{backbone_shapes, infer_config};
+/// use dinov2_model::{StateDict, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let cfg = VitConfig::vit_base().with_registers(4);
+/// let mut sd = StateDict::new();
+/// for (name, shape) in backbone_shapes(&cfg) {
+///     sd.insert(name, candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu)?);
+/// }
+/// assert_eq!(infer_config(&sd, None)?, cfg);
+/// # Ok(())
+/// # }
+/// ```
+pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Result<VitConfig> {
+    let cfg_err = |m: String| Error::Config(m);
+    let d = match (
+        dims_of(sd, "cls_token"),
+        dims_of(sd, "patch_embed.proj.weight"),
+    ) {
+        (Some([1, 1, d]), _) => *d,
+        (Some(other), _) => {
+            return Err(Error::ShapeMismatch {
+                key: "cls_token".into(),
+                expected: vec![1, 1, other.last().copied().unwrap_or(0)],
+                actual: other.to_vec(),
+            })
+        }
+        (None, Some([d, ..])) => *d,
+        (None, _) => return Err(cfg_err(
+            "cannot infer the width: neither `cls_token` nor `patch_embed.proj.weight` is present"
+                .into(),
+        )),
+    };
+    let (in_chans, patch) = match dims_of(sd, "patch_embed.proj.weight") {
+        Some([_, c, p, q]) if p == q => (*c, *p),
+        Some(other) => {
+            return Err(Error::ShapeMismatch {
+                key: "patch_embed.proj.weight".into(),
+                expected: vec![d, 3, 14, 14],
+                actual: other.to_vec(),
+            })
+        }
+        None => {
+            return Err(Error::MissingKey {
+                key: "patch_embed.proj.weight".into(),
+                expected: vec![d, 3, 14, 14],
+            })
+        }
+    };
+    let grid = match dims_of(sd, "pos_embed") {
+        Some([1, rows, _]) if *rows >= 2 => isqrt_exact(rows - 1).ok_or_else(|| {
+            cfg_err(format!(
+                "`pos_embed` has {rows} rows, which is not 1 + a square grid"
+            ))
+        })?,
+        Some(other) => {
+            return Err(Error::ShapeMismatch {
+                key: "pos_embed".into(),
+                expected: vec![1, 1370, d],
+                actual: other.to_vec(),
+            })
+        }
+        None => {
+            return Err(Error::MissingKey {
+                key: "pos_embed".into(),
+                expected: vec![1, 1370, d],
+            })
+        }
+    };
+    let regs = match dims_of(sd, "register_tokens") {
+        Some([1, r, _]) => *r,
+        Some(other) => {
+            return Err(Error::ShapeMismatch {
+                key: "register_tokens".into(),
+                expected: vec![1, 4, d],
+                actual: other.to_vec(),
+            })
+        }
+        None => 0,
+    };
+    // Blocks: indices must be exactly 0..depth.
+    let idx: BTreeSet<usize> = sd
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split_once('.')?.0.parse().ok())
+        .collect();
+    let depth = idx.len();
+    if depth == 0 {
+        return Err(Error::MissingKey {
+            key: "blocks.0.norm1.weight".into(),
+            expected: vec![d],
+        });
+    }
+    if let Some(missing) = (0..depth).find(|i| !idx.contains(i)) {
+        return Err(cfg_err(format!(
+            "transformer block indices are not contiguous: block {missing} is missing but block {} exists",
+            idx.iter().next_back().copied().unwrap_or(0)
+        )));
+    }
+    let b0 = |s: &str| format!("blocks.0.{s}");
+    let (ffn, mlp_ratio, ffn_bias) = if sd.contains(&b0("mlp.w12.weight")) {
+        let hidden = match dims_of(sd, &b0("mlp.w3.weight")) {
+            Some([_, h]) => *h,
+            Some(other) => {
+                return Err(Error::ShapeMismatch {
+                    key: b0("mlp.w3.weight"),
+                    expected: vec![d, 4096],
+                    actual: other.to_vec(),
+                })
+            }
+            None => {
+                return Err(Error::MissingKey {
+                    key: b0("mlp.w3.weight"),
+                    expected: vec![d, VitConfig::vit_giant2().ffn_hidden_dim()],
+                })
+            }
+        };
+        let mut probe = VitConfig::vit_giant2();
+        probe.embed_dim = d;
+        if probe.ffn_hidden_dim() != hidden {
+            return Err(cfg_err(format!(
+                "SwiGLU hidden size {hidden} is not what mlp_ratio 4 gives for width {d} ({}); pass an explicit configuration",
+                probe.ffn_hidden_dim()
+            )));
+        }
+        (FfnKind::Swiglu, 4.0, sd.contains(&b0("mlp.w12.bias")))
+    } else {
+        let hidden = match dims_of(sd, &b0("mlp.fc1.weight")) {
+            Some([h, _]) => *h,
+            Some(other) => {
+                return Err(Error::ShapeMismatch {
+                    key: b0("mlp.fc1.weight"),
+                    expected: vec![4 * d, d],
+                    actual: other.to_vec(),
+                })
+            }
+            None => {
+                return Err(Error::MissingKey {
+                    key: b0("mlp.fc1.weight"),
+                    expected: vec![4 * d, d],
+                })
+            }
+        };
+        let mut ratio = hidden as f64 / d as f64;
+        if (d as f64 * ratio) as usize != hidden {
+            // `int(D * ratio)` must give the hidden size back: nudge the ratio up within the same integer.
+            ratio = (hidden as f64 + 0.5) / d as f64;
+        }
+        (FfnKind::Mlp, ratio, sd.contains(&b0("mlp.fc1.bias")))
+    };
+    let hf_f64 = |k: &str| hf_config.and_then(|c| c.get(k)).and_then(|v| v.as_f64());
+    let hf_usize = |k: &str| {
+        hf_config
+            .and_then(|c| c.get(k))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    };
+    let num_heads = match hf_usize("num_attention_heads") {
+        Some(h) => h,
+        None => match Arch::from_embed_dim(d) {
+            Some(a) => a.config().num_heads,
+            None => {
+                return Err(cfg_err(format!(
+                    "cannot infer the number of attention heads for width {d} (not a released size and no \
+                     transformers config.json); pass an explicit configuration"
+                )))
+            }
+        },
+    };
+    for (field, have) in [
+        ("hidden_size", d),
+        ("num_hidden_layers", depth),
+        ("patch_size", patch),
+        ("num_channels", in_chans),
+    ] {
+        if let Some(v) = hf_usize(field) {
+            if v != have {
+                return Err(cfg_err(format!(
+                    "config.json says {field} = {v} but the weights have {have}"
+                )));
+            }
+        }
+    }
+    if let Some(r) = hf_usize("num_register_tokens") {
+        if r != regs {
+            return Err(cfg_err(format!(
+                "config.json says num_register_tokens = {r} but the weights have {regs}"
+            )));
+        }
+    }
+    let layer_scale = sd
+        .contains(&b0("ls1.gamma"))
+        .then(|| hf_f64("layerscale_value").unwrap_or(1.0));
+    let interpolation = if regs > 0 {
+        PosEmbedInterpolation {
+            offset: 0.0,
+            antialias: true,
+        }
+    } else {
+        PosEmbedInterpolation {
+            offset: 0.1,
+            antialias: false,
+        }
+    };
+    let cfg = VitConfig {
+        img_size: grid * patch,
+        patch_size: patch,
+        in_chans,
+        embed_dim: d,
+        depth,
+        num_heads,
+        mlp_ratio,
+        ffn,
+        qkv_bias: sd.contains(&b0("attn.qkv.bias")),
+        proj_bias: sd.contains(&b0("attn.proj.bias")),
+        ffn_bias,
+        layer_scale_init: layer_scale,
+        num_register_tokens: regs,
+        interpolation,
+        layer_norm_eps: hf_f64("layer_norm_eps").unwrap_or(1e-6),
+        drop_path_rate: 0.0,
+        drop_path_uniform: false,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Every backbone tensor a model of configuration `cfg` has, with its shape, in the official naming
+/// (`mask_token` included; it is optional when loading).
+///
+/// ```
+/// let names: Vec<_> = dinov2_model::weights::backbone_shapes(&dinov2_model::VitConfig::vit_small())
+///     .into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names.len(), 175); // the key count of dinov2_vits14_pretrain.pth
+/// ```
+pub fn backbone_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.embed_dim;
+    let h = cfg.ffn_hidden_dim();
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, d]),
+        ("pos_embed".into(), vec![1, cfg.num_pos_tokens(), d]),
+    ];
+    if cfg.num_register_tokens > 0 {
+        v.push((
+            "register_tokens".into(),
+            vec![1, cfg.num_register_tokens, d],
+        ));
+    }
+    v.push(("mask_token".into(), vec![1, d]));
+    v.push((
+        "patch_embed.proj.weight".into(),
+        vec![d, cfg.in_chans, cfg.patch_size, cfg.patch_size],
+    ));
+    v.push(("patch_embed.proj.bias".into(), vec![d]));
+    for i in 0..cfg.depth {
+        let mut b = |s: &str, shape: Vec<usize>| v.push((format!("blocks.{i}.{s}"), shape));
+        b("norm1.weight", vec![d]);
+        b("norm1.bias", vec![d]);
+        b("attn.qkv.weight", vec![3 * d, d]);
+        if cfg.qkv_bias {
+            b("attn.qkv.bias", vec![3 * d]);
+        }
+        b("attn.proj.weight", vec![d, d]);
+        if cfg.proj_bias {
+            b("attn.proj.bias", vec![d]);
+        }
+        if cfg.layer_scale_init.is_some() {
+            b("ls1.gamma", vec![d]);
+        }
+        b("norm2.weight", vec![d]);
+        b("norm2.bias", vec![d]);
+        let (n1, n2, rows1) = match cfg.ffn {
+            FfnKind::Mlp => ("fc1", "fc2", h),
+            FfnKind::Swiglu => ("w12", "w3", 2 * h),
+        };
+        b(&format!("mlp.{n1}.weight"), vec![rows1, d]);
+        if cfg.ffn_bias {
+            b(&format!("mlp.{n1}.bias"), vec![rows1]);
+        }
+        b(&format!("mlp.{n2}.weight"), vec![d, h]);
+        if cfg.ffn_bias {
+            b(&format!("mlp.{n2}.bias"), vec![d]);
+        }
+        if cfg.layer_scale_init.is_some() {
+            b("ls2.gamma", vec![d]);
+        }
+    }
+    v.push(("norm.weight".into(), vec![d]));
+    v.push(("norm.bias".into(), vec![d]));
+    v
+}
+
+/// Checks a canonical state dict against `cfg`, like the official strict loading: every tensor present with
+/// its shape ([`Error::MissingKey`], [`Error::ShapeMismatch`]; `mask_token` may be absent), and no backbone
+/// tensor the configuration does not use ([`Error::UnexpectedKey`]). Keys outside the backbone naming are
+/// ignored.
+pub fn check_state_dict(sd: &StateDict, cfg: &VitConfig) -> Result<()> {
+    let expected = backbone_shapes(cfg);
+    for (name, shape) in &expected {
+        if name == "mask_token" && !sd.contains(name) {
+            continue;
+        }
+        sd.get_shaped(name, shape)?;
+    }
+    let names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some((k, t)) = sd
+        .iter()
+        .find(|(k, _)| is_backbone_name(k) && !names.contains(k.as_str()))
+    {
+        let hint = if k == "register_tokens" {
+            format!(
+                "the configuration has {} register tokens",
+                cfg.num_register_tokens
+            )
+        } else if k.starts_with("blocks.") {
+            format!(
+                "depth {}, {:?} FFN, biases qkv/proj/ffn {}/{}/{}, LayerScale {}",
+                cfg.depth,
+                cfg.ffn,
+                cfg.qkv_bias,
+                cfg.proj_bias,
+                cfg.ffn_bias,
+                cfg.layer_scale_init.is_some()
+            )
+        } else {
+            "not a parameter of this configuration".to_string()
+        };
+        return Err(Error::UnexpectedKey {
+            key: k.clone(),
+            shape: t.dims().to_vec(),
+            hint,
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Saving.
+
+/// Writes `sd` (official names) as a safetensors file, atomically (temporary file + rename).
+///
+/// The file loads back with [`load_weights`], and in Python with `safetensors.torch.load_file` into the
+/// official model (`model.load_state_dict(..., strict=True)`).
+///
+/// ```
+/// use dinov2_model::weights::{load_weights_with, save_safetensors, LoadOptions};
+/// # fn main() -> dinov2_model::Result<()> {
+/// # let cfg = { let mut c = dinov2_model::VitConfig::vit_small(); c.depth = 1; c.img_size = 28; c };
+/// # let mut sd = dinov2_model::StateDict::new();
+/// # for (n, s) in dinov2_model::weights::backbone_shapes(&cfg) {
+/// #     sd.insert(n, candle_core::Tensor::ones(s, candle_core::DType::F32, &candle_core::Device::Cpu)?);
+/// # }
+/// let path = std::env::temp_dir().join(format!("doc-save-{}.safetensors", std::process::id()));
+/// save_safetensors(&sd, &path)?;
+/// let back = load_weights_with(&path, &LoadOptions { config: Some(cfg.clone()), checkpoint_key: None })?;
+/// assert_eq!(back.state_dict.len(), sd.len());
+/// # std::fs::remove_file(&path).ok();
+/// # Ok(())
+/// # }
+/// ```
+pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
+    io::write_safetensors(
+        path,
+        sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
+    )
+}
+
+/// Writes a `transformers` checkpoint directory (`config.json` + `model.safetensors`, each atomically) that
+/// `Dinov2Model.from_pretrained` (or `Dinov2WithRegistersModel` when `cfg` has registers) loads with no
+/// missing or unexpected keys.
+///
+/// `sd` uses the official names (as in [`LoadedWeights::state_dict`]). Parameters that the
+/// `transformers` classes always have but `cfg` lacks are written with their neutral values, so the model
+/// computes the same function: a missing `mask_token` is written as zeros (its official initial value), a
+/// model without LayerScale gets `lambda1 = 1`, and a model without attention-output / FFN biases gets zero
+/// biases. `qkv_bias = false` is expressed in `config.json`.
+///
+/// ```no_run
+/// use dinov2_model::weights::{load_weights, save_transformers};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let w = load_weights("dinov2_vits14_pretrain.pth".as_ref())?;
+/// save_transformers(&w.state_dict, &w.config, "dinov2-small-hf".as_ref())?;
+/// // Python: transformers.Dinov2Model.from_pretrained("dinov2-small-hf")
+/// # Ok(())
+/// # }
+/// ```
+pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<()> {
+    cfg.validate()?;
+    let mut checked = sd.clone();
+    if !checked.contains("mask_token") {
+        checked.insert(
+            "mask_token",
+            Tensor::zeros((1, cfg.embed_dim), DType::F32, &Device::Cpu)?,
+        );
+    }
+    check_state_dict(&checked, cfg)?;
+    let d = cfg.embed_dim;
+    let get = |k: &str| -> Result<Tensor> {
+        checked.get(k).cloned().ok_or_else(|| Error::MissingKey {
+            key: k.to_string(),
+            expected: vec![],
+        })
+    };
+    let f32 = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+    let mut out: Vec<(String, Tensor)> = vec![
+        ("embeddings.cls_token".into(), f32(get("cls_token")?)?),
+        ("embeddings.mask_token".into(), f32(get("mask_token")?)?),
+        (
+            "embeddings.position_embeddings".into(),
+            f32(get("pos_embed")?)?,
+        ),
+        (
+            "embeddings.patch_embeddings.projection.weight".into(),
+            f32(get("patch_embed.proj.weight")?)?,
+        ),
+        (
+            "embeddings.patch_embeddings.projection.bias".into(),
+            f32(get("patch_embed.proj.bias")?)?,
+        ),
+        ("layernorm.weight".into(), f32(get("norm.weight")?)?),
+        ("layernorm.bias".into(), f32(get("norm.bias")?)?),
+    ];
+    if cfg.num_register_tokens > 0 {
+        out.push((
+            "embeddings.register_tokens".into(),
+            f32(get("register_tokens")?)?,
+        ));
+    }
+    let zeros = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu);
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
+    for i in 0..cfg.depth {
+        let o = |s: &str| format!("blocks.{i}.{s}");
+        let h = |s: &str| format!("encoder.layer.{i}.{s}");
+        for n in ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"] {
+            out.push((h(n), f32(get(&o(n))?)?));
+        }
+        let qkv_w = get(&o("attn.qkv.weight"))?;
+        for (j, name) in ["query", "key", "value"].iter().enumerate() {
+            out.push((
+                h(&format!("attention.attention.{name}.weight")),
+                f32(qkv_w.narrow(0, j * d, d)?)?,
+            ));
+        }
+        if cfg.qkv_bias {
+            let qkv_b = get(&o("attn.qkv.bias"))?;
+            for (j, name) in ["query", "key", "value"].iter().enumerate() {
+                out.push((
+                    h(&format!("attention.attention.{name}.bias")),
+                    f32(qkv_b.narrow(0, j * d, d)?)?,
+                ));
+            }
+        }
+        out.push((
+            h("attention.output.dense.weight"),
+            f32(get(&o("attn.proj.weight"))?)?,
+        ));
+        let proj_b = if cfg.proj_bias {
+            get(&o("attn.proj.bias"))?
+        } else {
+            zeros(d)?
+        };
+        out.push((h("attention.output.dense.bias"), f32(proj_b)?));
+        for (ls, hf) in [
+            ("ls1.gamma", "layer_scale1.lambda1"),
+            ("ls2.gamma", "layer_scale2.lambda1"),
+        ] {
+            let t = if cfg.layer_scale_init.is_some() {
+                get(&o(ls))?
+            } else {
+                ones(d)?
+            };
+            out.push((h(hf), f32(t)?));
+        }
+        let (a, b, ha, hb) = match cfg.ffn {
+            FfnKind::Mlp => ("fc1", "fc2", "fc1", "fc2"),
+            FfnKind::Swiglu => ("w12", "w3", "weights_in", "weights_out"),
+        };
+        let wa = get(&o(&format!("mlp.{a}.weight")))?;
+        let rows_a = wa.dims()[0];
+        out.push((h(&format!("mlp.{ha}.weight")), f32(wa)?));
+        let ba = if cfg.ffn_bias {
+            get(&o(&format!("mlp.{a}.bias")))?
+        } else {
+            zeros(rows_a)?
+        };
+        out.push((h(&format!("mlp.{ha}.bias")), f32(ba)?));
+        out.push((
+            h(&format!("mlp.{hb}.weight")),
+            f32(get(&o(&format!("mlp.{b}.weight")))?)?,
+        ));
+        let bb = if cfg.ffn_bias {
+            get(&o(&format!("mlp.{b}.bias")))?
+        } else {
+            zeros(d)?
+        };
+        out.push((h(&format!("mlp.{hb}.bias")), f32(bb)?));
+    }
+    let config = transformers_config(cfg);
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::invalid(format!("cannot serialise config.json: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    io::write_safetensors(&dir.join("model.safetensors"), out)?;
+    io::atomic_write_bytes(&dir.join("config.json"), format!("{text}\n").as_bytes())
+}
+
+/// The `transformers` `config.json` describing `cfg` (`Dinov2Config` or `Dinov2WithRegistersConfig`).
+pub fn transformers_config(cfg: &VitConfig) -> serde_json::Value {
+    use serde_json::json;
+    let regs = cfg.num_register_tokens > 0;
+    // transformers declares `mlp_ratio: int`; write an integer when it is one.
+    let ratio = if cfg.mlp_ratio.fract() == 0.0 && cfg.mlp_ratio >= 0.0 {
+        json!(cfg.mlp_ratio as u64)
+    } else {
+        json!(cfg.mlp_ratio)
+    };
+    let mut v = json!({
+        "architectures": [if regs { "Dinov2WithRegistersModel" } else { "Dinov2Model" }],
+        "model_type": if regs { "dinov2_with_registers" } else { "dinov2" },
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "mlp_ratio": ratio,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        "layerscale_value": cfg.layer_scale_init.unwrap_or(1.0),
+        "drop_path_rate": cfg.drop_path_rate,
+        "use_swiglu_ffn": cfg.ffn == FfnKind::Swiglu,
+        "apply_layernorm": true,
+        "reshape_hidden_states": true,
+        "torch_dtype": "float32",
+    });
+    if let Some(o) = v.as_object_mut() {
+        if regs {
+            o.insert("num_register_tokens".into(), json!(cfg.num_register_tokens));
+        } else {
+            o.insert("use_mask_token".into(), json!(true));
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests;
