@@ -5,7 +5,9 @@
 //! k-means, hierarchical k-means with resampling and balanced hierarchical sampling, plus the `curate` CLI.
 #![warn(missing_docs)]
 
+pub mod dedup;
 pub mod error;
+pub mod ivf;
 pub mod kmeans;
 pub mod knn;
 pub mod linalg;

@@ -1,0 +1,256 @@
+//! IVF-Flat index: a k-means coarse quantiser, inverted lists holding full vectors (reordered contiguously), and
+//! search that probes the `nprobe` nearest lists, batching the queries of each list into one GEMM.
+
+use std::sync::Mutex;
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use crate::error::{CurateError, Result};
+use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
+use crate::knn::{exact_knn, KnnResult, TopK};
+use crate::linalg::{matmul_abt, sq_norms};
+
+/// IVF construction parameters.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IvfParams {
+    /// Number of inverted lists (coarse centroids).
+    pub nlist: usize,
+    /// Lloyd iterations of the coarse quantiser.
+    pub train_iters: usize,
+    /// Coarse k-means trains on at most `nlist * max_points_per_centroid` rows.
+    pub max_points_per_centroid: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl IvfParams {
+    /// `nlist` lists, 10 training iterations, 64 points per centroid, seed 0.
+    pub fn new(nlist: usize) -> Self {
+        Self { nlist, train_iters: 10, max_points_per_centroid: 64, seed: 0 }
+    }
+}
+
+/// IVF-Flat index over inner product (cosine on normalised rows); lists are chosen by L2 to the coarse centroids.
+#[derive(Debug, Clone)]
+pub struct IvfFlat {
+    d: usize,
+    centroids: Vec<f32>,
+    centroid_norms: Vec<f32>,
+    offsets: Vec<usize>,
+    ids: Vec<i64>,
+    vecs: Vec<f32>,
+}
+
+impl IvfFlat {
+    /// Trains the coarse quantiser on a subsample of `base` and fills the lists with all of `base`'s rows.
+    pub fn build(base: &[f32], d: usize, params: &IvfParams) -> Result<Self> {
+        if d == 0 || base.len() % d != 0 {
+            return Err(CurateError::Shape(format!("{} values are not rows of dim {d}", base.len())));
+        }
+        let n = base.len() / d;
+        let nlist = params.nlist.min(n).max(1);
+        let cfg = KMeansConfig {
+            k: nlist,
+            n_iter: params.train_iters,
+            init: Init::Random,
+            n_local_trials: None,
+            seed: params.seed,
+            max_points_per_centroid: Some(params.max_points_per_centroid.max(1)),
+            tol: 1e-4,
+        };
+        let km = kmeans::train(base, d, &cfg)?;
+        let (labels, _) = km.assign(base)?;
+        let (offsets, rows) = group_by_label(&labels, nlist);
+        let mut vecs = vec![0f32; n * d];
+        vecs.par_chunks_mut(d).zip(rows.par_iter()).for_each(|(dst, &r)| dst.copy_from_slice(&base[r * d..(r + 1) * d]));
+        let ids = rows.iter().map(|&r| r as i64).collect();
+        let centroid_norms = sq_norms(&km.centroids, d);
+        Ok(Self { d, centroids: km.centroids, centroid_norms, offsets, ids, vecs })
+    }
+
+    /// Number of lists.
+    pub fn nlist(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Number of indexed vectors.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True if the index holds no vectors.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Sizes of the inverted lists.
+    pub fn list_sizes(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Approximate k-NN by inner product, probing the `nprobe` closest lists of each query. `self_offset` as in
+    /// [`crate::knn::exact_knn`].
+    pub fn search(&self, queries: &[f32], k: usize, nprobe: usize, self_offset: Option<usize>) -> Result<KnnResult> {
+        let d = self.d;
+        if queries.len() % d != 0 {
+            return Err(CurateError::Shape(format!("{} query values, dim {d}", queries.len())));
+        }
+        let nq = queries.len() / d;
+        let nlist = self.nlist();
+        let nprobe = nprobe.clamp(1, nlist);
+        let mut res = KnnResult { k, ids: vec![-1; nq * k], sims: vec![f32::NEG_INFINITY; nq * k] };
+        if nq == 0 || k == 0 {
+            return Ok(res);
+        }
+        const QC: usize = 16384;
+        for (ci, (sims_c, ids_c)) in res.sims.chunks_mut(QC * k).zip(res.ids.chunks_mut(QC * k)).enumerate() {
+            let q0 = ci * QC;
+            let m = sims_c.len() / k;
+            let qs = &queries[q0 * d..(q0 + m) * d];
+            // Coarse scores 2 q.c - |c|^2 (larger = closer in L2), top nprobe lists per query.
+            let mut sc = vec![0f32; m * nlist];
+            matmul_abt(qs, m, &self.centroids, nlist, d, &mut sc, true)?;
+            let mut probe_s = vec![0f32; m * nprobe];
+            let mut probe_l = vec![0i64; m * nprobe];
+            probe_s.par_chunks_mut(nprobe).zip(probe_l.par_chunks_mut(nprobe)).enumerate().for_each(|(qi, (ps, pl))| {
+                let mut h = TopK::new(ps, pl);
+                for (j, (&s, &cn)) in sc[qi * nlist..(qi + 1) * nlist].iter().zip(&self.centroid_norms).enumerate() {
+                    h.push(2.0 * s - cn, j as i64);
+                }
+            });
+            drop(sc);
+            // Invert: queries per list.
+            let mut counts = vec![0usize; nlist + 1];
+            for &l in &probe_l {
+                counts[l as usize + 1] += 1;
+            }
+            for j in 0..nlist {
+                counts[j + 1] += counts[j];
+            }
+            let mut pos = counts.clone();
+            let mut by_list = vec![0u32; probe_l.len()];
+            for (e, &l) in probe_l.iter().enumerate() {
+                by_list[pos[l as usize]] = (e / nprobe) as u32;
+                pos[l as usize] += 1;
+            }
+            let heaps: Vec<Mutex<TopK>> =
+                sims_c.chunks_mut(k).zip(ids_c.chunks_mut(k)).map(|(s, i)| Mutex::new(TopK::new(s, i))).collect();
+            let mut order: Vec<usize> = (0..nlist).collect();
+            // Biggest work first for load balance.
+            order.sort_by_key(|&l| std::cmp::Reverse((counts[l + 1] - counts[l]) * (self.offsets[l + 1] - self.offsets[l])));
+            order.par_iter().try_for_each(|&l| -> Result<()> {
+                let qids = &by_list[counts[l]..counts[l + 1]];
+                let (a, b) = (self.offsets[l], self.offsets[l + 1]);
+                if qids.is_empty() || a == b {
+                    return Ok(());
+                }
+                let mq = qids.len();
+                let nl = b - a;
+                let mut qbuf = Vec::with_capacity(mq * d);
+                for &qi in qids {
+                    qbuf.extend_from_slice(&qs[qi as usize * d..(qi as usize + 1) * d]);
+                }
+                let mut buf = vec![0f32; mq * nl];
+                matmul_abt(&qbuf, mq, &self.vecs[a * d..b * d], nl, d, &mut buf, false)?;
+                let lid = &self.ids[a..b];
+                for (r, &qi) in qids.iter().enumerate() {
+                    let skip = self_offset.map(|o| (o + q0 + qi as usize) as i64).unwrap_or(-1);
+                    let mut h = heaps[qi as usize].lock().map_err(|_| CurateError::Shape("poisoned heap".into()))?;
+                    let mut thr = h.threshold();
+                    for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
+                        if s >= thr && id != skip {
+                            h.push(s, id);
+                            thr = h.threshold();
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            for h in heaps {
+                h.into_inner().map_err(|_| CurateError::Shape("poisoned heap".into()))?.finish();
+            }
+        }
+        Ok(res)
+    }
+}
+
+/// Recall of an approximate search against exact search on `n_sample` random queries drawn from `queries`:
+/// returns `(recall@k: |approx ∩ exact| / |exact|, recall@1: top-1 found)`. Tied similarities count as found.
+pub fn measure_recall(
+    approx: &dyn Fn(&[f32], Option<usize>) -> Result<KnnResult>,
+    queries: &[f32],
+    base: &[f32],
+    d: usize,
+    k: usize,
+    n_sample: usize,
+    self_search: bool,
+    seed: u64,
+) -> Result<(f64, f64)> {
+    let nq = queries.len() / d.max(1);
+    let ns = n_sample.min(nq);
+    if ns == 0 || k == 0 {
+        return Ok((1.0, 1.0));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut idx = sample(&mut rng, nq, ns).into_vec();
+    idx.sort_unstable();
+    let (mut found, mut total, mut top1) = (0usize, 0usize, 0usize);
+    for &qi in &idx {
+        let q = &queries[qi * d..(qi + 1) * d];
+        let off = if self_search { Some(qi) } else { None };
+        let ex = exact_knn(q, base, d, k, off)?;
+        let ap = approx(q, off)?;
+        // Everything at least as similar as the exact k-th neighbour counts as a hit (ties).
+        let kth = ex.sims.iter().copied().filter(|s| s.is_finite()).fold(f32::INFINITY, f32::min);
+        let valid = ex.ids.iter().filter(|&&i| i >= 0).count();
+        total += valid;
+        found += ap.sims.iter().zip(&ap.ids).filter(|(&s, &i)| i >= 0 && s >= kth - 1e-6).count().min(valid);
+        if valid > 0 && ap.ids[0] >= 0 && ap.sims[0] >= ex.sims[0] - 1e-6 {
+            top1 += 1;
+        }
+    }
+    Ok((found as f64 / total.max(1) as f64, top1 as f64 / ns as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    fn clustered(n: usize, d: usize, nc: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cs: Vec<f32> = (0..nc * d).map(|_| rng.random::<f32>() - 0.5).collect();
+        let mut x: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let c = (i * 7919) % nc;
+                cs[c * d..(c + 1) * d].to_vec()
+            })
+            .collect();
+        x.iter_mut().for_each(|v| *v += (rng.random::<f32>() - 0.5) * 0.3);
+        crate::store::l2_normalize_rows(&mut x, d);
+        x
+    }
+
+    #[test]
+    fn full_probe_equals_exact_and_recall_grows() {
+        let (n, d, k) = (3000, 16, 10);
+        let x = clustered(n, d, 30, 11);
+        let idx = IvfFlat::build(&x, d, &IvfParams::new(20)).unwrap();
+        assert_eq!(idx.len(), n);
+        assert_eq!(idx.list_sizes().iter().sum::<usize>(), n);
+        let q = &x[..200 * d];
+        let ex = exact_knn(q, &x, d, k, Some(0)).unwrap();
+        let all = idx.search(q, k, 20, Some(0)).unwrap();
+        for (a, b) in all.sims.iter().zip(&ex.sims) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let r = |p: usize| {
+            measure_recall(&|qq, off| idx.search(qq, k, p, off), &x, &x, d, k, 200, true, 1).unwrap().0
+        };
+        let (r1, r4, r20) = (r(1), r(4), r(20));
+        assert!(r1 <= r4 + 1e-9 && r4 <= r20 + 1e-9, "{r1} {r4} {r20}");
+        assert!((r20 - 1.0).abs() < 1e-9);
+    }
+}
