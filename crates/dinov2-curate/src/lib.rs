@@ -7,11 +7,13 @@
 
 pub mod dedup;
 pub mod error;
+pub mod hkmeans;
 pub mod ivf;
 pub mod kmeans;
 pub mod knn;
 pub mod linalg;
 pub mod npy;
+pub mod retrieve;
 pub mod store;
 
 pub use error::{CurateError, Result};
