@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod dedup;
+pub mod embed;
 pub mod error;
 pub mod hkmeans;
 pub mod ivf;
