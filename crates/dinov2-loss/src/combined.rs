@@ -1,0 +1,351 @@
+//! The DINOv2 loss combination of `SSLMetaArch.forward_backward` as one reusable piece.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use crate::dino::DinoLoss;
+use crate::error::{Error, Result};
+use crate::ibot::IbotPatchLoss;
+use crate::koleo::KoLeoLoss;
+use crate::reduce::Reducer;
+
+/// How teacher logits become targets (`train.centering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Centering {
+    /// EMA centering + sharpened softmax (default config).
+    Centering,
+    /// Sinkhorn-Knopp with the given number of iterations (3 in vitl14/vitg14 configs).
+    SinkhornKnopp {
+        /// Number of normalisation rounds (official 3).
+        n_iterations: usize,
+    },
+}
+
+/// Weights and options of the combination (official defaults via [`Default`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DinoV2LossConfig {
+    /// `dino.loss_weight` (1.0).
+    pub dino_loss_weight: f64,
+    /// `dino.koleo_loss_weight` (0.1).
+    pub koleo_loss_weight: f64,
+    /// `ibot.loss_weight` (1.0).
+    pub ibot_loss_weight: f64,
+    /// Student temperature of both losses (0.1).
+    pub student_temp: f64,
+    /// Centre EMA momentum of both losses (0.9).
+    pub center_momentum: f64,
+    /// Target construction.
+    pub centering: Centering,
+}
+
+impl Default for DinoV2LossConfig {
+    fn default() -> Self {
+        Self {
+            dino_loss_weight: 1.0,
+            koleo_loss_weight: 0.1,
+            ibot_loss_weight: 1.0,
+            student_temp: 0.1,
+            center_momentum: 0.9,
+            centering: Centering::Centering,
+        }
+    }
+}
+
+/// Teacher targets for one step, from [`DinoV2Loss::teacher_targets`].
+#[derive(Debug, Clone)]
+pub struct TeacherTargets {
+    /// `[2B, K]` DINO targets in the official swapped order (rows of global crop 2, then crop 1), so row
+    /// `i` is the target of student global row `i` from the *other* view.
+    pub dino: Tensor,
+    /// `[M, K_ibot]` iBOT targets of the masked patches, if iBOT is on.
+    pub ibot: Option<Tensor>,
+}
+
+/// Student-side inputs of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StudentOutputs<'a> {
+    /// `[2B, K]` head outputs of the global-crop CLS tokens (crop 1 rows, then crop 2 rows).
+    pub global_cls_logits: &'a Tensor,
+    /// `[n_local·B, K]` head outputs of the local-crop CLS tokens (crop-major), if any local crops.
+    pub local_cls_logits: Option<&'a Tensor>,
+    /// `[M, K_ibot]` head outputs of the masked global-crop patch tokens (iBOT).
+    pub masked_patch_logits: Option<&'a Tensor>,
+    /// `[2B, D]` backbone CLS tokens (`x_norm_clstoken`) of the global crops (KoLeo).
+    pub global_cls_tokens: Option<&'a Tensor>,
+}
+
+/// Every term of the DINOv2 loss and their weighted total (all scalars).
+///
+/// Values are the ones the official code adds to its `loss_accumulator`; note that the official *logs*
+/// show `ibot` and `koleo` divided by 2.
+#[derive(Debug, Clone)]
+pub struct LossTerms {
+    /// `DINOLoss(local chunks × teacher chunks) / (n_global_terms + n_local_terms)`.
+    pub dino_local: Option<Tensor>,
+    /// `DINOLoss([global], [swapped teacher]) · 2 / (n_global_terms + n_local_terms)`.
+    pub dino_global: Option<Tensor>,
+    /// `koleo_loss_weight · Σ_{2 global chunks} KoLeo(chunk)` (already weighted).
+    pub koleo: Option<Tensor>,
+    /// `forward_masked(...) · 2 · ½` (unweighted).
+    pub ibot: Option<Tensor>,
+    /// `w_dino·(dino_local + dino_global) + koleo + w_ibot·ibot`.
+    pub total: Tensor,
+}
+
+/// The DINOv2 SSL objective: DINO (2 global + n local crops, cross-view pairs only), iBOT on masked
+/// patches, KoLeo on the student's global CLS tokens, with the official weights and normalisations.
+///
+/// One step: [`Self::teacher_targets`] (teacher logits → targets, centre bookkeeping), then
+/// [`Self::forward`] (student logits → [`LossTerms`]; call `backward` on `total`).
+#[derive(Debug, Clone)]
+pub struct DinoV2Loss {
+    cfg: DinoV2LossConfig,
+    dino: DinoLoss,
+    ibot: Option<IbotPatchLoss>,
+    koleo: KoLeoLoss,
+}
+
+const N_GLOBAL: usize = 2;
+
+impl DinoV2Loss {
+    /// A combination for a DINO head with `dino_out_dim` prototypes and, if `ibot_out_dim` is set, iBOT
+    /// targets with that many prototypes (the same K with a shared head).
+    pub fn new(
+        cfg: DinoV2LossConfig,
+        dino_out_dim: usize,
+        ibot_out_dim: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let dino =
+            DinoLoss::with_params(dino_out_dim, cfg.student_temp, cfg.center_momentum, device)?;
+        let ibot = match ibot_out_dim {
+            Some(k) if cfg.ibot_loss_weight > 0.0 => Some(IbotPatchLoss::with_params(
+                k,
+                cfg.student_temp,
+                cfg.center_momentum,
+                device,
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            cfg,
+            dino,
+            ibot,
+            koleo: KoLeoLoss::default(),
+        })
+    }
+
+    /// Uses `reducer` for every global-batch statistic.
+    pub fn with_reducer(mut self, reducer: Arc<dyn Reducer>) -> Self {
+        self.dino = self.dino.with_reducer(reducer.clone());
+        self.ibot = self.ibot.map(|l| l.with_reducer(reducer));
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DinoV2LossConfig {
+        &self.cfg
+    }
+
+    /// The DINO loss (and its centre).
+    pub fn dino_loss(&self) -> &DinoLoss {
+        &self.dino
+    }
+
+    /// Mutable DINO loss (to restore its centre).
+    pub fn dino_loss_mut(&mut self) -> &mut DinoLoss {
+        &mut self.dino
+    }
+
+    /// The iBOT loss, if on.
+    pub fn ibot_loss(&self) -> Option<&IbotPatchLoss> {
+        self.ibot.as_ref()
+    }
+
+    /// Mutable iBOT loss (to restore its centre).
+    pub fn ibot_loss_mut(&mut self) -> Option<&mut IbotPatchLoss> {
+        self.ibot.as_mut()
+    }
+
+    /// Teacher targets for one step (no gradient), updating the centres as official.
+    ///
+    /// * `teacher_cls_logits`: `[2B, K]` teacher head outputs of the global CLS tokens in natural order
+    ///   (crop 1 rows, then crop 2 rows); they are swapped to (crop 2; crop 1) first, as official;
+    /// * `teacher_masked_logits`: `[M, K_ibot]` teacher head outputs of this rank's masked patches
+    ///   (required when iBOT is on).
+    pub fn teacher_targets(
+        &mut self,
+        teacher_cls_logits: &Tensor,
+        teacher_masked_logits: Option<&Tensor>,
+        teacher_temp: f64,
+    ) -> Result<TeacherTargets> {
+        let (two_b, _) = teacher_cls_logits.dims2()?;
+        if two_b == 0 || two_b % N_GLOBAL != 0 {
+            return Err(Error::Input(format!(
+                "teacher CLS logits must have 2B > 0 rows, got {two_b}"
+            )));
+        }
+        let b = two_b / N_GLOBAL;
+        let swapped = Tensor::cat(
+            &[
+                teacher_cls_logits.narrow(0, b, b)?,
+                teacher_cls_logits.narrow(0, 0, b)?,
+            ],
+            0,
+        )?
+        .detach();
+        let masked = match (&self.ibot, teacher_masked_logits) {
+            (Some(_), Some(m)) => Some(m.detach()),
+            (Some(_), None) => {
+                return Err(Error::Input(
+                    "iBOT is on: teacher masked-patch logits are required".into(),
+                ))
+            }
+            (None, _) => None,
+        };
+        match self.cfg.centering {
+            Centering::Centering => {
+                let dino = self.dino.softmax_center_teacher(&swapped, teacher_temp)?;
+                self.dino.update_center(&swapped)?;
+                let ibot = match (self.ibot.as_mut(), masked) {
+                    (Some(loss), Some(m)) => {
+                        let m3 = m.unsqueeze(0)?;
+                        let t = loss.softmax_center_teacher(&m3, teacher_temp)?.squeeze(0)?;
+                        loss.update_center(&m3)?;
+                        Some(t)
+                    }
+                    _ => None,
+                };
+                Ok(TeacherTargets { dino, ibot })
+            }
+            Centering::SinkhornKnopp { n_iterations } => {
+                let dino =
+                    self.dino
+                        .sinkhorn_knopp_teacher(&swapped, teacher_temp, n_iterations)?;
+                let ibot = match (self.ibot.as_ref(), masked) {
+                    (Some(loss), Some(m)) => {
+                        let n = m.dim(0)?;
+                        Some(loss.sinkhorn_knopp_teacher(&m, teacher_temp, n, n_iterations)?)
+                    }
+                    _ => None,
+                };
+                Ok(TeacherTargets { dino, ibot })
+            }
+        }
+    }
+
+    /// All loss terms for one step.
+    ///
+    /// `masks` is the `[2B, N]` mask of the global crops (only its row count matters when `masks_weight`
+    /// is given), `masks_weight` the `[M]` per-patch weights of the collate (computed from `masks` if
+    /// `None`). KoLeo needs `B ≥ 2` rows per global chunk: with `B = 1` this returns
+    /// [`Error::DegenerateBatch`] unless `koleo_loss_weight` is 0.
+    pub fn forward(
+        &self,
+        student: &StudentOutputs<'_>,
+        targets: &TeacherTargets,
+        masks: Option<&Tensor>,
+        masks_weight: Option<&Tensor>,
+    ) -> Result<LossTerms> {
+        let (two_b, _) = student.global_cls_logits.dims2()?;
+        if targets.dino.dims() != student.global_cls_logits.dims() || two_b % N_GLOBAL != 0 {
+            return Err(Error::Input(format!(
+                "student global logits {:?} and teacher targets {:?} must both be [2B, K]",
+                student.global_cls_logits.dims(),
+                targets.dino.dims()
+            )));
+        }
+        let b = two_b / N_GLOBAL;
+        let n_local = match student.local_cls_logits {
+            Some(l) => {
+                let rows = l.dim(0)?;
+                if b == 0 || rows % b != 0 {
+                    return Err(Error::Input(format!(
+                        "local logits have {rows} rows, not a multiple of B = {b}"
+                    )));
+                }
+                rows / b
+            }
+            None => 0,
+        };
+        let n_global_terms = (N_GLOBAL - 1) * N_GLOBAL;
+        let n_local_terms = (n_local * N_GLOBAL).max(1);
+        let denom = (n_global_terms + n_local_terms) as f64;
+        let teacher_chunks = [targets.dino.narrow(0, 0, b)?, targets.dino.narrow(0, b, b)?];
+
+        let mut total: Option<Tensor> = None;
+        let mut add = |t: &Tensor, w: f64| -> Result<()> {
+            let t = (t * w)?;
+            total = Some(match total.take() {
+                None => t,
+                Some(a) => (a + t)?,
+            });
+            Ok(())
+        };
+
+        let mut dino_local = None;
+        if let (Some(l), true) = (student.local_cls_logits, n_local > 0) {
+            let chunks = (0..n_local)
+                .map(|i| l.narrow(0, i * b, b))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let v = (self.dino.forward(&chunks, &teacher_chunks)? / denom)?;
+            add(&v, self.cfg.dino_loss_weight)?;
+            dino_local = Some(v);
+        }
+
+        let mut dino_global = None;
+        let mut koleo = None;
+        if self.cfg.dino_loss_weight > 0.0 {
+            let v = (self.dino.forward(
+                std::slice::from_ref(student.global_cls_logits),
+                std::slice::from_ref(&targets.dino),
+            )? * (2.0 / denom))?;
+            add(&v, self.cfg.dino_loss_weight)?;
+            dino_global = Some(v);
+            if self.cfg.koleo_loss_weight > 0.0 {
+                let x = student.global_cls_tokens.ok_or_else(|| {
+                    Error::Input("KoLeo is on: student global CLS tokens are required".into())
+                })?;
+                let (rows, _) = x.dims2()?;
+                if rows != two_b {
+                    return Err(Error::Input(format!(
+                        "global CLS tokens have {rows} rows, expected {two_b}"
+                    )));
+                }
+                let k1 = self.koleo.forward(&x.narrow(0, 0, b)?)?;
+                let k2 = self.koleo.forward(&x.narrow(0, b, b)?)?;
+                let v = ((k1 + k2)? * self.cfg.koleo_loss_weight)?;
+                add(&v, 1.0)?;
+                koleo = Some(v);
+            }
+        }
+
+        let mut ibot = None;
+        if let Some(loss) = &self.ibot {
+            let s = student.masked_patch_logits.ok_or_else(|| {
+                Error::Input("iBOT is on: student masked-patch logits are required".into())
+            })?;
+            let t = targets
+                .ibot
+                .as_ref()
+                .ok_or_else(|| Error::Input("iBOT is on: iBOT targets are missing".into()))?;
+            let masks =
+                masks.ok_or_else(|| Error::Input("iBOT is on: masks are required".into()))?;
+            let v = loss.forward_masked(s, t, masks, None, masks_weight)?;
+            // `loss_scales (2) × ibot_loss_scale (1 / n_global_crops)`
+            let v = (v * (2.0 / N_GLOBAL as f64))?;
+            add(&v, self.cfg.ibot_loss_weight)?;
+            ibot = Some(v);
+        }
+
+        let total = total.ok_or_else(|| Error::Config("every loss term is disabled".into()))?;
+        Ok(LossTerms {
+            dino_local,
+            dino_global,
+            koleo,
+            ibot,
+            total,
+        })
+    }
+}
