@@ -472,9 +472,32 @@ fn hf_to_official(k: &str) -> Option<String> {
         "mlp.weights_in.bias" => "mlp.w12.bias".into(),
         "mlp.weights_out.weight" => "mlp.w3.weight".into(),
         "mlp.weights_out.bias" => "mlp.w3.bias".into(),
+        // transformers >= 5 module names (a `state_dict()` dump rather than `save_pretrained`).
+        "attention.o_proj.weight" => "attn.proj.weight".into(),
+        "attention.o_proj.bias" => "attn.proj.bias".into(),
+        "mlp.down_proj.weight" => "mlp.w3.weight".into(),
+        "mlp.down_proj.bias" => "mlp.w3.bias".into(),
         _ => return None,
     };
     Some(format!("blocks.{i}.{mapped}"))
+}
+
+/// Parts of one fused official tensor in the `transformers` layout: `(official name, part index, arity)`.
+///
+/// Two namings exist: the Hub checkpoints (`attention.attention.{query,key,value}`, `mlp.weights_in`) and the
+/// module names of transformers ≥ 5 (`attention.{q,k,v}_proj`, `mlp.{gate,up}_proj`), which a plain
+/// `state_dict()` dump has; `weights_in` = [gate; up] by rows.
+fn hf_part(rest: &str) -> Option<(&'static str, usize, usize, &str)> {
+    let (module, wb) = rest.rsplit_once('.')?;
+    let (name, j, n) = match module {
+        "attention.attention.query" | "attention.q_proj" => ("attn.qkv", 0, 3),
+        "attention.attention.key" | "attention.k_proj" => ("attn.qkv", 1, 3),
+        "attention.attention.value" | "attention.v_proj" => ("attn.qkv", 2, 3),
+        "mlp.gate_proj" => ("mlp.w12", 0, 2),
+        "mlp.up_proj" => ("mlp.w12", 1, 2),
+        _ => return None,
+    };
+    matches!(wb, "weight" | "bias").then_some((name, j, n, wb))
 }
 
 fn from_transformers(raw: Vec<(String, Tensor)>) -> Result<(StateDict, StateDict)> {
@@ -484,8 +507,9 @@ fn from_transformers(raw: Vec<(String, Tensor)>) -> Result<(StateDict, StateDict
         .copied();
     let mut sd = StateDict::new();
     let mut extra = StateDict::new();
-    // (block, "weight"/"bias") → [q, k, v]
-    let mut qkv: BTreeMap<(usize, &'static str), [Option<Tensor>; 3]> = BTreeMap::new();
+    // "blocks.{i}.{attn.qkv|mlp.w12}.{weight|bias}" → (parts, original names)
+    type Parts = (Vec<Option<Tensor>>, Vec<Option<String>>);
+    let mut fused: BTreeMap<String, Parts> = BTreeMap::new();
     for (orig, t) in raw {
         let k = match prefix {
             Some(p) => match orig.strip_prefix(p) {
@@ -497,28 +521,17 @@ fn from_transformers(raw: Vec<(String, Tensor)>) -> Result<(StateDict, StateDict
             },
             None => orig.clone(),
         };
-        if let Some(rest) = k.strip_prefix("encoder.layer.") {
-            if let Some((i, r)) = rest.split_once(".attention.attention.") {
-                if let Ok(i) = i.parse::<usize>() {
-                    let slot = match r.split_once('.') {
-                        Some(("query", w)) => Some((0, w)),
-                        Some(("key", w)) => Some((1, w)),
-                        Some(("value", w)) => Some((2, w)),
-                        _ => None,
-                    };
-                    if let Some((j, w)) = slot {
-                        let w: &'static str = match w {
-                            "weight" => "weight",
-                            "bias" => "bias",
-                            _ => {
-                                extra.insert(orig, t);
-                                continue;
-                            }
-                        };
-                        qkv.entry((i, w)).or_default()[j] = Some(t);
-                        continue;
-                    }
-                }
+        if let Some((i, rest)) = k
+            .strip_prefix("encoder.layer.")
+            .and_then(|r| r.split_once('.'))
+        {
+            if let (Ok(i), Some((name, j, n, wb))) = (i.parse::<usize>(), hf_part(rest)) {
+                let e = fused
+                    .entry(format!("blocks.{i}.{name}.{wb}"))
+                    .or_insert_with(|| (vec![None; n], vec![None; n]));
+                e.0[j] = Some(t);
+                e.1[j] = Some(orig);
+                continue;
             }
         }
         match hf_to_official(&k) {
@@ -530,28 +543,49 @@ fn from_transformers(raw: Vec<(String, Tensor)>) -> Result<(StateDict, StateDict
             }
         }
     }
-    for ((i, w), parts) in qkv {
-        let p = prefix.unwrap_or("");
-        let mut ts = Vec::with_capacity(3);
-        for (j, part) in parts.into_iter().enumerate() {
-            let name = ["query", "key", "value"][j];
-            match part {
-                Some(t) => ts.push(t),
-                None => {
-                    let d = ts
-                        .first()
-                        .map(|t: &Tensor| t.dims().to_vec())
-                        .unwrap_or_default();
-                    return Err(Error::MissingKey {
-                        key: format!("{p}encoder.layer.{i}.attention.attention.{name}.{w}"),
-                        expected: d,
-                    });
-                }
-            }
+    for (target, (parts, names)) in fused {
+        if let Some(j) = parts.iter().position(Option::is_none) {
+            // Name the absent part after a present sibling's naming style.
+            let (present, shape) = parts
+                .iter()
+                .zip(&names)
+                .find_map(|(t, n)| Some((n.clone()?, t.as_ref()?.dims().to_vec())))
+                .unwrap_or_default();
+            let key = missing_part_name(&present, j);
+            return Err(Error::MissingKey {
+                key,
+                expected: shape,
+            });
         }
-        sd.insert(format!("blocks.{i}.attn.qkv.{w}"), Tensor::cat(&ts, 0)?);
+        let ts: Vec<Tensor> = parts.into_iter().flatten().collect();
+        sd.insert(target, Tensor::cat(&ts, 0)?);
     }
     Ok((sd, extra))
+}
+
+/// The name of part `j` of the fused tensor that `sibling` (a present part, full original name) belongs to.
+fn missing_part_name(sibling: &str, j: usize) -> String {
+    const GROUPS: [[&str; 3]; 3] = [
+        [
+            "attention.attention.query.",
+            "attention.attention.key.",
+            "attention.attention.value.",
+        ],
+        [
+            "attention.q_proj.",
+            "attention.k_proj.",
+            "attention.v_proj.",
+        ],
+        ["mlp.gate_proj.", "mlp.up_proj.", ""],
+    ];
+    for g in GROUPS {
+        for pat in g {
+            if !pat.is_empty() && sibling.contains(pat) && !g[j].is_empty() {
+                return sibling.replacen(pat, g[j], 1);
+            }
+        }
+    }
+    sibling.to_string()
 }
 
 /// timm → official, after `reg_token` was renamed `register_tokens`.

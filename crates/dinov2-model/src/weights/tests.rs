@@ -238,6 +238,74 @@ fn transformers_layout_converts_to_official() {
     }
 }
 
+/// Independent statement of the transformers >= 5 module naming (`model.state_dict()`, not `save_pretrained`).
+fn to_hf5_by_hand(sd: &StateDict, cfg: &VitConfig) -> Vec<(String, Tensor)> {
+    let d = cfg.embed_dim;
+    let h = cfg.ffn_hidden_dim();
+    let mut out = Vec::new();
+    for (k, t) in to_hf_by_hand(sd, cfg, "") {
+        let r = |a: &str, b: &str| k.replace(a, b);
+        if k.contains("attention.attention.") {
+            let k = r("attention.attention.query", "attention.q_proj")
+                .replace("attention.attention.key", "attention.k_proj")
+                .replace("attention.attention.value", "attention.v_proj");
+            out.push((k, t));
+        } else if k.contains("attention.output.dense") {
+            out.push((r("attention.output.dense", "attention.o_proj"), t));
+        } else if k.contains("mlp.weights_in") {
+            out.push((
+                r("mlp.weights_in", "mlp.gate_proj"),
+                t.narrow(0, 0, h).unwrap(),
+            ));
+            out.push((
+                r("mlp.weights_in", "mlp.up_proj"),
+                t.narrow(0, h, h).unwrap(),
+            ));
+        } else if k.contains("mlp.weights_out") {
+            out.push((r("mlp.weights_out", "mlp.down_proj"), t));
+        } else {
+            out.push((k, t));
+        }
+    }
+    assert!(out.iter().all(|(_, t)| t.dims()[0] > 0 && d > 0));
+    out
+}
+
+#[test]
+fn transformers5_module_names_convert_to_official() {
+    for ffn in [FfnKind::Mlp, FfnKind::Swiglu] {
+        let c = tiny(ffn, 0);
+        let sd = random_sd(&c);
+        let raw = to_hf5_by_hand(&sd, &c);
+        assert!(raw
+            .iter()
+            .any(|(k, _)| k.ends_with("attention.q_proj.weight")));
+        let (got, extra, fmt) = canonicalize(
+            raw.clone(),
+            Container::Safetensors,
+            None,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(fmt, WeightFormat::Transformers);
+        assert!(extra.is_empty(), "{:?}", extra.keys().collect::<Vec<_>>());
+        assert_same(&got, &sd);
+        if ffn == FfnKind::Swiglu {
+            let raw: Vec<_> = raw
+                .into_iter()
+                .filter(|(k, _)| k != "encoder.layer.0.mlp.up_proj.bias")
+                .collect();
+            match canonicalize(raw, Container::Safetensors, None, &LoadOptions::default()) {
+                Err(Error::MissingKey { key, expected }) => {
+                    assert_eq!(key, "encoder.layer.0.mlp.up_proj.bias");
+                    assert_eq!(expected, vec![c.ffn_hidden_dim()]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn transformers_missing_value_projection_is_a_typed_error() {
     let c = tiny(FfnKind::Mlp, 0);
