@@ -1,0 +1,546 @@
+//! Parity with the official DINOv2 code: fixtures from `tools/make_loss_fixtures.py` (values, centre
+//! updates, Sinkhorn-Knopp outputs, input and parameter gradients), f32, norm-wise relative error ≤ 1e-5.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use common::{assert_close, var_tensor, varmap_from, Fixture};
+use dinov2_loss::{
+    mask_indices, masks_weight, Centering, DinoHead, DinoHeadConfig, DinoLoss, DinoV2Loss,
+    DinoV2LossConfig, IbotPatchLoss, KoLeoLoss, StudentOutputs,
+};
+
+const TOL: f64 = 1e-5;
+const CPU: Device = Device::Cpu;
+
+fn head_case(f: &Fixture, name: &str) {
+    let c = f.ints(&format!("{name}.cfg"));
+    let cfg = DinoHeadConfig {
+        in_dim: c[0],
+        out_dim: c[1],
+        use_bn: c[2] == 1,
+        nlayers: c[3],
+        hidden_dim: c[4],
+        bottleneck_dim: c[5],
+        mlp_bias: c[6] == 1,
+    };
+    let params = f.sub(&format!("{name}.param"));
+    let vm = varmap_from(&params, |k| k.contains("running"));
+    let head = DinoHead::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &CPU)).unwrap();
+    let x = Var::from_tensor(&f.get(&format!("{name}.x"))).unwrap();
+    let y = head.forward_t(x.as_tensor(), true).unwrap();
+    assert_close(&y, &f.get(&format!("{name}.y")), TOL, &format!("{name} y"));
+    let loss = (&y * f.get(&format!("{name}.r")))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let gx = grads.get(x.as_tensor()).expect("grad x");
+    assert_close(
+        gx,
+        &f.get(&format!("{name}.grad.x")),
+        TOL,
+        &format!("{name} grad x"),
+    );
+    let mut n_param_grads = 0;
+    for (key, expected) in f.sub(&format!("{name}.grad")) {
+        if key == "x" {
+            continue;
+        }
+        let g = grads
+            .get(&var_tensor(&vm, &key))
+            .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+        if let Some(w_key) = bias_before_batchnorm(&key, &params) {
+            // A bias right before a train-mode BatchNorm has an exactly zero gradient (the batch mean
+            // removes it); both sides only hold rounding noise, so compare against the layer's weight
+            // gradient scale instead of the noise itself.
+            let wmax = f
+                .get(&format!("{name}.grad.{w_key}"))
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let wmax = wmax.to_scalar::<f32>().unwrap() as f64;
+            for t in [g, &expected] {
+                let m = t
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64;
+                assert!(
+                    m <= 1e-6 * wmax,
+                    "{name} {key}: {m:e} not ~0 (weight grad {wmax:e})"
+                );
+            }
+        } else {
+            assert_close(g, &expected, TOL, &format!("{name} grad {key}"));
+        }
+        n_param_grads += 1;
+    }
+    assert_eq!(n_param_grads, cfg.parameter_shapes().len());
+    if cfg.use_bn {
+        let sd: std::collections::HashMap<_, _> = head.state_dict().unwrap().into_iter().collect();
+        for (key, expected) in f.sub(&format!("{name}.after")) {
+            assert_close(&sd[&key], &expected, TOL, &format!("{name} {key}"));
+        }
+        let y_eval = head.forward(x.as_tensor()).unwrap();
+        assert_close(
+            &y_eval,
+            &f.get(&format!("{name}.y_eval")),
+            TOL,
+            &format!("{name} eval"),
+        );
+    }
+}
+
+/// `mlp.{i}.weight` if `key` is `mlp.{i}.bias` and layer `i + 1` is a BatchNorm.
+fn bias_before_batchnorm(
+    key: &str,
+    params: &std::collections::HashMap<String, Tensor>,
+) -> Option<String> {
+    let i: usize = key
+        .strip_prefix("mlp.")?
+        .strip_suffix(".bias")?
+        .parse()
+        .ok()?;
+    params
+        .contains_key(&format!("mlp.{}.running_mean", i + 1))
+        .then(|| format!("mlp.{i}.weight"))
+}
+
+#[test]
+fn head_matches_official() {
+    let f = Fixture::load("head");
+    for name in ["h3", "h1", "hbn", "h4096"] {
+        head_case(&f, name);
+    }
+}
+
+#[test]
+fn dino_loss_matches_official() {
+    let f = Fixture::load("dino");
+    for name in ["d64a", "d64b", "d4096"] {
+        let c = f.ints(&format!("{name}.cfg"));
+        let (k, _b, ns, nt, steps) = (c[0], c[1], c[2], c[3], c[4]);
+        let temps = f.f64s(&format!("{name}.temps"));
+        let (tt, st, mom) = (temps[0], temps[1], temps[2]);
+        let mut loss = DinoLoss::with_params(k, st, mom, &CPU).unwrap();
+        let mut targets = None;
+        for i in 0..steps {
+            let p = format!("{name}.step{i}");
+            let t = f.get(&format!("{p}.t"));
+            let tg = loss.softmax_center_teacher(&t, tt).unwrap();
+            // the centre used at step i includes step i-1's update (lazy EMA)
+            assert_close(
+                loss.center().tensor(),
+                &f.get(&format!("{p}.center_used")),
+                TOL,
+                &format!("{p} centre"),
+            );
+            if f.has(&format!("{p}.targets")) {
+                assert_close(
+                    &tg,
+                    &f.get(&format!("{p}.targets")),
+                    TOL,
+                    &format!("{p} targets"),
+                );
+            }
+            loss.update_center(&t).unwrap();
+            assert!(loss.center().has_pending());
+            targets = Some(tg);
+        }
+        loss.center_mut().apply_pending().unwrap();
+        assert_close(
+            loss.center().tensor(),
+            &f.get(&format!("{name}.center_final")),
+            TOL,
+            &format!("{name} final centre"),
+        );
+        let targets = targets.unwrap();
+        let s = Var::from_tensor(&f.get(&format!("{name}.s"))).unwrap();
+        let students = s.as_tensor().chunk(ns, 0).unwrap();
+        let teachers = targets.chunk(nt, 0).unwrap();
+        let value = loss.forward(&students, &teachers).unwrap();
+        assert_close(
+            &value.reshape(1).unwrap(),
+            &f.get(&format!("{name}.loss")),
+            TOL,
+            &format!("{name} loss"),
+        );
+        let grads = value.backward().unwrap();
+        assert_close(
+            grads.get(s.as_tensor()).unwrap(),
+            &f.get(&format!("{name}.grad.s")),
+            TOL,
+            &format!("{name} grad"),
+        );
+        let t0 = f.get(&format!("{name}.step0.t"));
+        for iters in [3, 1, 5] {
+            let key = format!("{name}.sk{iters}");
+            if f.has(&key) {
+                let q = loss.sinkhorn_knopp_teacher(&t0, tt, iters).unwrap();
+                assert_close(&q, &f.get(&key), TOL, &key);
+            }
+        }
+    }
+}
+
+#[test]
+fn ibot_loss_matches_official() {
+    let f = Fixture::load("ibot");
+    let k = 64;
+    let mut loss = IbotPatchLoss::new(k, &CPU).unwrap();
+    let mut targets = None;
+    for i in 0..2 {
+        let p = format!("i64.step{i}");
+        let t = f.get(&format!("{p}.t")).unsqueeze(0).unwrap();
+        let tg = loss
+            .softmax_center_teacher(&t, 0.07)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert_close(
+            loss.center().tensor(),
+            &f.get(&format!("{p}.center_used")),
+            TOL,
+            &p,
+        );
+        assert_close(
+            &tg,
+            &f.get(&format!("{p}.targets")),
+            TOL,
+            &format!("{p} targets"),
+        );
+        loss.update_center(&t).unwrap();
+        targets = Some(tg);
+    }
+    loss.center_mut().apply_pending().unwrap();
+    assert_close(
+        loss.center().tensor(),
+        &f.get("i64.center_final"),
+        TOL,
+        "i64 final centre",
+    );
+    let targets = targets.unwrap();
+    let masks = f.get("i64.step1.masks");
+    let m = targets.dim(0).unwrap();
+    let mw = masks_weight(&masks).unwrap();
+    assert_close(&mw, &f.get("i64.masks_weight"), 0.0, "masks_weight");
+
+    // padded rows + n_masked_patches truncation, explicit masks_weight
+    let s = Var::from_tensor(&f.get("i64.s_pad")).unwrap();
+    let v = loss
+        .forward_masked(
+            s.as_tensor(),
+            &f.get("i64.t_pad"),
+            &masks,
+            Some(m),
+            Some(&mw),
+        )
+        .unwrap();
+    assert_close(
+        &v.reshape(1).unwrap(),
+        &f.get("i64.loss_pad"),
+        TOL,
+        "ibot padded loss",
+    );
+    let g = v.backward().unwrap();
+    assert_close(
+        g.get(s.as_tensor()).unwrap(),
+        &f.get("i64.grad.s_pad"),
+        TOL,
+        "ibot padded grad",
+    );
+
+    // masks_weight derived from the masks
+    let s2 = Var::from_tensor(&f.get("i64.s_pad").narrow(0, 0, m).unwrap()).unwrap();
+    let v = loss
+        .forward_masked(s2.as_tensor(), &targets, &masks, None, None)
+        .unwrap();
+    assert_close(
+        &v.reshape(1).unwrap(),
+        &f.get("i64.loss_noweight"),
+        TOL,
+        "ibot loss",
+    );
+    let g = v.backward().unwrap();
+    assert_close(
+        g.get(s2.as_tensor()).unwrap(),
+        &f.get("i64.grad.s_noweight"),
+        TOL,
+        "ibot grad",
+    );
+
+    let t_last = f.get("i64.step1.t");
+    for iters in [3, 1] {
+        let q = loss
+            .sinkhorn_knopp_teacher(&t_last, 0.07, m, iters)
+            .unwrap();
+        assert_close(
+            &q,
+            &f.get(&format!("i64.sk{iters}")),
+            TOL,
+            &format!("ibot sk{iters}"),
+        );
+    }
+
+    // dense variant
+    let s = Var::from_tensor(&f.get("idense.s")).unwrap();
+    let v = loss
+        .forward(s.as_tensor(), &f.get("idense.t"), &f.get("idense.masks"))
+        .unwrap();
+    assert_close(
+        &v.reshape(1).unwrap(),
+        &f.get("idense.loss"),
+        TOL,
+        "dense loss",
+    );
+    let g = v.backward().unwrap();
+    assert_close(
+        g.get(s.as_tensor()).unwrap(),
+        &f.get("idense.grad.s"),
+        TOL,
+        "dense grad",
+    );
+
+    // K = 4096
+    let mut loss = IbotPatchLoss::new(4096, &CPU).unwrap();
+    let masks = f.get("i4096.masks");
+    let t = f.get("i4096.t");
+    let tg = loss
+        .softmax_center_teacher(&t.unsqueeze(0).unwrap(), 0.04)
+        .unwrap();
+    assert_close(
+        &tg.squeeze(0).unwrap(),
+        &f.get("i4096.targets"),
+        TOL,
+        "i4096 targets",
+    );
+    loss.update_center(&t.unsqueeze(0).unwrap()).unwrap();
+    loss.center_mut().apply_pending().unwrap();
+    assert_close(
+        loss.center().tensor(),
+        &f.get("i4096.center_final"),
+        TOL,
+        "i4096 centre",
+    );
+    let s = Var::from_tensor(&f.get("i4096.s")).unwrap();
+    let m = t.dim(0).unwrap();
+    let mw = masks_weight(&masks).unwrap();
+    let v = loss
+        .forward_masked(
+            s.as_tensor(),
+            &f.get("i4096.targets"),
+            &masks,
+            Some(m),
+            Some(&mw),
+        )
+        .unwrap();
+    assert_close(
+        &v.reshape(1).unwrap(),
+        &f.get("i4096.loss"),
+        TOL,
+        "i4096 loss",
+    );
+    let g = v.backward().unwrap();
+    assert_close(
+        g.get(s.as_tensor()).unwrap(),
+        &f.get("i4096.grad.s"),
+        TOL,
+        "i4096 grad",
+    );
+    let q = loss.sinkhorn_knopp_teacher(&t, 0.04, m, 3).unwrap();
+    assert_close(&q, &f.get("i4096.sk3"), TOL, "i4096 sk");
+}
+
+#[test]
+fn koleo_matches_official() {
+    let f = Fixture::load("koleo");
+    for name in ["k2", "k3", "k8", "k16", "kzero"] {
+        let x = Var::from_tensor(&f.get(&format!("{name}.x"))).unwrap();
+        let v = KoLeoLoss::default().forward(x.as_tensor()).unwrap();
+        assert_close(
+            &v.reshape(1).unwrap(),
+            &f.get(&format!("{name}.loss")),
+            TOL,
+            name,
+        );
+        let g = v.backward().unwrap();
+        assert_close(
+            g.get(x.as_tensor()).unwrap(),
+            &f.get(&format!("{name}.grad.x")),
+            TOL,
+            &format!("{name} grad"),
+        );
+    }
+}
+
+/// The whole DINOv2 objective against `SSLMetaArch.forward_backward` (real heads, stub backbones).
+#[test]
+fn dinov2_combination_matches_ssl_meta_arch() {
+    let f = Fixture::load("ssl");
+    for case in ["ssl_c", "ssl_sk"] {
+        let c = f.ints(&format!("{case}.cfg"));
+        let (b, n_local, d, n_patches, k, k_ibot, steps, separate, sk) = (
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            c[6],
+            c[7] == 1,
+            c[8] == 1,
+        );
+        let head_cfg = |out| DinoHeadConfig {
+            hidden_dim: 32,
+            bottleneck_dim: 8,
+            ..DinoHeadConfig::new(d, out)
+        };
+        let vm = varmap_from(&f.sub(&format!("{case}.student")), |_| false);
+        let svb = VarBuilder::from_varmap(&vm, DType::F32, &CPU);
+        let tvb = VarBuilder::from_tensors(f.sub(&format!("{case}.teacher")), DType::F32, &CPU);
+        let s_head = DinoHead::new(&head_cfg(k), svb.pp("dino_head")).unwrap();
+        let t_head = DinoHead::new(&head_cfg(k), tvb.pp("dino_head")).unwrap();
+        let (s_ihead, t_ihead) = if separate {
+            (
+                Some(DinoHead::new(&head_cfg(k_ibot), svb.pp("ibot_head")).unwrap()),
+                Some(DinoHead::new(&head_cfg(k_ibot), tvb.pp("ibot_head")).unwrap()),
+            )
+        } else {
+            (None, None)
+        };
+        let cfg = DinoV2LossConfig {
+            centering: if sk {
+                Centering::SinkhornKnopp { n_iterations: 3 }
+            } else {
+                Centering::Centering
+            },
+            ..Default::default()
+        };
+        let mut loss = DinoV2Loss::new(cfg, k, Some(k_ibot), &CPU).unwrap();
+        for step in 0..steps {
+            let p = format!("{case}.step{step}");
+            let masks = f.get(&format!("{p}.masks"));
+            let idx = mask_indices(&masks).unwrap();
+            // teacher
+            let t_cls = f.get(&format!("{p}.t_cls"));
+            let t_patch = f
+                .get(&format!("{p}.t_patch"))
+                .reshape((2 * b * n_patches, d))
+                .unwrap()
+                .index_select(&idx, 0)
+                .unwrap();
+            let t_logits = t_head.forward(&t_cls).unwrap();
+            let t_masked = t_ihead
+                .as_ref()
+                .unwrap_or(&t_head)
+                .forward(&t_patch)
+                .unwrap();
+            let targets = loss
+                .teacher_targets(&t_logits, Some(&t_masked), 0.05)
+                .unwrap();
+            // student
+            let g_cls = Var::from_tensor(&f.get(&format!("{p}.g_cls"))).unwrap();
+            let g_patch = Var::from_tensor(&f.get(&format!("{p}.g_patch"))).unwrap();
+            let l_cls = Var::from_tensor(&f.get(&format!("{p}.l_cls"))).unwrap();
+            assert_eq!(l_cls.dim(0).unwrap(), n_local * b);
+            let s_global = s_head.forward_t(g_cls.as_tensor(), true).unwrap();
+            let s_local = s_head.forward_t(l_cls.as_tensor(), true).unwrap();
+            let s_patch = g_patch
+                .as_tensor()
+                .reshape((2 * b * n_patches, d))
+                .unwrap()
+                .index_select(&idx, 0)
+                .unwrap();
+            let s_masked = s_ihead
+                .as_ref()
+                .unwrap_or(&s_head)
+                .forward_t(&s_patch, true)
+                .unwrap();
+            let terms = loss
+                .forward(
+                    &StudentOutputs {
+                        global_cls_logits: &s_global,
+                        local_cls_logits: Some(&s_local),
+                        masked_patch_logits: Some(&s_masked),
+                        global_cls_tokens: Some(g_cls.as_tensor()),
+                    },
+                    &targets,
+                    Some(&masks),
+                    None,
+                )
+                .unwrap();
+            let r1 = |t: &Tensor| t.reshape(1).unwrap();
+            let twice = |key: &str| (f.get(key) * 2.0).unwrap();
+            assert_close(
+                &r1(terms.dino_local.as_ref().unwrap()),
+                &f.get(&format!("{p}.dino_local")),
+                TOL,
+                &format!("{p} dino_local"),
+            );
+            assert_close(
+                &r1(terms.dino_global.as_ref().unwrap()),
+                &f.get(&format!("{p}.dino_global")),
+                TOL,
+                &format!("{p} dino_global"),
+            );
+            assert_close(
+                &r1(terms.koleo.as_ref().unwrap()),
+                &twice(&format!("{p}.koleo_logged")),
+                TOL,
+                &format!("{p} koleo"),
+            );
+            assert_close(
+                &r1(terms.ibot.as_ref().unwrap()),
+                &twice(&format!("{p}.ibot_logged")),
+                TOL,
+                &format!("{p} ibot"),
+            );
+            assert_close(
+                &r1(&terms.total),
+                &f.get(&format!("{p}.total")),
+                TOL,
+                &format!("{p} total"),
+            );
+            let grads = terms.total.backward().unwrap();
+            for (key, var) in [("g_cls", &g_cls), ("g_patch", &g_patch), ("l_cls", &l_cls)] {
+                assert_close(
+                    grads.get(var.as_tensor()).unwrap(),
+                    &f.get(&format!("{p}.grad.{key}")),
+                    TOL,
+                    &format!("{p} grad {key}"),
+                );
+            }
+            let head_grads = f.sub(&format!("{p}.grad"));
+            let mut n = 0;
+            for (key, expected) in head_grads.iter().filter(|(k, _)| k.contains("_head.")) {
+                let g = grads.get(&var_tensor(&vm, key)).unwrap();
+                assert_close(g, expected, TOL, &format!("{p} grad {key}"));
+                n += 1;
+            }
+            assert_eq!(n, vm.all_vars().len());
+        }
+        if !sk {
+            let dl = loss.dino_loss_mut();
+            dl.center_mut().apply_pending().unwrap();
+            assert_close(
+                dl.center().tensor(),
+                &f.get(&format!("{case}.dino_center_final")),
+                TOL,
+                "dino centre",
+            );
+            let il = loss.ibot_loss_mut().unwrap();
+            il.center_mut().apply_pending().unwrap();
+            assert_close(
+                il.center().tensor(),
+                &f.get(&format!("{case}.ibot_center_final")),
+                TOL,
+                "ibot centre",
+            );
+        }
+    }
+}
