@@ -17,9 +17,14 @@ impl UnionFind {
     /// `n` singletons (`n < 2^32`).
     pub fn new(n: usize) -> Result<Self> {
         if n > u32::MAX as usize {
-            return Err(CurateError::InvalidArgument(format!("{n} nodes exceed the u32 union-find")));
+            return Err(CurateError::InvalidArgument(format!(
+                "{n} nodes exceed the u32 union-find"
+            )));
         }
-        Ok(Self { parent: (0..n as u32).collect(), size: vec![1; n] })
+        Ok(Self {
+            parent: (0..n as u32).collect(),
+            size: vec![1; n],
+        })
     }
 
     /// Root of `x`'s set.
@@ -53,6 +58,7 @@ impl UnionFind {
         let mut label_of_root = vec![-1i64; n];
         let mut labels = vec![0i64; n];
         let mut reps = Vec::new();
+        #[allow(clippy::needless_range_loop)]
         for i in 0..n {
             let r = self.find(i);
             if label_of_root[r] < 0 {
@@ -84,7 +90,13 @@ pub enum Searcher<'a> {
 
 impl Searcher<'_> {
     /// k-NN of `queries` (`self_offset`: query `i` is base row `o + i`, excluded).
-    pub fn search(&self, queries: &[f32], d: usize, k: usize, self_offset: Option<usize>) -> Result<KnnResult> {
+    pub fn search(
+        &self,
+        queries: &[f32],
+        d: usize,
+        k: usize,
+        self_offset: Option<usize>,
+    ) -> Result<KnnResult> {
         match self {
             Searcher::Exact { base } => exact_knn(queries, base, d, k, self_offset),
             Searcher::Ivf { index, nprobe } => index.search(queries, k, *nprobe, self_offset),
@@ -132,7 +144,9 @@ pub fn components(n: usize, edges: &[(i64, i64)]) -> Result<UnionFind> {
     for &(a, b) in edges {
         let (a, b) = (a as usize, b as usize);
         if a >= n || b >= n {
-            return Err(CurateError::InvalidArgument(format!("edge ({a}, {b}) outside {n} nodes")));
+            return Err(CurateError::InvalidArgument(format!(
+                "edge ({a}, {b}) outside {n} nodes"
+            )));
         }
         uf.union(a, b);
     }
@@ -166,7 +180,14 @@ pub fn self_dedup_from_edges(n: usize, edges: &[(i64, i64)]) -> Result<DedupResu
 /// assert_eq!(r.keep, vec![0, 2]);
 /// assert_eq!(r.components, vec![0, 0, 1]);
 /// ```
-pub fn self_dedup(x: &[f32], d: usize, k: usize, threshold: f32, searcher: &Searcher<'_>, chunk: usize) -> Result<DedupResult> {
+pub fn self_dedup(
+    x: &[f32],
+    d: usize,
+    k: usize,
+    threshold: f32,
+    searcher: &Searcher<'_>,
+    chunk: usize,
+) -> Result<DedupResult> {
     let n = x.len() / d.max(1);
     let mut edges = Vec::new();
     let chunk = chunk.max(1);
@@ -205,7 +226,11 @@ pub struct RelativeResult {
 
 /// Relative dedup from graph edges. Node ids: pool rows `0..n_pool`, reference rows `n_pool..n_pool + n_ref`.
 /// Every component containing a reference node is dropped entirely; all other pool rows are kept.
-pub fn relative_dedup_from_edges(n_pool: usize, n_ref: usize, edges: &[(i64, i64)]) -> Result<RelativeResult> {
+pub fn relative_dedup_from_edges(
+    n_pool: usize,
+    n_ref: usize,
+    edges: &[(i64, i64)],
+) -> Result<RelativeResult> {
     let mut uf = components(n_pool + n_ref, edges)?;
     let mut touched = vec![false; n_pool + n_ref];
     for r in n_pool..n_pool + n_ref {
@@ -217,6 +242,7 @@ pub fn relative_dedup_from_edges(n_pool: usize, n_ref: usize, edges: &[(i64, i64
     let mut keep = Vec::new();
     let mut n_labels = 0i64;
     let mut dropped_components = 0;
+    #[allow(clippy::needless_range_loop)]
     for i in 0..n_pool {
         let root = uf.find(i);
         if label_of_root[root] < 0 {
@@ -264,9 +290,17 @@ pub fn relative_dedup(
     while s < n {
         let e = (s + chunk).min(n);
         let q = &pool[s * d..e * d];
-        edges.extend(threshold_edges(&pool_searcher.search(q, d, k, Some(s))?, s, threshold));
+        edges.extend(threshold_edges(
+            &pool_searcher.search(q, d, k, Some(s))?,
+            s,
+            threshold,
+        ));
         let r = refs.search(q, d, k, None)?;
-        edges.extend(threshold_edges(&r, s, threshold).into_iter().map(|(a, b)| (a, b + n as i64)));
+        edges.extend(
+            threshold_edges(&r, s, threshold)
+                .into_iter()
+                .map(|(a, b)| (a, b + n as i64)),
+        );
         s = e;
     }
     let r = pool_searcher.search(reference, d, k, None)?;

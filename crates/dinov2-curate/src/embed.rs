@@ -36,7 +36,11 @@ pub struct EmbedConfig {
 
 impl Default for EmbedConfig {
     fn default() -> Self {
-        Self { shard_size: 65536, batch_size: 64, normalize: true }
+        Self {
+            shard_size: 65536,
+            batch_size: 64,
+            normalize: true,
+        }
     }
 }
 
@@ -74,10 +78,15 @@ fn ids_path(dir: &Path, i: usize) -> PathBuf {
 }
 
 fn shard_done(dir: &Path, i: usize, rows: usize, dim: usize) -> bool {
-    let (Ok(h), Ok(hi)) = (npy::read_header(&shard_path(dir, i)), npy::read_header(&ids_path(dir, i))) else {
+    let (Ok(h), Ok(hi)) = (
+        npy::read_header(&shard_path(dir, i)),
+        npy::read_header(&ids_path(dir, i)),
+    ) else {
         return false;
     };
-    let len_ok = std::fs::metadata(shard_path(dir, i)).map(|m| m.len() as usize == h.data_offset + rows * dim * 4).unwrap_or(false);
+    let len_ok = std::fs::metadata(shard_path(dir, i))
+        .map(|m| m.len() as usize == h.data_offset + rows * dim * 4)
+        .unwrap_or(false);
     h.dtype == npy::NpyDtype::F32 && h.shape == [rows, dim] && hi.shape == [rows] && len_ok
 }
 
@@ -91,30 +100,53 @@ pub fn embed_pool(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EmbedReport> {
     if cfg.shard_size == 0 || cfg.batch_size == 0 {
-        return Err(CurateError::InvalidArgument("shard_size and batch_size must be positive".into()));
+        return Err(CurateError::InvalidArgument(
+            "shard_size and batch_size must be positive".into(),
+        ));
     }
     let dim = embedder.dim();
     let n = paths.len();
     let n_shards = n.div_ceil(cfg.shard_size);
     std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let manifest = Manifest { dim, n_rows: n, shard_size: cfg.shard_size, n_shards, normalize: cfg.normalize };
+    let manifest = Manifest {
+        dim,
+        n_rows: n,
+        shard_size: cfg.shard_size,
+        n_shards,
+        normalize: cfg.normalize,
+    };
     let mpath = out.join("manifest.json");
     let ppath = out.join("paths.txt");
     if mpath.exists() {
         let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-        let old: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json { path: mpath.clone(), source })?;
+        let old: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json {
+            path: mpath.clone(),
+            source,
+        })?;
         if old != manifest {
-            return Err(CurateError::Resume { path: out.into(), msg: format!("manifest {old:?} differs from {manifest:?}") });
+            return Err(CurateError::Resume {
+                path: out.into(),
+                msg: format!("manifest {old:?} differs from {manifest:?}"),
+            });
         }
         let old_paths = crate::store::read_paths(&ppath)?;
         if old_paths != paths {
-            return Err(CurateError::Resume { path: out.into(), msg: "paths.txt differs from the image list".into() });
+            return Err(CurateError::Resume {
+                path: out.into(),
+                msg: "paths.txt differs from the image list".into(),
+            });
         }
     } else {
         crate::store::write_paths(&ppath, paths)?;
         write_json(&mpath, &manifest)?;
     }
-    let mut report = EmbedReport { n_rows: n, dim, n_shards, computed: 0, skipped: 0 };
+    let mut report = EmbedReport {
+        n_rows: n,
+        dim,
+        n_shards,
+        computed: 0,
+        skipped: 0,
+    };
     let mut done_rows = 0;
     for s in 0..n_shards {
         let (a, b) = (s * cfg.shard_size, ((s + 1) * cfg.shard_size).min(n));
@@ -128,7 +160,11 @@ pub fn embed_pool(
         for batch in paths[a..b].chunks(cfg.batch_size) {
             let e = embedder.embed(batch)?;
             if e.len() != batch.len() * dim {
-                return Err(CurateError::Embedder(format!("{} values for {} images of dim {dim}", e.len(), batch.len())));
+                return Err(CurateError::Embedder(format!(
+                    "{} values for {} images of dim {dim}",
+                    e.len(),
+                    batch.len()
+                )));
             }
             rows.extend_from_slice(&e);
             done_rows += batch.len();
@@ -146,7 +182,10 @@ pub fn embed_pool(
 }
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|source| CurateError::Json { path: path.into(), source })?;
+    let text = serde_json::to_string_pretty(v).map_err(|source| CurateError::Json {
+        path: path.into(),
+        source,
+    })?;
     npy::atomic_write(path, |w| w.write_all(text.as_bytes()))
 }
 
@@ -154,11 +193,17 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> 
 fn check_dir(dir: &Path) -> Result<Manifest> {
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json { path: mpath, source })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json {
+        path: mpath,
+        source,
+    })?;
     for s in 0..m.n_shards {
         let rows = (m.n_rows - s * m.shard_size).min(m.shard_size);
         if !shard_done(dir, s, rows, m.dim) {
-            return Err(CurateError::Resume { path: dir.into(), msg: format!("shard {s} missing or incomplete") });
+            return Err(CurateError::Resume {
+                path: dir.into(),
+                msg: format!("shard {s} missing or incomplete"),
+            });
         }
     }
     Ok(m)
@@ -201,7 +246,11 @@ pub fn list_images(root: &Path) -> Result<Vec<PathBuf>> {
             let p = entry.map_err(io_err(&d))?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str())) {
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
+            {
                 out.push(p);
             }
         }
@@ -209,7 +258,6 @@ pub fn list_images(root: &Path) -> Result<Vec<PathBuf>> {
     out.sort();
     Ok(out)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -245,7 +293,9 @@ mod tests {
     }
 
     fn paths(n: usize) -> Vec<PathBuf> {
-        (0..n).map(|i| PathBuf::from(format!("img/{i:04}.jpg"))).collect()
+        (0..n)
+            .map(|i| PathBuf::from(format!("img/{i:04}.jpg")))
+            .collect()
     }
 
     #[test]
@@ -253,18 +303,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("emb");
         let ps = paths(23);
-        let cfg = EmbedConfig { shard_size: 5, batch_size: 2, normalize: true };
+        let cfg = EmbedConfig {
+            shard_size: 5,
+            batch_size: 2,
+            normalize: true,
+        };
         // Crash while computing shard 2 (images 10..15).
-        let mut f = Fake { calls: 0, images: 0, fail_at_image: Some(12) };
+        let mut f = Fake {
+            calls: 0,
+            images: 0,
+            fail_at_image: Some(12),
+        };
         assert!(embed_pool(&mut f, &ps, &out, &cfg, &mut |_, _| {}).is_err());
         assert!(shard_path(&out, 1).exists() && !shard_path(&out, 2).exists());
-        let mut g = Fake { calls: 0, images: 0, fail_at_image: None };
+        let mut g = Fake {
+            calls: 0,
+            images: 0,
+            fail_at_image: None,
+        };
         let r = embed_pool(&mut g, &ps, &out, &cfg, &mut |_, _| {}).unwrap();
         assert_eq!((r.skipped, r.computed, r.n_shards), (2, 3, 5));
-        assert_eq!(g.images, 13, "only the 13 rows of unfinished shards are embedded");
+        assert_eq!(
+            g.images, 13,
+            "only the 13 rows of unfinished shards are embedded"
+        );
         // Identical to an uninterrupted run.
         let fresh = dir.path().join("fresh");
-        let mut h = Fake { calls: 0, images: 0, fail_at_image: None };
+        let mut h = Fake {
+            calls: 0,
+            images: 0,
+            fail_at_image: None,
+        };
         embed_pool(&mut h, &ps, &fresh, &cfg, &mut |_, _| {}).unwrap();
         let a = load_shards(&out).unwrap();
         let b = load_shards(&fresh).unwrap();
@@ -272,18 +341,32 @@ mod tests {
         assert_eq!(a.rows(), 23);
         assert!(a.max_norm_deviation() < 1e-6);
         // Third run: nothing to do.
-        let mut z = Fake { calls: 0, images: 0, fail_at_image: None };
+        let mut z = Fake {
+            calls: 0,
+            images: 0,
+            fail_at_image: None,
+        };
         let r = embed_pool(&mut z, &ps, &out, &cfg, &mut |_, _| {}).unwrap();
         assert_eq!((r.skipped, r.computed, z.calls), (5, 0, 0));
         // Merged file equals the shards; ids and paths map rows back to files.
         let merged = dir.path().join("all.npy");
         merge_shards(&out, &merged).unwrap();
         assert_eq!(Embeddings::open(&merged).unwrap().as_slice(), a.as_slice());
-        assert_eq!(crate::store::read_paths(&out.join("paths.txt")).unwrap(), ps);
+        assert_eq!(
+            crate::store::read_paths(&out.join("paths.txt")).unwrap(),
+            ps
+        );
         let (ids, _) = npy::read_i64(&out.join("shard_00004.ids.npy")).unwrap();
         assert_eq!(ids, vec![20, 21, 22]);
         // A different pool in the same directory is refused.
-        let mut w = Fake { calls: 0, images: 0, fail_at_image: None };
-        assert!(matches!(embed_pool(&mut w, &paths(24), &out, &cfg, &mut |_, _| {}), Err(CurateError::Resume { .. })));
+        let mut w = Fake {
+            calls: 0,
+            images: 0,
+            fail_at_image: None,
+        };
+        assert!(matches!(
+            embed_pool(&mut w, &paths(24), &out, &cfg, &mut |_, _| {}),
+            Err(CurateError::Resume { .. })
+        ));
     }
 }

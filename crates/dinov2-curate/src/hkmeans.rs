@@ -22,7 +22,9 @@ impl std::str::FromStr for Pick {
         match s {
             "c" | "closest" => Ok(Pick::Closest),
             "r" | "random" => Ok(Pick::Random),
-            _ => Err(CurateError::InvalidArgument(format!("pick strategy {s:?}: use r or c"))),
+            _ => Err(CurateError::InvalidArgument(format!(
+                "pick strategy {s:?}: use r or c"
+            ))),
         }
     }
 }
@@ -67,7 +69,8 @@ impl Level {
 fn sorted_clusters(labels: &[u32], dist: &[f32], k: usize) -> (Vec<usize>, Vec<usize>) {
     let (offsets, mut rows) = group_by_label(labels, k);
     for j in 0..k {
-        rows[offsets[j]..offsets[j + 1]].sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
+        rows[offsets[j]..offsets[j + 1]]
+            .sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
     }
     (offsets, rows)
 }
@@ -77,10 +80,18 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
     let n = x.len() / d.max(1);
     let k = cfg.k.min(n);
     if k == 0 {
-        return Err(CurateError::InvalidArgument("a level needs k >= 1 and a non-empty input".into()));
+        return Err(CurateError::InvalidArgument(
+            "a level needs k >= 1 and a non-empty input".into(),
+        ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let kcfg = |k: usize, seed: u64| KMeansConfig { k, n_iter: cfg.n_iter, init: Init::KMeansPlusPlus, seed, ..KMeansConfig::new(k) };
+    let kcfg = |k: usize, seed: u64| KMeansConfig {
+        k,
+        n_iter: cfg.n_iter,
+        init: Init::KMeansPlusPlus,
+        seed,
+        ..KMeansConfig::new(k)
+    };
     let km = kmeans::train(x, d, &kcfg(k, rng.random()))?;
     let mut centroids = km.centroids;
     let (mut labels, mut dist) = kmeans::assign(x, d, &centroids)?;
@@ -92,11 +103,16 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
             let m = cfg.sample_size.min(c.len());
             match cfg.strategy {
                 Pick::Closest => picked.extend_from_slice(&c[..m]),
-                Pick::Random => picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i])),
+                Pick::Random => {
+                    picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i]))
+                }
             }
         }
         picked.sort_unstable();
-        let sub: Vec<f32> = picked.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+        let sub: Vec<f32> = picked
+            .iter()
+            .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+            .collect();
         let kk = k.min(picked.len());
         let km = kmeans::train(&sub, d, &kcfg(kk, rng.random()))?;
         centroids = km.centroids;
@@ -106,11 +122,22 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
     }
     let kk = centroids.len() / d;
     let (offsets, members) = sorted_clusters(&labels, &dist, kk);
-    Ok(Level { k: kk, centroids, assignment: labels, offsets, members })
+    Ok(Level {
+        k: kk,
+        centroids,
+        assignment: labels,
+        offsets,
+        members,
+    })
 }
 
 /// Hierarchical k-means: level 1 clusters the rows of `x`, level `t + 1` clusters level `t`'s centroids.
-pub fn hierarchical_kmeans(x: &[f32], d: usize, levels: &[LevelConfig], seed: u64) -> Result<Vec<Level>> {
+pub fn hierarchical_kmeans(
+    x: &[f32],
+    d: usize,
+    levels: &[LevelConfig],
+    seed: u64,
+) -> Result<Vec<Level>> {
     let mut out: Vec<Level> = Vec::new();
     for (t, cfg) in levels.iter().enumerate() {
         let input: &[f32] = match out.last() {
@@ -164,7 +191,13 @@ pub fn flat_sizes(levels: &[Level]) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     for (t, l) in levels.iter().enumerate() {
         let s = (0..l.k)
-            .map(|j| if t == 0 { l.cluster(j).len() } else { l.cluster(j).iter().map(|&c| out[t - 1][c]).sum() })
+            .map(|j| {
+                if t == 0 {
+                    l.cluster(j).len()
+                } else {
+                    l.cluster(j).iter().map(|&c| out[t - 1][c]).sum()
+                }
+            })
             .collect();
         out.push(s);
     }
@@ -173,7 +206,13 @@ pub fn flat_sizes(levels: &[Level]) -> Vec<Vec<usize>> {
 
 /// Balanced hierarchical sampling of `target` rows from the hierarchy (`multiplier` = most copies of one row,
 /// `pick` = leaf strategy). Returns selected raw row ids, ascending (a row appears up to `multiplier` times).
-pub fn balanced_sample(levels: &[Level], target: usize, multiplier: usize, pick: Pick, seed: u64) -> Result<Vec<i64>> {
+pub fn balanced_sample(
+    levels: &[Level],
+    target: usize,
+    multiplier: usize,
+    pick: Pick,
+    seed: u64,
+) -> Result<Vec<i64>> {
     if levels.is_empty() {
         return Err(CurateError::InvalidArgument("empty hierarchy".into()));
     }
@@ -183,8 +222,11 @@ pub fn balanced_sample(levels: &[Level], target: usize, multiplier: usize, pick:
     let t_top = levels.len() - 1;
     let caps: Vec<usize> = sizes[t_top].iter().map(|&s| s * m).collect();
     // (cluster, budget) pairs of the current level.
-    let mut current: Vec<(usize, usize)> =
-        water_fill(&caps, target, &mut rng).into_iter().enumerate().filter(|&(_, b)| b > 0).collect();
+    let mut current: Vec<(usize, usize)> = water_fill(&caps, target, &mut rng)
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, b)| b > 0)
+        .collect();
     for t in (1..=t_top).rev() {
         let mut next = Vec::new();
         for &(j, b) in &current {
@@ -212,7 +254,11 @@ pub fn balanced_sample(levels: &[Level], target: usize, multiplier: usize, pick:
         let r = b % s;
         match pick {
             Pick::Closest => out.extend(members[..r].iter().map(|&i| i as i64)),
-            Pick::Random => out.extend(sample(&mut rng, s, r).into_iter().map(|i| members[i] as i64)),
+            Pick::Random => out.extend(
+                sample(&mut rng, s, r)
+                    .into_iter()
+                    .map(|i| members[i] as i64),
+            ),
         }
     }
     out.sort_unstable();
@@ -247,7 +293,10 @@ mod tests {
             let (c, base) = fill_def(&caps, budget);
             assert_eq!(a.iter().sum::<usize>(), budget.min(caps.iter().sum()));
             for i in 0..n {
-                assert!(a[i] == base[i] || (a[i] == base[i] + 1 && caps[i] > c), "{caps:?} {budget} {a:?}");
+                assert!(
+                    a[i] == base[i] || (a[i] == base[i] + 1 && caps[i] > c),
+                    "{caps:?} {budget} {a:?}"
+                );
                 assert!(a[i] <= caps[i]);
             }
         }
@@ -258,8 +307,14 @@ mod tests {
         // Unbalanced: 70% of the rows around one centre.
         (0..n)
             .flat_map(|i| {
-                let c = if i % 10 < 7 { 0.0 } else { (i % 10) as f32 * 3.0 };
-                (0..d).map(|p| if p == 0 { c } else { 0.0 } + rng.random::<f32>()).collect::<Vec<_>>()
+                let c = if i % 10 < 7 {
+                    0.0
+                } else {
+                    (i % 10) as f32 * 3.0
+                };
+                (0..d)
+                    .map(|p| if p == 0 { c } else { 0.0 } + rng.random::<f32>())
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -269,8 +324,20 @@ mod tests {
         let (n, d) = (600, 4);
         let x = data(n, d, 9);
         let cfgs = [
-            LevelConfig { k: 40, n_iter: 10, n_resampling_steps: 2, sample_size: 5, strategy: Pick::Closest },
-            LevelConfig { k: 6, n_iter: 10, n_resampling_steps: 2, sample_size: 3, strategy: Pick::Random },
+            LevelConfig {
+                k: 40,
+                n_iter: 10,
+                n_resampling_steps: 2,
+                sample_size: 5,
+                strategy: Pick::Closest,
+            },
+            LevelConfig {
+                k: 6,
+                n_iter: 10,
+                n_resampling_steps: 2,
+                sample_size: 3,
+                strategy: Pick::Random,
+            },
         ];
         let levels = hierarchical_kmeans(&x, d, &cfgs, 3).unwrap();
         assert_eq!(levels[0].assignment.len(), n);
@@ -283,21 +350,35 @@ mod tests {
             let dd: Vec<f32> = levels[0]
                 .cluster(j)
                 .iter()
-                .map(|&i| x[i * d..(i + 1) * d].iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum())
+                .map(|&i| {
+                    x[i * d..(i + 1) * d]
+                        .iter()
+                        .zip(c)
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum()
+                })
                 .collect();
             assert!(dd.windows(2).all(|w| w[0] <= w[1] + 1e-5));
         }
-        for (target, mult, pick) in [(100, 1, Pick::Random), (250, 1, Pick::Closest), (900, 2, Pick::Random)] {
+        for (target, mult, pick) in [
+            (100, 1, Pick::Random),
+            (250, 1, Pick::Closest),
+            (900, 2, Pick::Random),
+        ] {
             let sel = balanced_sample(&levels, target, mult, pick, 1).unwrap();
             assert_eq!(sel.len(), target.min(n * mult));
             // Count per top-level cluster and compare to the water-filling definition.
-            let top_of = |i: i64| levels[1].assignment[levels[0].assignment[i as usize] as usize] as usize;
+            let top_of =
+                |i: i64| levels[1].assignment[levels[0].assignment[i as usize] as usize] as usize;
             let mut got = vec![0usize; levels[1].k];
             sel.iter().for_each(|&i| got[top_of(i)] += 1);
             let caps: Vec<usize> = sizes[1].iter().map(|&s| s * mult).collect();
             let (c, base) = fill_def(&caps, target);
             for j in 0..levels[1].k {
-                assert!(got[j] == base[j] || (got[j] == base[j] + 1 && caps[j] > c), "{got:?} vs {base:?}");
+                assert!(
+                    got[j] == base[j] || (got[j] == base[j] + 1 && caps[j] > c),
+                    "{got:?} vs {base:?}"
+                );
             }
             // No row more than `mult` times.
             let mut counts = std::collections::HashMap::new();

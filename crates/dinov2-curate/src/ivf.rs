@@ -28,7 +28,12 @@ pub struct IvfParams {
 impl IvfParams {
     /// `nlist` lists, 10 training iterations, 64 points per centroid, seed 0.
     pub fn new(nlist: usize) -> Self {
-        Self { nlist, train_iters: 10, max_points_per_centroid: 64, seed: 0 }
+        Self {
+            nlist,
+            train_iters: 10,
+            max_points_per_centroid: 64,
+            seed: 0,
+        }
     }
 }
 
@@ -47,7 +52,10 @@ impl IvfFlat {
     /// Trains the coarse quantiser on a subsample of `base` and fills the lists with all of `base`'s rows.
     pub fn build(base: &[f32], d: usize, params: &IvfParams) -> Result<Self> {
         if d == 0 || base.len() % d != 0 {
-            return Err(CurateError::Shape(format!("{} values are not rows of dim {d}", base.len())));
+            return Err(CurateError::Shape(format!(
+                "{} values are not rows of dim {d}",
+                base.len()
+            )));
         }
         let n = base.len() / d;
         let nlist = params.nlist.min(n).max(1);
@@ -64,10 +72,19 @@ impl IvfFlat {
         let (labels, _) = km.assign(base)?;
         let (offsets, rows) = group_by_label(&labels, nlist);
         let mut vecs = vec![0f32; n * d];
-        vecs.par_chunks_mut(d).zip(rows.par_iter()).for_each(|(dst, &r)| dst.copy_from_slice(&base[r * d..(r + 1) * d]));
+        vecs.par_chunks_mut(d)
+            .zip(rows.par_iter())
+            .for_each(|(dst, &r)| dst.copy_from_slice(&base[r * d..(r + 1) * d]));
         let ids = rows.iter().map(|&r| r as i64).collect();
         let centroid_norms = sq_norms(&km.centroids, d);
-        Ok(Self { d, centroids: km.centroids, centroid_norms, offsets, ids, vecs })
+        Ok(Self {
+            d,
+            centroids: km.centroids,
+            centroid_norms,
+            offsets,
+            ids,
+            vecs,
+        })
     }
 
     /// Number of lists.
@@ -92,20 +109,38 @@ impl IvfFlat {
 
     /// Approximate k-NN by inner product, probing the `nprobe` closest lists of each query. `self_offset` as in
     /// [`crate::knn::exact_knn`].
-    pub fn search(&self, queries: &[f32], k: usize, nprobe: usize, self_offset: Option<usize>) -> Result<KnnResult> {
+    pub fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        nprobe: usize,
+        self_offset: Option<usize>,
+    ) -> Result<KnnResult> {
         let d = self.d;
         if queries.len() % d != 0 {
-            return Err(CurateError::Shape(format!("{} query values, dim {d}", queries.len())));
+            return Err(CurateError::Shape(format!(
+                "{} query values, dim {d}",
+                queries.len()
+            )));
         }
         let nq = queries.len() / d;
         let nlist = self.nlist();
         let nprobe = nprobe.clamp(1, nlist);
-        let mut res = KnnResult { k, ids: vec![-1; nq * k], sims: vec![f32::NEG_INFINITY; nq * k] };
+        let mut res = KnnResult {
+            k,
+            ids: vec![-1; nq * k],
+            sims: vec![f32::NEG_INFINITY; nq * k],
+        };
         if nq == 0 || k == 0 {
             return Ok(res);
         }
         const QC: usize = 16384;
-        for (ci, (sims_c, ids_c)) in res.sims.chunks_mut(QC * k).zip(res.ids.chunks_mut(QC * k)).enumerate() {
+        for (ci, (sims_c, ids_c)) in res
+            .sims
+            .chunks_mut(QC * k)
+            .zip(res.ids.chunks_mut(QC * k))
+            .enumerate()
+        {
             let q0 = ci * QC;
             let m = sims_c.len() / k;
             let qs = &queries[q0 * d..(q0 + m) * d];
@@ -114,12 +149,20 @@ impl IvfFlat {
             matmul_abt(qs, m, &self.centroids, nlist, d, &mut sc, true)?;
             let mut probe_s = vec![0f32; m * nprobe];
             let mut probe_l = vec![0i64; m * nprobe];
-            probe_s.par_chunks_mut(nprobe).zip(probe_l.par_chunks_mut(nprobe)).enumerate().for_each(|(qi, (ps, pl))| {
-                let mut h = TopK::new(ps, pl);
-                for (j, (&s, &cn)) in sc[qi * nlist..(qi + 1) * nlist].iter().zip(&self.centroid_norms).enumerate() {
-                    h.push(2.0 * s - cn, j as i64);
-                }
-            });
+            probe_s
+                .par_chunks_mut(nprobe)
+                .zip(probe_l.par_chunks_mut(nprobe))
+                .enumerate()
+                .for_each(|(qi, (ps, pl))| {
+                    let mut h = TopK::new(ps, pl);
+                    for (j, (&s, &cn)) in sc[qi * nlist..(qi + 1) * nlist]
+                        .iter()
+                        .zip(&self.centroid_norms)
+                        .enumerate()
+                    {
+                        h.push(2.0 * s - cn, j as i64);
+                    }
+                });
             drop(sc);
             // Invert: queries per list.
             let mut counts = vec![0usize; nlist + 1];
@@ -135,11 +178,18 @@ impl IvfFlat {
                 by_list[pos[l as usize]] = (e / nprobe) as u32;
                 pos[l as usize] += 1;
             }
-            let heaps: Vec<Mutex<TopK>> =
-                sims_c.chunks_mut(k).zip(ids_c.chunks_mut(k)).map(|(s, i)| Mutex::new(TopK::new(s, i))).collect();
+            let heaps: Vec<Mutex<TopK>> = sims_c
+                .chunks_mut(k)
+                .zip(ids_c.chunks_mut(k))
+                .map(|(s, i)| Mutex::new(TopK::new(s, i)))
+                .collect();
             let mut order: Vec<usize> = (0..nlist).collect();
             // Biggest work first for load balance.
-            order.sort_by_key(|&l| std::cmp::Reverse((counts[l + 1] - counts[l]) * (self.offsets[l + 1] - self.offsets[l])));
+            order.sort_by_key(|&l| {
+                std::cmp::Reverse(
+                    (counts[l + 1] - counts[l]) * (self.offsets[l + 1] - self.offsets[l]),
+                )
+            });
             order.par_iter().try_for_each(|&l| -> Result<()> {
                 let qids = &by_list[counts[l]..counts[l + 1]];
                 let (a, b) = (self.offsets[l], self.offsets[l + 1]);
@@ -156,8 +206,12 @@ impl IvfFlat {
                 matmul_abt(&qbuf, mq, &self.vecs[a * d..b * d], nl, d, &mut buf, false)?;
                 let lid = &self.ids[a..b];
                 for (r, &qi) in qids.iter().enumerate() {
-                    let skip = self_offset.map(|o| (o + q0 + qi as usize) as i64).unwrap_or(-1);
-                    let mut h = heaps[qi as usize].lock().map_err(|_| CurateError::Shape("poisoned heap".into()))?;
+                    let skip = self_offset
+                        .map(|o| (o + q0 + qi as usize) as i64)
+                        .unwrap_or(-1);
+                    let mut h = heaps[qi as usize]
+                        .lock()
+                        .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
                     let mut thr = h.threshold();
                     for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
                         if s >= thr && id != skip {
@@ -169,25 +223,46 @@ impl IvfFlat {
                 Ok(())
             })?;
             for h in heaps {
-                h.into_inner().map_err(|_| CurateError::Shape("poisoned heap".into()))?.finish();
+                h.into_inner()
+                    .map_err(|_| CurateError::Shape("poisoned heap".into()))?
+                    .finish();
             }
         }
         Ok(res)
     }
 }
 
+/// An approximate search to evaluate: `(queries, self_offset) -> k-NN`.
+pub type SearchFn<'a> = dyn Fn(&[f32], Option<usize>) -> Result<KnnResult> + 'a;
+
+/// What [`measure_recall`] samples and compares.
+#[derive(Debug, Clone, Copy)]
+pub struct RecallSpec {
+    /// Neighbours compared.
+    pub k: usize,
+    /// Queries sampled.
+    pub n_sample: usize,
+    /// Queries are the base rows themselves (exclude the self match).
+    pub self_search: bool,
+    /// Sampling seed.
+    pub seed: u64,
+}
+
 /// Recall of an approximate search against exact search on `n_sample` random queries drawn from `queries`:
 /// returns `(recall@k: |approx ∩ exact| / |exact|, recall@1: top-1 found)`. Tied similarities count as found.
 pub fn measure_recall(
-    approx: &dyn Fn(&[f32], Option<usize>) -> Result<KnnResult>,
+    approx: &SearchFn<'_>,
     queries: &[f32],
     base: &[f32],
     d: usize,
-    k: usize,
-    n_sample: usize,
-    self_search: bool,
-    seed: u64,
+    spec: &RecallSpec,
 ) -> Result<(f64, f64)> {
+    let RecallSpec {
+        k,
+        n_sample,
+        self_search,
+        seed,
+    } = *spec;
     let nq = queries.len() / d.max(1);
     let ns = n_sample.min(nq);
     if ns == 0 || k == 0 {
@@ -203,10 +278,21 @@ pub fn measure_recall(
         let ex = exact_knn(q, base, d, k, off)?;
         let ap = approx(q, off)?;
         // Everything at least as similar as the exact k-th neighbour counts as a hit (ties).
-        let kth = ex.sims.iter().copied().filter(|s| s.is_finite()).fold(f32::INFINITY, f32::min);
+        let kth = ex
+            .sims
+            .iter()
+            .copied()
+            .filter(|s| s.is_finite())
+            .fold(f32::INFINITY, f32::min);
         let valid = ex.ids.iter().filter(|&&i| i >= 0).count();
         total += valid;
-        found += ap.sims.iter().zip(&ap.ids).filter(|(&s, &i)| i >= 0 && s >= kth - 1e-6).count().min(valid);
+        found += ap
+            .sims
+            .iter()
+            .zip(&ap.ids)
+            .filter(|(&s, &i)| i >= 0 && s >= kth - 1e-6)
+            .count()
+            .min(valid);
         if valid > 0 && ap.ids[0] >= 0 && ap.sims[0] >= ex.sims[0] - 1e-6 {
             top1 += 1;
         }
@@ -228,7 +314,8 @@ mod tests {
                 cs[c * d..(c + 1) * d].to_vec()
             })
             .collect();
-        x.iter_mut().for_each(|v| *v += (rng.random::<f32>() - 0.5) * 0.3);
+        x.iter_mut()
+            .for_each(|v| *v += (rng.random::<f32>() - 0.5) * 0.3);
         crate::store::l2_normalize_rows(&mut x, d);
         x
     }
@@ -247,7 +334,15 @@ mod tests {
             assert!((a - b).abs() < 1e-5);
         }
         let r = |p: usize| {
-            measure_recall(&|qq, off| idx.search(qq, k, p, off), &x, &x, d, k, 200, true, 1).unwrap().0
+            let spec = RecallSpec {
+                k,
+                n_sample: 200,
+                self_search: true,
+                seed: 1,
+            };
+            measure_recall(&|qq, off| idx.search(qq, k, p, off), &x, &x, d, &spec)
+                .unwrap()
+                .0
         };
         let (r1, r4, r20) = (r(1), r(4), r(20));
         assert!(r1 <= r4 + 1e-9 && r4 <= r20 + 1e-9, "{r1} {r4} {r20}");

@@ -42,7 +42,15 @@ pub struct KMeansConfig {
 impl KMeansConfig {
     /// Defaults: k-means++, 50 iterations (as ssl-data-curation), seed 0, no subsampling, `tol = 1e-6`.
     pub fn new(k: usize) -> Self {
-        Self { k, n_iter: 50, init: Init::KMeansPlusPlus, n_local_trials: None, seed: 0, max_points_per_centroid: None, tol: 1e-6 }
+        Self {
+            k,
+            n_iter: 50,
+            init: Init::KMeansPlusPlus,
+            n_local_trials: None,
+            seed: 0,
+            max_points_per_centroid: None,
+            tol: 1e-6,
+        }
     }
 }
 
@@ -64,7 +72,11 @@ pub struct KMeans {
 /// Nearest centroid of every row: `(labels, squared distances)`.
 pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f32>)> {
     if d == 0 || x.len() % d != 0 || centroids.len() % d != 0 || centroids.is_empty() {
-        return Err(CurateError::Shape(format!("assign: {} values / {} centroid values, dim {d}", x.len(), centroids.len())));
+        return Err(CurateError::Shape(format!(
+            "assign: {} values / {} centroid values, dim {d}",
+            x.len(),
+            centroids.len()
+        )));
     }
     let n = x.len() / d;
     let k = centroids.len() / d;
@@ -96,9 +108,15 @@ pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f
         Ok(())
     };
     if inner {
-        x.chunks(cb * d).zip(labels.chunks_mut(cb)).zip(dist.chunks_mut(cb)).try_for_each(&work)?;
+        x.chunks(cb * d)
+            .zip(labels.chunks_mut(cb))
+            .zip(dist.chunks_mut(cb))
+            .try_for_each(work)?;
     } else {
-        x.par_chunks(cb * d).zip(labels.par_chunks_mut(cb)).zip(dist.par_chunks_mut(cb)).try_for_each(&work)?;
+        x.par_chunks(cb * d)
+            .zip(labels.par_chunks_mut(cb))
+            .zip(dist.par_chunks_mut(cb))
+            .try_for_each(work)?;
     }
     Ok((labels, dist))
 }
@@ -122,7 +140,13 @@ pub fn group_by_label(labels: &[u32], k: usize) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// Per-cluster means (f64 accumulation) of the rows grouped by [`group_by_label`]; empty clusters keep `prev`.
-fn update_centroids(x: &[f32], d: usize, offsets: &[usize], rows: &[usize], prev: &[f32]) -> Vec<f32> {
+fn update_centroids(
+    x: &[f32],
+    d: usize,
+    offsets: &[usize],
+    rows: &[usize],
+    prev: &[f32],
+) -> Vec<f32> {
     let k = offsets.len() - 1;
     let mut c = vec![0f32; k * d];
     c.par_chunks_mut(d).enumerate().for_each(|(j, cj)| {
@@ -171,7 +195,11 @@ fn split_empty(centroids: &mut [f32], counts: &mut [usize], d: usize, rng: &mut 
         }
         for p in 0..d {
             let v = centroids[cj * d + p];
-            let (a, b) = if p % 2 == 0 { (v * (1.0 + EPS), v * (1.0 - EPS)) } else { (v * (1.0 - EPS), v * (1.0 + EPS)) };
+            let (a, b) = if p % 2 == 0 {
+                (v * (1.0 + EPS), v * (1.0 - EPS))
+            } else {
+                (v * (1.0 - EPS), v * (1.0 + EPS))
+            };
             centroids[ci * d + p] = a;
             centroids[cj * d + p] = b;
         }
@@ -183,12 +211,22 @@ fn split_empty(centroids: &mut [f32], counts: &mut [usize], d: usize, rng: &mut 
 }
 
 /// Greedy k-means++ seeding on `x` (`n x d`), returning `k x d` centroids.
-pub fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, n_local_trials: Option<usize>, rng: &mut impl Rng) -> Result<Vec<f32>> {
+pub fn kmeans_plus_plus(
+    x: &[f32],
+    d: usize,
+    k: usize,
+    n_local_trials: Option<usize>,
+    rng: &mut impl Rng,
+) -> Result<Vec<f32>> {
     let n = x.len() / d.max(1);
     if k == 0 || k > n {
-        return Err(CurateError::InvalidArgument(format!("k-means++ needs 1 <= k <= n, got k={k}, n={n}")));
+        return Err(CurateError::InvalidArgument(format!(
+            "k-means++ needs 1 <= k <= n, got k={k}, n={n}"
+        )));
     }
-    let trials = n_local_trials.unwrap_or(2 + (k as f64).ln().floor() as usize).max(1);
+    let trials = n_local_trials
+        .unwrap_or(2 + (k as f64).ln().floor() as usize)
+        .max(1);
     let xn = sq_norms(x, d);
     let mut centers = Vec::with_capacity(k * d);
     let first = rng.random_range(0..n);
@@ -200,17 +238,20 @@ pub fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, n_local_trials: Option<us
         let cn = sq_norms(cands, d);
         let mut out = vec![0f64; n * t];
         let cb = 4096usize.min(n.div_ceil(threads()).max(1));
-        x.par_chunks(cb * d).zip(out.par_chunks_mut(cb * t)).zip(xn.par_chunks(cb)).try_for_each(|((xs, o), xns)| {
-            let m = xns.len();
-            let mut buf = vec![0f32; m * t];
-            matmul_abt(xs, m, cands, t, d, &mut buf, false)?;
-            for i in 0..m {
-                for j in 0..t {
-                    o[i * t + j] = ((xns[i] + cn[j] - 2.0 * buf[i * t + j]) as f64).max(0.0);
+        x.par_chunks(cb * d)
+            .zip(out.par_chunks_mut(cb * t))
+            .zip(xn.par_chunks(cb))
+            .try_for_each(|((xs, o), xns)| {
+                let m = xns.len();
+                let mut buf = vec![0f32; m * t];
+                matmul_abt(xs, m, cands, t, d, &mut buf, false)?;
+                for i in 0..m {
+                    for j in 0..t {
+                        o[i * t + j] = ((xns[i] + cn[j] - 2.0 * buf[i * t + j]) as f64).max(0.0);
+                    }
                 }
-            }
-            Ok::<(), CurateError>(())
-        })?;
+                Ok::<(), CurateError>(())
+            })?;
         Ok(out)
     };
     let mut d2 = dist_to(&centers)?;
@@ -231,12 +272,20 @@ pub fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, n_local_trials: Option<us
             };
             cand_ids.push(id);
         }
-        let cands: Vec<f32> = cand_ids.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+        let cands: Vec<f32> = cand_ids
+            .iter()
+            .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+            .collect();
         let dc = dist_to(&cands)?;
         let t = trials;
         let pots: Vec<f64> = (0..t)
             .into_par_iter()
-            .map(|j| d2.iter().enumerate().map(|(i, &v)| v.min(dc[i * t + j])).sum())
+            .map(|j| {
+                d2.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v.min(dc[i * t + j]))
+                    .sum()
+            })
             .collect();
         let mut best = 0;
         for j in 1..t {
@@ -244,7 +293,9 @@ pub fn kmeans_plus_plus(x: &[f32], d: usize, k: usize, n_local_trials: Option<us
                 best = j;
             }
         }
-        d2.par_iter_mut().enumerate().for_each(|(i, v)| *v = v.min(dc[i * t + best]));
+        d2.par_iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = v.min(dc[i * t + best]));
         centers.extend_from_slice(&cands[best * d..(best + 1) * d]);
     }
     Ok(centers)
@@ -265,21 +316,35 @@ pub fn train(x: &[f32], d: usize, cfg: &KMeansConfig) -> Result<KMeans> {
 }
 
 /// [`train`] with a callback `(iteration, objective)` after every Lloyd assignment step.
-pub fn train_with_progress(x: &[f32], d: usize, cfg: &KMeansConfig, progress: &mut dyn FnMut(usize, f64)) -> Result<KMeans> {
+pub fn train_with_progress(
+    x: &[f32],
+    d: usize,
+    cfg: &KMeansConfig,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<KMeans> {
     if d == 0 || x.len() % d != 0 {
-        return Err(CurateError::Shape(format!("{} values are not rows of dim {d}", x.len())));
+        return Err(CurateError::Shape(format!(
+            "{} values are not rows of dim {d}",
+            x.len()
+        )));
     }
     let n = x.len() / d;
     let k = cfg.k;
     if k == 0 || k > n {
-        return Err(CurateError::InvalidArgument(format!("k-means needs 1 <= k <= n, got k={k}, n={n}")));
+        return Err(CurateError::InvalidArgument(format!(
+            "k-means needs 1 <= k <= n, got k={k}, n={n}"
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let sub: Option<Vec<f32>> = match cfg.max_points_per_centroid {
         Some(m) if n > k.saturating_mul(m) => {
             let mut idx = sample(&mut rng, n, k * m).into_vec();
             idx.sort_unstable();
-            Some(idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect())
+            Some(
+                idx.iter()
+                    .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+                    .collect(),
+            )
         }
         _ => None,
     };
@@ -290,7 +355,9 @@ pub fn train_with_progress(x: &[f32], d: usize, cfg: &KMeansConfig, progress: &m
         Init::Random => {
             let mut idx = sample(&mut rng, nt, k).into_vec();
             idx.sort_unstable();
-            idx.iter().flat_map(|&i| xt[i * d..(i + 1) * d].iter().copied()).collect()
+            idx.iter()
+                .flat_map(|&i| xt[i * d..(i + 1) * d].iter().copied())
+                .collect()
         }
     };
     let mut history = Vec::new();
@@ -301,7 +368,9 @@ pub fn train_with_progress(x: &[f32], d: usize, cfg: &KMeansConfig, progress: &m
         let obj: f64 = dist.iter().map(|&v| v as f64).sum();
         progress(it, obj);
         let unchanged = prev_labels.as_ref().is_some_and(|p| *p == labels);
-        let small = history.last().is_some_and(|&last: &f64| last > 0.0 && (last - obj) / last < cfg.tol);
+        let small = history
+            .last()
+            .is_some_and(|&last: &f64| last > 0.0 && (last - obj) / last < cfg.tol);
         history.push(obj);
         if unchanged || small {
             break;
@@ -313,7 +382,13 @@ pub fn train_with_progress(x: &[f32], d: usize, cfg: &KMeansConfig, progress: &m
         prev_labels = Some(labels);
         iterations = it + 1;
     }
-    Ok(KMeans { k, d, centroids, objective_history: history, iterations })
+    Ok(KMeans {
+        k,
+        d,
+        centroids,
+        objective_history: history,
+        iterations,
+    })
 }
 
 impl KMeans {
@@ -350,7 +425,10 @@ mod tests {
         let c = [0.1f32, 0.2, 4.0, -1.0, 1.0, 2.5, -3.0, 0.0];
         let (l, ds) = assign(&x, 2, &c).unwrap();
         for (i, r) in x.chunks(2).enumerate() {
-            let dd: Vec<f32> = c.chunks(2).map(|cc| (r[0] - cc[0]).powi(2) + (r[1] - cc[1]).powi(2)).collect();
+            let dd: Vec<f32> = c
+                .chunks(2)
+                .map(|cc| (r[0] - cc[0]).powi(2) + (r[1] - cc[1]).powi(2))
+                .collect();
             let best = dd.iter().cloned().fold(f32::INFINITY, f32::min);
             assert!((dd[l[i] as usize] - best).abs() < 1e-4);
             assert!((ds[i] - best).abs() < 1e-4);
@@ -362,14 +440,21 @@ mod tests {
         let centers = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]];
         let x = blobs(100, &centers, 2);
         for init in [Init::KMeansPlusPlus, Init::Random] {
-            let cfg = KMeansConfig { init, seed: 5, ..KMeansConfig::new(4) };
+            let cfg = KMeansConfig {
+                init,
+                seed: 5,
+                ..KMeansConfig::new(4)
+            };
             let km = train(&x, 2, &cfg).unwrap();
             // Optimal objective: every blob around its own mean.
             let mut opt = 0.0f64;
             for b in x.chunks(200) {
                 let m0 = b.chunks(2).map(|r| r[0] as f64).sum::<f64>() / 100.0;
                 let m1 = b.chunks(2).map(|r| r[1] as f64).sum::<f64>() / 100.0;
-                opt += b.chunks(2).map(|r| (r[0] as f64 - m0).powi(2) + (r[1] as f64 - m1).powi(2)).sum::<f64>();
+                opt += b
+                    .chunks(2)
+                    .map(|r| (r[0] as f64 - m0).powi(2) + (r[1] as f64 - m1).powi(2))
+                    .sum::<f64>();
             }
             // Objective of the trained centroids, in f64 by definition.
             let obj: f64 = x
@@ -377,7 +462,10 @@ mod tests {
                 .map(|r| {
                     km.centroids
                         .chunks(2)
-                        .map(|c| (r[0] as f64 - c[0] as f64).powi(2) + (r[1] as f64 - c[1] as f64).powi(2))
+                        .map(|c| {
+                            (r[0] as f64 - c[0] as f64).powi(2)
+                                + (r[1] as f64 - c[1] as f64).powi(2)
+                        })
                         .fold(f64::INFINITY, f64::min)
                 })
                 .sum();
@@ -397,7 +485,11 @@ mod tests {
         // Duplicated points force empty clusters with random init.
         let mut x = vec![0.0f32; 2 * 40];
         x.extend(std::iter::repeat_n([5.0f32, 5.0], 10).flatten());
-        let cfg = KMeansConfig { init: Init::Random, seed: 1, ..KMeansConfig::new(6) };
+        let cfg = KMeansConfig {
+            init: Init::Random,
+            seed: 1,
+            ..KMeansConfig::new(6)
+        };
         let a = train(&x, 2, &cfg).unwrap();
         let b = train(&x, 2, &cfg).unwrap();
         assert_eq!(a.centroids, b.centroids);

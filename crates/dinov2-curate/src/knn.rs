@@ -26,11 +26,7 @@ pub struct KnnResult {
 impl KnnResult {
     /// Number of queries.
     pub fn len(&self) -> usize {
-        if self.k == 0 {
-            0
-        } else {
-            self.ids.len() / self.k
-        }
+        self.ids.len().checked_div(self.k).unwrap_or(0)
     }
 
     /// True when there are no queries.
@@ -110,7 +106,11 @@ impl<'a> TopK<'a> {
                 break;
             }
             let r = l + 1;
-            let c = if r < k && worse(self.sims[r], self.ids[r], self.sims[l], self.ids[l]) { r } else { l };
+            let c = if r < k && worse(self.sims[r], self.ids[r], self.sims[l], self.ids[l]) {
+                r
+            } else {
+                l
+            };
             if worse(self.sims[c], self.ids[c], s, id) {
                 self.sims[i] = self.sims[c];
                 self.ids[i] = self.ids[c];
@@ -141,7 +141,11 @@ impl<'a> TopK<'a> {
 
 fn check(q: &[f32], b: &[f32], d: usize) -> Result<(usize, usize)> {
     if d == 0 || q.len() % d != 0 || b.len() % d != 0 {
-        return Err(CurateError::Shape(format!("queries {} / base {} values not multiples of dim {d}", q.len(), b.len())));
+        return Err(CurateError::Shape(format!(
+            "queries {} / base {} values not multiples of dim {d}",
+            q.len(),
+            b.len()
+        )));
     }
     Ok((q.len() / d, b.len() / d))
 }
@@ -157,7 +161,13 @@ fn check(q: &[f32], b: &[f32], d: usize) -> Result<(usize, usize)> {
 /// let r = exact_knn(&[0.8, 0.6], &base, 2, 2, None).unwrap();
 /// assert_eq!(r.ids, vec![0, 2]);
 /// ```
-pub fn exact_knn(queries: &[f32], base: &[f32], d: usize, k: usize, self_offset: Option<usize>) -> Result<KnnResult> {
+pub fn exact_knn(
+    queries: &[f32],
+    base: &[f32],
+    d: usize,
+    k: usize,
+    self_offset: Option<usize>,
+) -> Result<KnnResult> {
     let (nq, nb) = check(queries, base, d)?;
     let mut ids = vec![-1i64; nq * k];
     let mut sims = vec![f32::NEG_INFINITY; nq * k];
@@ -172,14 +182,25 @@ pub fn exact_knn(queries: &[f32], base: &[f32], d: usize, k: usize, self_offset:
         let q0 = ci * qb;
         let m = sims_c.len() / k;
         let qs = &queries[q0 * d..(q0 + m) * d];
-        let mut heaps: Vec<TopK> =
-            sims_c.chunks_mut(k).zip(ids_c.chunks_mut(k)).map(|(s, i)| TopK::new(s, i)).collect();
+        let mut heaps: Vec<TopK> = sims_c
+            .chunks_mut(k)
+            .zip(ids_c.chunks_mut(k))
+            .map(|(s, i)| TopK::new(s, i))
+            .collect();
         let bb = BB.min(nb).max(1);
         let mut buf = vec![0f32; m * bb];
         let mut b0 = 0;
         while b0 < nb {
             let n = bb.min(nb - b0);
-            matmul_abt(qs, m, &base[b0 * d..(b0 + n) * d], n, d, &mut buf[..m * n], inner_parallel)?;
+            matmul_abt(
+                qs,
+                m,
+                &base[b0 * d..(b0 + n) * d],
+                n,
+                d,
+                &mut buf[..m * n],
+                inner_parallel,
+            )?;
             for (qi, heap) in heaps.iter_mut().enumerate() {
                 let row = &buf[qi * n..(qi + 1) * n];
                 let skip = self_offset.map(|o| o + q0 + qi).unwrap_or(usize::MAX);
@@ -197,9 +218,15 @@ pub fn exact_knn(queries: &[f32], base: &[f32], d: usize, k: usize, self_offset:
         Ok(())
     };
     if inner_parallel {
-        sims.chunks_mut(qb * k).zip(ids.chunks_mut(qb * k)).enumerate().try_for_each(&work)?;
+        sims.chunks_mut(qb * k)
+            .zip(ids.chunks_mut(qb * k))
+            .enumerate()
+            .try_for_each(work)?;
     } else {
-        sims.par_chunks_mut(qb * k).zip(ids.par_chunks_mut(qb * k)).enumerate().try_for_each(&work)?;
+        sims.par_chunks_mut(qb * k)
+            .zip(ids.par_chunks_mut(qb * k))
+            .enumerate()
+            .try_for_each(work)?;
     }
     Ok(KnnResult { k, ids, sims })
 }
@@ -217,10 +244,17 @@ pub struct RangeResult {
 
 /// Exact threshold query: every base row with inner product `> threshold` with each query (`self_offset` as in
 /// [`exact_knn`]).
-pub fn range_search(queries: &[f32], base: &[f32], d: usize, threshold: f32, self_offset: Option<usize>) -> Result<RangeResult> {
+pub fn range_search(
+    queries: &[f32],
+    base: &[f32],
+    d: usize,
+    threshold: f32,
+    self_offset: Option<usize>,
+) -> Result<RangeResult> {
     let (nq, nb) = check(queries, base, d)?;
     let qb = QB.min(nq.div_ceil(threads())).max(1);
-    let per_chunk: Vec<Result<Vec<Vec<(i64, f32)>>>> = queries
+    type Hits = Vec<Vec<(i64, f32)>>;
+    let per_chunk: Vec<Result<Hits>> = queries
         .par_chunks(qb * d)
         .enumerate()
         .map(|(ci, qs)| {
@@ -232,7 +266,15 @@ pub fn range_search(queries: &[f32], base: &[f32], d: usize, threshold: f32, sel
             let mut b0 = 0;
             while b0 < nb {
                 let n = bb.min(nb - b0);
-                matmul_abt(qs, m, &base[b0 * d..(b0 + n) * d], n, d, &mut buf[..m * n], false)?;
+                matmul_abt(
+                    qs,
+                    m,
+                    &base[b0 * d..(b0 + n) * d],
+                    n,
+                    d,
+                    &mut buf[..m * n],
+                    false,
+                )?;
                 for (qi, o) in out.iter_mut().enumerate() {
                     let skip = self_offset.map(|x| x + q0 + qi).unwrap_or(usize::MAX);
                     for (j, &s) in buf[qi * n..(qi + 1) * n].iter().enumerate() {
@@ -246,7 +288,11 @@ pub fn range_search(queries: &[f32], base: &[f32], d: usize, threshold: f32, sel
             Ok(out)
         })
         .collect();
-    let mut res = RangeResult { offsets: vec![0], ids: Vec::new(), sims: Vec::new() };
+    let mut res = RangeResult {
+        offsets: vec![0],
+        ids: Vec::new(),
+        sims: Vec::new(),
+    };
     for c in per_chunk {
         for q in c? {
             for (i, s) in q {
@@ -293,11 +339,15 @@ mod tests {
         for (k, off) in [(1, None), (5, Some(0)), (17, None)] {
             let r = exact_knn(&q, &b, d, k, off).unwrap();
             let bf = brute(&q, &b, d, k, off);
+            #[allow(clippy::needless_range_loop)]
             for qi in 0..nq {
                 for (j, &(s, id)) in bf[qi].iter().enumerate() {
                     // Ties aside: the similarity at each rank must agree; ids agree unless tied.
                     assert!((r.sims_of(qi)[j] - s).abs() < 1e-5);
-                    if j + 1 < bf[qi].len() && (bf[qi][j + 1].0 - s).abs() > 1e-5 && (j == 0 || (bf[qi][j - 1].0 - s).abs() > 1e-5) {
+                    if j + 1 < bf[qi].len()
+                        && (bf[qi][j + 1].0 - s).abs() > 1e-5
+                        && (j == 0 || (bf[qi][j - 1].0 - s).abs() > 1e-5)
+                    {
                         assert_eq!(r.ids_of(qi)[j], id);
                     }
                 }
@@ -326,7 +376,9 @@ mod tests {
                 .filter(|&(j, s)| j != qi && s > 0.2)
                 .map(|(j, _)| j as i64)
                 .collect();
-            let near = b.chunks(d).any(|br| (qr.iter().zip(br.iter()).map(|(x, y)| x * y).sum::<f32>() - 0.2).abs() < 1e-5);
+            let near = b.chunks(d).any(|br| {
+                (qr.iter().zip(br.iter()).map(|(x, y)| x * y).sum::<f32>() - 0.2).abs() < 1e-5
+            });
             if !near {
                 assert_eq!(&r.ids[r.offsets[qi]..r.offsets[qi + 1]], &want[..]);
             }

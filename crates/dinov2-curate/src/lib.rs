@@ -5,6 +5,7 @@
 //! k-means, hierarchical k-means with resampling and balanced hierarchical sampling, plus the `curate` CLI.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod dedup;
 pub mod embed;
 pub mod error;

@@ -9,7 +9,15 @@ pub fn threads() -> usize {
 
 /// `out[i * n + j] = <a_i, b_j>` for row-major `a` (`m x d`) and `b` (`n x d`).
 /// `parallel` lets the GEMM itself use the rayon pool; pass `false` when already inside a parallel loop.
-pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut [f32], parallel: bool) -> Result<()> {
+pub fn matmul_abt(
+    a: &[f32],
+    m: usize,
+    b: &[f32],
+    n: usize,
+    d: usize,
+    out: &mut [f32],
+    parallel: bool,
+) -> Result<()> {
     if a.len() < m * d || b.len() < n * d || out.len() < m * n {
         return Err(CurateError::Shape(format!(
             "gemm {m}x{d} * ({n}x{d})^T with buffers {}, {}, {}",
@@ -25,7 +33,11 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut 
         out[..m * n].iter_mut().for_each(|x| *x = 0.0);
         return Ok(());
     }
-    let par = if parallel && threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    let par = if parallel && threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: bounds checked above; dst (m x n, row stride n), lhs (m x d, row stride d) and rhs = b^T (d x n:
     // element (p, j) at b[j * d + p]) lie inside their slices, and `out` does not alias `a` or `b` (distinct borrows).
     unsafe {
@@ -57,7 +69,9 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, d: usize, out: &mut 
 /// Squared L2 norm of every `d`-long row.
 pub fn sq_norms(x: &[f32], d: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    x.par_chunks(d.max(1)).map(|r| r.iter().map(|v| v * v).sum()).collect()
+    x.par_chunks(d.max(1))
+        .map(|r| r.iter().map(|v| v * v).sum())
+        .collect()
 }
 
 #[cfg(test)]
@@ -67,8 +81,12 @@ mod tests {
     #[test]
     fn gemm_matches_naive() {
         let (m, n, d) = (7, 5, 13);
-        let a: Vec<f32> = (0..m * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
-        let b: Vec<f32> = (0..n * d).map(|i| ((i * 17 % 7) as f32 - 3.0) / 2.0).collect();
+        let a: Vec<f32> = (0..m * d)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let b: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 17 % 7) as f32 - 3.0) / 2.0)
+            .collect();
         for par in [false, true] {
             let mut out = vec![f32::NAN; m * n];
             matmul_abt(&a, m, &b, n, d, &mut out, par).unwrap();

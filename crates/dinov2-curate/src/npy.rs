@@ -91,7 +91,10 @@ impl NpyHeader {
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> CurateError {
-    CurateError::Npy { path: path.to_path_buf(), msg: msg.into() }
+    CurateError::Npy {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Parses the header of an `.npy` file held in `bytes` (only the header part needs to be present).
@@ -106,19 +109,27 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
             if bytes.len() < 12 {
                 return Err(bad(path, "truncated header"));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12usize)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12usize,
+            )
         }
         v => return Err(bad(path, format!("unsupported format version {v}"))),
     };
-    let end = start.checked_add(hlen).ok_or_else(|| bad(path, "header length overflow"))?;
+    let end = start
+        .checked_add(hlen)
+        .ok_or_else(|| bad(path, "header length overflow"))?;
     if bytes.len() < end {
         return Err(bad(path, "truncated header"));
     }
-    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| bad(path, "header is not text"))?;
+    let text =
+        std::str::from_utf8(&bytes[start..end]).map_err(|_| bad(path, "header is not text"))?;
     let descr = dict_value(text, "descr").ok_or_else(|| bad(path, "header has no 'descr'"))?;
     let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"');
-    let dtype = NpyDtype::parse(descr).ok_or_else(|| bad(path, format!("unsupported dtype {descr}")))?;
-    let fortran = dict_value(text, "fortran_order").ok_or_else(|| bad(path, "header has no 'fortran_order'"))?;
+    let dtype =
+        NpyDtype::parse(descr).ok_or_else(|| bad(path, format!("unsupported dtype {descr}")))?;
+    let fortran = dict_value(text, "fortran_order")
+        .ok_or_else(|| bad(path, "header has no 'fortran_order'"))?;
     if fortran.trim() != "False" {
         return Err(bad(path, "Fortran-ordered arrays are not supported"));
     }
@@ -130,16 +141,26 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
         if p.is_empty() {
             continue;
         }
-        shape.push(p.parse::<usize>().map_err(|_| bad(path, format!("bad shape {shape_s}")))?);
+        shape.push(
+            p.parse::<usize>()
+                .map_err(|_| bad(path, format!("bad shape {shape_s}")))?,
+        );
     }
-    Ok(NpyHeader { dtype, shape, data_offset: end })
+    Ok(NpyHeader {
+        dtype,
+        shape,
+        data_offset: end,
+    })
 }
 
 /// Finds the raw text of `key`'s value in a Python dict literal (values here never contain nested dicts).
 fn dict_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let pat_a = format!("'{key}'");
     let pat_b = format!("\"{key}\"");
-    let pos = text.find(&pat_a).map(|p| p + pat_a.len()).or_else(|| text.find(&pat_b).map(|p| p + pat_b.len()))?;
+    let pos = text
+        .find(&pat_a)
+        .map(|p| p + pat_a.len())
+        .or_else(|| text.find(&pat_b).map(|p| p + pat_b.len()))?;
     let rest = text[pos..].trim_start().strip_prefix(':')?.trim_start();
     if rest.starts_with('(') {
         let close = rest.find(')')?;
@@ -170,13 +191,24 @@ pub fn read_header(path: &Path) -> Result<NpyHeader> {
 /// Decodes little-endian elements of `dtype` from `data` into f32.
 pub(crate) fn decode_f32(data: &[u8], dtype: NpyDtype, path: &Path) -> Result<Vec<f32>> {
     Ok(match dtype {
-        NpyDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        NpyDtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         NpyDtype::F64 => data
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
-        NpyDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(bad(path, format!("expected a float array, found {other:?}"))),
+        NpyDtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(bad(
+                path,
+                format!("expected a float array, found {other:?}"),
+            ))
+        }
     })
 }
 
@@ -195,18 +227,38 @@ fn decode_i64(data: &[u8], dtype: NpyDtype, path: &Path) -> Result<Vec<i64>> {
             }
             v
         }
-        NpyDtype::I32 => data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-        NpyDtype::U32 => data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-        other => return Err(bad(path, format!("expected an integer array, found {other:?}"))),
+        NpyDtype::I32 => data
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        NpyDtype::U32 => data
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        other => {
+            return Err(bad(
+                path,
+                format!("expected an integer array, found {other:?}"),
+            ))
+        }
     })
 }
 
 fn read_all(path: &Path) -> Result<(NpyHeader, Vec<u8>)> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let h = parse_header(&bytes, path)?;
-    let need = h.numel().checked_mul(h.dtype.size()).ok_or_else(|| bad(path, "size overflow"))?;
+    let need = h
+        .numel()
+        .checked_mul(h.dtype.size())
+        .ok_or_else(|| bad(path, "size overflow"))?;
     if bytes.len() < h.data_offset + need {
-        return Err(bad(path, format!("file holds {} data bytes, shape needs {need}", bytes.len() - h.data_offset)));
+        return Err(bad(
+            path,
+            format!(
+                "file holds {} data bytes, shape needs {need}",
+                bytes.len() - h.data_offset
+            ),
+        ));
     }
     Ok((h, bytes))
 }
@@ -232,9 +284,20 @@ pub fn header_bytes(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
     let shape_s = match shape.len() {
         0 => "()".to_string(),
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_s);
+    let mut dict = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
+        dtype.descr(),
+        shape_s
+    );
     let total = 10 + dict.len() + 1;
     let pad = (64 - total % 64) % 64;
     dict.push_str(&" ".repeat(pad));
@@ -257,7 +320,10 @@ where
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let f = std::fs::File::create(&tmp)?;
@@ -282,7 +348,10 @@ fn write_elems<T: Copy, const N: usize>(
 ) -> Result<()> {
     let n: usize = shape.iter().product();
     if n != data.len() {
-        return Err(CurateError::Shape(format!("shape {shape:?} holds {n} elements, data has {}", data.len())));
+        return Err(CurateError::Shape(format!(
+            "shape {shape:?} holds {n} elements, data has {}",
+            data.len()
+        )));
     }
     let header = header_bytes(dtype, shape);
     atomic_write(path, |w| {

@@ -46,7 +46,12 @@ fn stats(hits: &[i64]) -> (usize, usize, usize, Vec<usize>) {
     while hist.len() > 2 && hist.last() == Some(&0) {
         hist.pop();
     }
-    (c.len(), c.values().filter(|&&v| v > 1).count(), c.values().copied().max().unwrap_or(0), hist)
+    (
+        c.len(),
+        c.values().filter(|&&v| v > 1).count(),
+        c.values().copied().max().unwrap_or(0),
+        hist,
+    )
 }
 
 /// Sample-based retrieval: the `k` nearest pool rows of every query (`queries` L2-normalised, `d` columns).
@@ -59,7 +64,13 @@ fn stats(hits: &[i64]) -> (usize, usize, usize, Vec<usize>) {
 /// assert_eq!(r.ids, vec![0]);
 /// assert_eq!(r.n_collided, 1);
 /// ```
-pub fn sample_based(queries: &[f32], pool: &Searcher<'_>, d: usize, k: usize, dedup_union: bool) -> Result<Retrieval> {
+pub fn sample_based(
+    queries: &[f32],
+    pool: &Searcher<'_>,
+    d: usize,
+    k: usize,
+    dedup_union: bool,
+) -> Result<Retrieval> {
     let nq = queries.len() / d.max(1);
     let mut hits = Vec::with_capacity(nq * k);
     const CHUNK: usize = 65536;
@@ -99,8 +110,14 @@ pub fn cluster_based(
     cap: Option<usize>,
     seed: u64,
 ) -> Result<Retrieval> {
-    if let Some(&bad) = pool_labels.iter().chain(query_labels).find(|&&l| l as usize >= k) {
-        return Err(CurateError::InvalidArgument(format!("cluster label {bad} >= k = {k}")));
+    if let Some(&bad) = pool_labels
+        .iter()
+        .chain(query_labels)
+        .find(|&&l| l as usize >= k)
+    {
+        return Err(CurateError::InvalidArgument(format!(
+            "cluster label {bad} >= k = {k}"
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut qcount = vec![0usize; k];
@@ -117,14 +134,21 @@ pub fn cluster_based(
         if members.len() <= per_cluster {
             ids.extend(members.iter().map(|&r| r as i64));
         } else {
-            ids.extend(sample(&mut rng, members.len(), per_cluster).into_iter().map(|i| members[i] as i64));
+            ids.extend(
+                sample(&mut rng, members.len(), per_cluster)
+                    .into_iter()
+                    .map(|i| members[i] as i64),
+            );
         }
     }
     ids.sort_unstable();
     let n_hits = ids.len();
     let capped = cap.is_some_and(|c| ids.len() > c);
     if let Some(c) = cap.filter(|_| capped) {
-        let mut keep: Vec<i64> = sample(&mut rng, ids.len(), c).into_iter().map(|i| ids[i]).collect();
+        let mut keep: Vec<i64> = sample(&mut rng, ids.len(), c)
+            .into_iter()
+            .map(|i| ids[i])
+            .collect();
         keep.sort_unstable();
         ids = keep;
     }
@@ -149,7 +173,17 @@ mod tests {
     #[test]
     fn cluster_based_selection_rules() {
         // Pool: cluster 0 has 10 rows, cluster 1 has 3, cluster 2 has 5.
-        let pool: Vec<u32> = (0..18).map(|i| if i < 10 { 0 } else if i < 13 { 1 } else { 2 }).collect();
+        let pool: Vec<u32> = (0..18)
+            .map(|i| {
+                if i < 10 {
+                    0
+                } else if i < 13 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         // Queries: 4 in cluster 0 (> 3: selected), 5 in cluster 1 (selected), 3 in cluster 2 (not).
         let q = [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2];
         let r = cluster_based(&pool, 3, &q, 3, 4, None, 0).unwrap();
@@ -171,7 +205,10 @@ mod tests {
         let q = [1.0, 0.1, 1.0, -0.1, 0.1, 1.0];
         let r = sample_based(&q, &Searcher::Exact { base: &pool }, 2, 1, false).unwrap();
         assert_eq!(r.ids, vec![0, 0, 1]);
-        assert_eq!((r.n_hits, r.n_unique, r.n_collided, r.max_hits), (3, 2, 1, 2));
+        assert_eq!(
+            (r.n_hits, r.n_unique, r.n_collided, r.max_hits),
+            (3, 2, 1, 2)
+        );
         assert_eq!(r.hit_histogram, vec![0, 1, 1]);
     }
 }

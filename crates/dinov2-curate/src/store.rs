@@ -48,9 +48,16 @@ impl Embeddings {
     /// ```
     pub fn from_vec(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {
         if rows.checked_mul(dim) != Some(data.len()) || dim == 0 {
-            return Err(CurateError::Shape(format!("{} values do not form {rows} x {dim}", data.len())));
+            return Err(CurateError::Shape(format!(
+                "{} values do not form {rows} x {dim}",
+                data.len()
+            )));
         }
-        Ok(Self { rows, dim, storage: Storage::Owned(data) })
+        Ok(Self {
+            rows,
+            dim,
+            storage: Storage::Owned(data),
+        })
     }
 
     /// Opens `.npy` (2-D float) or `.safetensors` (the tensor named `embeddings`, or the only tensor) by extension.
@@ -66,19 +73,36 @@ impl Embeddings {
     pub fn open_npy(path: &Path) -> Result<Self> {
         let h = npy::read_header(path)?;
         if h.shape.len() != 2 {
-            return Err(CurateError::Npy { path: path.into(), msg: format!("expected 2-D, shape {:?}", h.shape) });
+            return Err(CurateError::Npy {
+                path: path.into(),
+                msg: format!("expected 2-D, shape {:?}", h.shape),
+            });
         }
         let (rows, dim) = (h.shape[0], h.shape[1]);
         if dim == 0 {
-            return Err(CurateError::Npy { path: path.into(), msg: "zero columns".into() });
+            return Err(CurateError::Npy {
+                path: path.into(),
+                msg: "zero columns".into(),
+            });
         }
         let map = map_file(path)?;
         let need = rows * dim * h.dtype.size();
         if map.len() < h.data_offset + need {
-            return Err(CurateError::Npy { path: path.into(), msg: "file shorter than its shape".into() });
+            return Err(CurateError::Npy {
+                path: path.into(),
+                msg: "file shorter than its shape".into(),
+            });
         }
-        if h.dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && h.data_offset % 4 == 0 {
-            return Ok(Self { rows, dim, storage: Storage::Mapped { map, offset: h.data_offset } });
+        if h.dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && h.data_offset % 4 == 0
+        {
+            return Ok(Self {
+                rows,
+                dim,
+                storage: Storage::Mapped {
+                    map,
+                    offset: h.data_offset,
+                },
+            });
         }
         let data = npy::decode_f32(&map[h.data_offset..h.data_offset + need], h.dtype, path)?;
         Self::from_vec(data, rows, dim)
@@ -87,19 +111,24 @@ impl Embeddings {
     /// Opens a 2-D tensor of a safetensors file: `name`, else `embeddings`, else the only tensor.
     pub fn open_safetensors(path: &Path, name: Option<&str>) -> Result<Self> {
         let map = map_file(path)?;
-        let bad = |msg: String| CurateError::Safetensors { path: path.into(), msg };
+        let bad = |msg: String| CurateError::Safetensors {
+            path: path.into(),
+            msg,
+        };
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
         let names = st.names();
         let chosen = match name {
             Some(n) => n.to_string(),
-            None if names.iter().any(|n| *n == "embeddings") => "embeddings".to_string(),
+            None if names.contains(&"embeddings") => "embeddings".to_string(),
             None if names.len() == 1 => names[0].to_string(),
             None => return Err(bad(format!("several tensors {names:?}; name one"))),
         };
         let view = st.tensor(&chosen).map_err(|e| bad(e.to_string()))?;
         let shape = view.shape().to_vec();
         if shape.len() != 2 || shape[1] == 0 {
-            return Err(bad(format!("tensor {chosen} has shape {shape:?}, expected 2-D")));
+            return Err(bad(format!(
+                "tensor {chosen} has shape {shape:?}, expected 2-D"
+            )));
         }
         let (rows, dim) = (shape[0], shape[1]);
         let bytes = view.data();
@@ -109,14 +138,21 @@ impl Embeddings {
             safetensors::Dtype::F64 => npy::NpyDtype::F64,
             safetensors::Dtype::F16 => npy::NpyDtype::F16,
             safetensors::Dtype::BF16 => {
-                let data = bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+                let data = bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
                 return Self::from_vec(data, rows, dim);
             }
             d => return Err(bad(format!("unsupported dtype {d:?}"))),
         };
         if dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && offset % 4 == 0 {
             drop(st);
-            return Ok(Self { rows, dim, storage: Storage::Mapped { map, offset } });
+            return Ok(Self {
+                rows,
+                dim,
+                storage: Storage::Mapped { map, offset },
+            });
         }
         let data = npy::decode_f32(bytes, dtype, path)?;
         Self::from_vec(data, rows, dim)
@@ -157,7 +193,10 @@ impl Embeddings {
     /// Rows `start..end` as one contiguous slice (the unit of work of a shard/worker).
     pub fn row_range(&self, start: usize, end: usize) -> Result<&[f32]> {
         if start > end || end > self.rows {
-            return Err(CurateError::InvalidArgument(format!("row range {start}..{end} of {}", self.rows)));
+            return Err(CurateError::InvalidArgument(format!(
+                "row range {start}..{end} of {}",
+                self.rows
+            )));
         }
         Ok(&self.as_slice()[start * self.dim..end * self.dim])
     }
@@ -166,7 +205,11 @@ impl Embeddings {
     pub fn normalized(&self) -> Embeddings {
         let mut v = self.as_slice().to_vec();
         l2_normalize_rows(&mut v, self.dim);
-        Embeddings { rows: self.rows, dim: self.dim, storage: Storage::Owned(v) }
+        Embeddings {
+            rows: self.rows,
+            dim: self.dim,
+            storage: Storage::Owned(v),
+        }
     }
 
     /// Largest `| ||row|| - 1 |` over all rows.
@@ -193,7 +236,12 @@ impl Embeddings {
             let i = usize::try_from(i)
                 .ok()
                 .filter(|&i| i < self.rows)
-                .ok_or_else(|| CurateError::InvalidArgument(format!("row id {i} out of range 0..{}", self.rows)))?;
+                .ok_or_else(|| {
+                    CurateError::InvalidArgument(format!(
+                        "row id {i} out of range 0..{}",
+                        self.rows
+                    ))
+                })?;
             v.extend_from_slice(self.row(i));
         }
         Embeddings::from_vec(v, ids.len(), self.dim)
@@ -208,7 +256,11 @@ impl Embeddings {
 /// L2-normalises each `dim`-long row of `data` in place (zero rows stay zero).
 pub fn l2_normalize_rows(data: &mut [f32], dim: usize) {
     data.par_chunks_mut(dim.max(1)).for_each(|r| {
-        let n = r.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+        let n = r
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
         if n > 0.0 {
             let inv = (1.0 / n) as f32;
             r.iter_mut().for_each(|x| *x *= inv);
@@ -219,7 +271,11 @@ pub fn l2_normalize_rows(data: &mut [f32], dim: usize) {
 /// Reads a row-id to path map: a text file with one path per line (line `i` = row `i`).
 pub fn read_paths(path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    Ok(text.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect())
+    Ok(text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect())
 }
 
 /// Writes a row-id to path map (one path per line), atomically.
@@ -232,12 +288,14 @@ pub fn write_paths(path: &Path, paths: &[PathBuf]) -> Result<()> {
     })
 }
 
-
 /// Reads a 1-D id list (`.npy` of integers), e.g. a `keep.npy` used as a row subset.
 pub fn read_ids(path: &Path) -> Result<Vec<i64>> {
     let (v, shape) = npy::read_i64(path)?;
     if shape.len() != 1 {
-        return Err(CurateError::Npy { path: path.into(), msg: format!("expected 1-D ids, shape {shape:?}") });
+        return Err(CurateError::Npy {
+            path: path.into(),
+            msg: format!("expected 1-D ids, shape {shape:?}"),
+        });
     }
     Ok(v)
 }
@@ -279,7 +337,9 @@ mod tests {
         let p = dir.path().join("e.safetensors");
         let data: Vec<f32> = (0..12).map(|i| i as f32).collect();
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 3], &bytes).unwrap();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 3], &bytes)
+                .unwrap();
         safetensors::serialize_to_file(vec![("embeddings", view)], None, &p).unwrap();
         let e = Embeddings::open(&p).unwrap();
         assert_eq!((e.rows(), e.dim()), (4, 3));

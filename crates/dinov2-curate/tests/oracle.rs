@@ -1,0 +1,498 @@
+//! Tests against the numpy / faiss-cpu oracle in `tests/fixtures/curate` (built by `tools/make_curate_fixtures.py`).
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use dinov2_curate::cli::{self, CurateCommand};
+use dinov2_curate::dedup::{self, Searcher};
+use dinov2_curate::hkmeans::water_fill;
+use dinov2_curate::ivf::{IvfFlat, IvfParams};
+use dinov2_curate::kmeans::{self, Init, KMeansConfig};
+use dinov2_curate::knn::exact_knn;
+use dinov2_curate::npy;
+use dinov2_curate::store::Embeddings;
+use rand::SeedableRng;
+
+fn fx(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/curate")
+        .join(name)
+}
+
+fn ids(name: &str) -> Vec<i64> {
+    npy::read_i64(&fx(name)).unwrap().0
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fx("expected.json")).unwrap()).unwrap()
+}
+
+/// Compares k-NN lists up to ties: similarities per rank must agree, ids must agree where the similarity is
+/// not tied (within `tol`) with a neighbour rank.
+fn assert_knn_eq(
+    got_ids: &[i64],
+    got_sims: &[f32],
+    want_ids: &[i64],
+    want_sims: &[f32],
+    k: usize,
+    tol: f32,
+) {
+    for q in 0..want_ids.len() / k {
+        for j in 0..k {
+            let w = want_sims[q * k + j];
+            assert!(
+                (got_sims[q * k + j] - w).abs() < tol,
+                "query {q} rank {j}: {} vs {w}",
+                got_sims[q * k + j]
+            );
+            let tied = (j > 0 && (want_sims[q * k + j - 1] - w).abs() < tol)
+                || (j + 1 < k && (want_sims[q * k + j + 1] - w).abs() < tol);
+            if !tied {
+                assert_eq!(
+                    got_ids[q * k + j],
+                    want_ids[q * k + j],
+                    "query {q} rank {j}"
+                );
+            }
+        }
+    }
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: CurateCommand,
+}
+
+fn run_cli(args: &[&str]) -> dinov2_curate::Result<()> {
+    let mut v = vec!["curate"];
+    v.extend_from_slice(args);
+    cli::run(Cli::try_parse_from(v).unwrap().cmd)
+}
+
+#[test]
+fn exact_knn_equals_brute_force() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap();
+    assert!(x.is_mapped());
+    let k = expected()["knn_k"].as_u64().unwrap() as usize;
+    let r = exact_knn(x.as_slice(), x.as_slice(), x.dim(), k, Some(0)).unwrap();
+    let want_sims = npy::read_f32(&fx("knn_sims.npy")).unwrap().0;
+    assert_knn_eq(&r.ids, &r.sims, &ids("knn_ids.npy"), &want_sims, k, 1e-5);
+    let q = Embeddings::open(&fx("queries.npy")).unwrap();
+    let r = exact_knn(q.as_slice(), x.as_slice(), x.dim(), k, None).unwrap();
+    let want_sims = npy::read_f32(&fx("qknn_sims.npy")).unwrap().0;
+    assert_knn_eq(&r.ids, &r.sims, &ids("qknn_ids.npy"), &want_sims, k, 1e-5);
+}
+
+#[test]
+fn ivf_all_lists_equals_brute_force_and_partial_probe_reports_recall() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap();
+    let (d, k) = (x.dim(), 10);
+    let idx = IvfFlat::build(x.as_slice(), d, &IvfParams::new(16)).unwrap();
+    let r = idx.search(x.as_slice(), k, 16, Some(0)).unwrap();
+    let want_sims = npy::read_f32(&fx("knn_sims.npy")).unwrap().0;
+    assert_knn_eq(&r.ids, &r.sims, &ids("knn_ids.npy"), &want_sims, k, 1e-5);
+    let f = |q: &[f32], off: Option<usize>| idx.search(q, k, 4, off);
+    let (rk, r1) = dinov2_curate::ivf::measure_recall(
+        &f,
+        x.as_slice(),
+        x.as_slice(),
+        d,
+        &dinov2_curate::ivf::RecallSpec {
+            k,
+            n_sample: 300,
+            self_search: true,
+            seed: 0,
+        },
+    )
+    .unwrap();
+    assert!(rk > 0.0 && rk <= 1.0 && r1 <= 1.0);
+    // Recall measured independently: fraction of brute-force neighbours found.
+    let want = ids("knn_ids.npy");
+    let approx = idx.search(x.as_slice(), k, 4, Some(0)).unwrap();
+    let found: usize = (0..x.rows())
+        .map(|q| {
+            want[q * k..(q + 1) * k]
+                .iter()
+                .filter(|i| approx.ids_of(q).contains(i))
+                .count()
+        })
+        .sum();
+    let full = found as f64 / (x.rows() * k) as f64;
+    assert!(
+        (full - rk).abs() < 0.1,
+        "sampled recall {rk} vs full {full}"
+    );
+}
+
+#[test]
+fn self_dedup_components_equal_oracle() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap();
+    let e = expected();
+    let k = e["dedup_k"].as_u64().unwrap() as usize;
+    let th = e["dedup_threshold"].as_f64().unwrap() as f32;
+    let r = dedup::self_dedup(
+        x.as_slice(),
+        x.dim(),
+        k,
+        th,
+        &Searcher::Exact { base: x.as_slice() },
+        500,
+    )
+    .unwrap();
+    assert_eq!(r.components, ids("dedup_components.npy"));
+    assert_eq!(r.keep, ids("dedup_keep.npy"));
+}
+
+#[test]
+fn cli_dedup_contract_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dd");
+    let data = fx("data.npy");
+    let args = [
+        "dedup",
+        "--embeddings",
+        data.to_str().unwrap(),
+        "--k",
+        "64",
+        "--threshold",
+        "0.6",
+        "--output",
+        out.to_str().unwrap(),
+        "--chunk",
+        "256",
+    ];
+    run_cli(&args).unwrap();
+    let h = npy::read_header(&out.join("keep.npy")).unwrap();
+    assert_eq!(h.dtype, npy::NpyDtype::I64);
+    let keep = npy::read_i64(&out.join("keep.npy")).unwrap().0;
+    assert!(keep.windows(2).all(|w| w[0] < w[1]), "keep.npy ascending");
+    assert_eq!(keep, ids("dedup_keep.npy"));
+    assert_eq!(
+        npy::read_i64(&out.join("components.npy")).unwrap().0,
+        ids("dedup_components.npy")
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["result"]["n_kept"].as_u64().unwrap() as usize,
+        keep.len()
+    );
+    // Simulated crash after some chunks: drop the summary, outputs and the last two edge chunks, then resume.
+    for f in [
+        "summary.json",
+        "keep.npy",
+        "components.npy",
+        "edges/chunk_0000001024.npy",
+        "edges/chunk_0000000768.npy",
+    ] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    run_cli(&args).unwrap();
+    assert_eq!(npy::read_i64(&out.join("keep.npy")).unwrap().0, keep);
+    // Different parameters on the same directory are refused without --force.
+    let mut other = args.to_vec();
+    other[6] = "0.7";
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+    assert!(run_cli(&other).is_err());
+    other.push("--force");
+    run_cli(&other).unwrap();
+    // Forced IVF with every list probed gives the exact answer too.
+    let out2 = dir.path().join("ivf");
+    let ivf = [
+        "dedup",
+        "--embeddings",
+        data.to_str().unwrap(),
+        "--output",
+        out2.to_str().unwrap(),
+        "--index",
+        "ivf",
+        "--nlist",
+        "8",
+        "--nprobe",
+        "8",
+    ];
+    run_cli(&ivf).unwrap();
+    assert_eq!(npy::read_i64(&out2.join("keep.npy")).unwrap().0, keep);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("summary.json")).unwrap()).unwrap();
+    assert!((s["recall_at_k"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn cli_relative_dedup_equals_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rel");
+    let th = expected()["relative_threshold"]
+        .as_f64()
+        .unwrap()
+        .to_string();
+    let (data, refs) = (fx("data.npy"), fx("reference.npy"));
+    run_cli(&[
+        "dedup",
+        "--embeddings",
+        data.to_str().unwrap(),
+        "--reference",
+        refs.to_str().unwrap(),
+        "--threshold",
+        &th,
+        "--output",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(
+        npy::read_i64(&out.join("keep.npy")).unwrap().0,
+        ids("relative_keep.npy")
+    );
+    assert_eq!(
+        npy::read_i64(&out.join("components.npy")).unwrap().0,
+        ids("relative_components.npy")
+    );
+    // Library path agrees.
+    let x = Embeddings::open(&data).unwrap();
+    let r = Embeddings::open(&refs).unwrap();
+    let th: f32 = th.parse().unwrap();
+    let res = dedup::relative_dedup(
+        x.as_slice(),
+        r.as_slice(),
+        x.dim(),
+        64,
+        th,
+        &Searcher::Exact { base: x.as_slice() },
+        300,
+    )
+    .unwrap();
+    assert_eq!(res.keep, ids("relative_keep.npy"));
+}
+
+#[test]
+fn kmeans_objective_within_one_percent_of_faiss() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap();
+    let e = &expected()["kmeans"];
+    let (k, niter) = (
+        e["k"].as_u64().unwrap() as usize,
+        e["niter"].as_u64().unwrap() as usize,
+    );
+    let faiss = e["faiss_objective"].as_f64().unwrap();
+    for init in [Init::KMeansPlusPlus, Init::Random] {
+        let cfg = KMeansConfig {
+            k,
+            n_iter: niter,
+            init,
+            seed: 1234,
+            tol: 0.0,
+            ..KMeansConfig::new(k)
+        };
+        let km = kmeans::train(x.as_slice(), x.dim(), &cfg).unwrap();
+        // Objective of the final centroids on all rows, by definition, in f64.
+        let ours: f64 = x
+            .as_slice()
+            .chunks(x.dim())
+            .map(|r| {
+                km.centroids
+                    .chunks(x.dim())
+                    .map(|c| {
+                        r.iter()
+                            .zip(c)
+                            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                            .sum::<f64>()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .sum();
+        assert!(
+            (ours - faiss).abs() / faiss < 0.01,
+            "{init:?}: ours {ours} vs faiss {faiss}"
+        );
+    }
+}
+
+#[test]
+fn water_filling_equals_oracle() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    for case in expected()["water_fill"].as_array().unwrap() {
+        let caps: Vec<usize> = case["caps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let base: Vec<usize> = case["base"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let budget = case["budget"].as_u64().unwrap() as usize;
+        let a = water_fill(&caps, budget, &mut rng);
+        assert_eq!(a.iter().sum::<usize>(), budget.min(caps.iter().sum()));
+        match case["cap_level"].as_u64() {
+            None => assert_eq!(a, base),
+            Some(c) => {
+                for i in 0..caps.len() {
+                    assert!(
+                        a[i] == base[i] || (a[i] == base[i] + 1 && caps[i] > c as usize),
+                        "{caps:?} {a:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cli_kmeans_hkmeans_sample_retrieve_knn() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let data = fx("data.npy");
+    let data = data.to_str().unwrap();
+    let queries = fx("queries.npy");
+    let queries = queries.to_str().unwrap();
+    run_cli(&[
+        "kmeans",
+        "--embeddings",
+        data,
+        "--k",
+        "20",
+        "--iters",
+        "10",
+        "--output",
+        &p("km"),
+    ])
+    .unwrap();
+    let (assign, shape) = npy::read_i64(&dir.path().join("km/assignment.npy")).unwrap();
+    assert_eq!(shape, vec![1200]);
+    assert!(assign.iter().all(|&a| (0..20).contains(&a)));
+    // knn via CLI equals the oracle.
+    run_cli(&[
+        "knn",
+        "--embeddings",
+        data,
+        "--queries",
+        queries,
+        "--k",
+        "10",
+        "--output",
+        &p("knn"),
+    ])
+    .unwrap();
+    let got = npy::read_i64(&dir.path().join("knn/ids.npy")).unwrap().0;
+    let sims = npy::read_f32(&dir.path().join("knn/sims.npy")).unwrap().0;
+    assert_knn_eq(
+        &got,
+        &sims,
+        &ids("qknn_ids.npy"),
+        &npy::read_f32(&fx("qknn_sims.npy")).unwrap().0,
+        10,
+        1e-5,
+    );
+    // Retrieval: sample-based hits = the oracle's neighbours.
+    run_cli(&[
+        "retrieve",
+        "--embeddings",
+        data,
+        "--queries",
+        queries,
+        "--k",
+        "4",
+        "--output",
+        &p("ret"),
+    ])
+    .unwrap();
+    let r = npy::read_i64(&dir.path().join("ret/retrieved.npy"))
+        .unwrap()
+        .0;
+    assert_eq!(r.len(), 80 * 4);
+    run_cli(&[
+        "retrieve",
+        "--embeddings",
+        data,
+        "--queries",
+        queries,
+        "--mode",
+        "cluster",
+        "--clusters",
+        &p("km"),
+        "--per-cluster",
+        "5",
+        "--min-queries",
+        "3",
+        "--output",
+        &p("retc"),
+    ])
+    .unwrap();
+    let rc = npy::read_i64(&dir.path().join("retc/retrieved.npy"))
+        .unwrap()
+        .0;
+    // Independent check: clusters with more than 3 queries, 5 rows each (all if smaller).
+    let (cent, _) = npy::read_f32(&dir.path().join("km/centroids.npy")).unwrap();
+    let q = Embeddings::open(&fx("queries.npy")).unwrap();
+    let (ql, _) = kmeans::assign(q.as_slice(), 32, &cent).unwrap();
+    let mut qc = [0usize; 20];
+    ql.iter().for_each(|&l| qc[l as usize] += 1);
+    let want: usize = (0..20)
+        .filter(|&c| qc[c] > 3)
+        .map(|c| assign.iter().filter(|&&a| a == c as i64).count().min(5))
+        .sum();
+    assert_eq!(rc.len(), want);
+    assert!(rc.iter().all(|&i| qc[assign[i as usize] as usize] > 3));
+    // Hierarchical k-means, then balanced sampling.
+    run_cli(&[
+        "hkmeans",
+        "--embeddings",
+        data,
+        "--k",
+        "60,8",
+        "--iters",
+        "10",
+        "--resampling-steps",
+        "2",
+        "--sample-size",
+        "5,3",
+        "--output",
+        &p("hk"),
+    ])
+    .unwrap();
+    assert!(dir.path().join("hk/level2/sorted_members.npy").exists());
+    run_cli(&[
+        "sample",
+        "--clustering",
+        &p("hk"),
+        "--target",
+        "300",
+        "--output",
+        &p("sel"),
+    ])
+    .unwrap();
+    let sel = npy::read_i64(&dir.path().join("sel/selection.npy"))
+        .unwrap()
+        .0;
+    assert_eq!(sel.len(), 300);
+    assert!(sel.windows(2).all(|w| w[0] < w[1]));
+    // A finished stage is skipped on rerun (its summary is left untouched).
+    let before = std::fs::metadata(dir.path().join("sel/summary.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    run_cli(&[
+        "sample",
+        "--clustering",
+        &p("hk"),
+        "--target",
+        "300",
+        "--output",
+        &p("sel"),
+    ])
+    .unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path().join("sel/summary.json"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        before
+    );
+    // embed without a wired backbone is a clean error, not a panic.
+    std::fs::write(dir.path().join("list.txt"), "a.jpg\n").unwrap();
+    let e = run_cli(&["embed", "--list", &p("list.txt"), "--output", &p("emb")]);
+    assert!(matches!(e, Err(dinov2_curate::CurateError::Embedder(_))));
+}
