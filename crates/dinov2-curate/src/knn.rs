@@ -159,7 +159,7 @@ fn check(q: &[f32], b: &[f32], d: usize) -> Result<(usize, usize)> {
 /// use dinov2_curate::knn::exact_knn;
 /// let base = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8];
 /// let r = exact_knn(&[0.8, 0.6], &base, 2, 2, None).unwrap();
-/// assert_eq!(r.ids, vec![0, 2]);
+/// assert_eq!(r.ids, vec![2, 0]); // cosines 0.96 and 0.8
 /// ```
 pub fn exact_knn(
     queries: &[f32],
