@@ -349,3 +349,111 @@ impl DinoV2Loss {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn zeros(r: usize, c: usize) -> Tensor {
+        Tensor::zeros((r, c), DType::F64, &Device::Cpu).unwrap()
+    }
+
+    /// With uniform student and teacher predictions every cross-entropy is ln K, so the terms reduce to
+    /// the closed forms of the official normalisation: dino_local = 16/18·ln K, dino_global = 2/18·ln K
+    /// (2 + 8 crops), ibot = (#masked images / #global crops)·ln K.
+    #[test]
+    fn uniform_predictions_give_the_closed_forms() {
+        let (k, b, m) = (1000usize, 2usize, 3usize);
+        let mut loss = DinoV2Loss::new(
+            DinoV2LossConfig {
+                koleo_loss_weight: 0.0,
+                ..Default::default()
+            },
+            k,
+            Some(k),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let targets = loss
+            .teacher_targets(&zeros(2 * b, k), Some(&zeros(m, k)), 0.04)
+            .unwrap();
+        let masks = Tensor::new(
+            &[[1u8, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (g, l, p) = (zeros(2 * b, k), zeros(8 * b, k), zeros(m, k));
+        let terms = loss
+            .forward(
+                &StudentOutputs {
+                    global_cls_logits: &g,
+                    local_cls_logits: Some(&l),
+                    masked_patch_logits: Some(&p),
+                    global_cls_tokens: None,
+                },
+                &targets,
+                Some(&masks),
+                None,
+            )
+            .unwrap();
+        let ln_k = (k as f64).ln();
+        let v = |t: &Option<Tensor>| t.as_ref().unwrap().to_scalar::<f64>().unwrap();
+        assert!((v(&terms.dino_local) - 16.0 / 18.0 * ln_k).abs() < 1e-9);
+        assert!((v(&terms.dino_global) - 2.0 / 18.0 * ln_k).abs() < 1e-9);
+        assert!((v(&terms.ibot) - 2.0 / 4.0 * ln_k).abs() < 1e-9);
+        assert!(terms.koleo.is_none());
+        let total = terms.total.to_scalar::<f64>().unwrap();
+        assert!((total - (1.0 + 0.5) * ln_k).abs() < 1e-9);
+    }
+
+    #[test]
+    fn batch_of_one_koleo_is_an_error_unless_disabled() {
+        let k = 8;
+        let run = |koleo_loss_weight: f64| {
+            let mut loss = DinoV2Loss::new(
+                DinoV2LossConfig {
+                    koleo_loss_weight,
+                    ..Default::default()
+                },
+                k,
+                None,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let targets = loss.teacher_targets(&zeros(2, k), None, 0.04).unwrap();
+            let (g, cls) = (zeros(2, k), zeros(2, 4));
+            loss.forward(
+                &StudentOutputs {
+                    global_cls_logits: &g,
+                    local_cls_logits: None,
+                    masked_patch_logits: None,
+                    global_cls_tokens: Some(&cls),
+                },
+                &targets,
+                None,
+                None,
+            )
+        };
+        assert!(matches!(run(0.1), Err(Error::DegenerateBatch(_))));
+        let terms = run(0.0).unwrap();
+        // no local crops: the official denominator is 2 + max(0, 1) = 3
+        let v = terms.dino_global.unwrap().to_scalar::<f64>().unwrap();
+        assert!((v - 2.0 / 3.0 * (k as f64).ln()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn missing_inputs_are_errors() {
+        let mut loss = DinoV2Loss::new(Default::default(), 8, Some(8), &Device::Cpu).unwrap();
+        assert!(matches!(
+            loss.teacher_targets(&zeros(4, 8), None, 0.04),
+            Err(Error::Input(_))
+        ));
+        assert!(loss
+            .teacher_targets(&zeros(3, 8), Some(&zeros(2, 8)), 0.04)
+            .is_err());
+        assert!(loss
+            .teacher_targets(&zeros(4, 8), Some(&zeros(2, 8)), 0.0)
+            .is_err());
+    }
+}

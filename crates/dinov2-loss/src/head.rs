@@ -479,3 +479,164 @@ fn batch_norm(
         .broadcast_mul(&weight.unsqueeze(0)?)?
         .broadcast_add(&bias.unsqueeze(0)?)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(t: &Tensor) -> (f64, f64, f64) {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let maxabs = v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        (mean, var.sqrt(), maxabs)
+    }
+
+    #[test]
+    fn official_keys_and_shapes() {
+        let cfg = DinoHeadConfig::new(384, 65536);
+        let names: Vec<_> = cfg.parameter_shapes().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "mlp.0.weight",
+                "mlp.0.bias",
+                "mlp.2.weight",
+                "mlp.2.bias",
+                "mlp.4.weight",
+                "mlp.4.bias",
+                "last_layer.weight_g",
+                "last_layer.weight_v"
+            ]
+        );
+        let bn = DinoHeadConfig {
+            use_bn: true,
+            ..cfg.clone()
+        };
+        let names: Vec<_> = bn.parameter_shapes().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"mlp.1.weight".to_string()));
+        assert!(names.contains(&"mlp.6.weight".to_string()));
+        let one = DinoHeadConfig {
+            nlayers: 0, // clamped to 1 as official
+            ..cfg
+        };
+        let shapes = one.parameter_shapes();
+        assert_eq!(shapes[0], ("mlp.weight".to_string(), vec![256, 384]));
+        assert_eq!(
+            shapes[2],
+            ("last_layer.weight_g".to_string(), vec![65536, 1])
+        );
+    }
+
+    #[test]
+    fn official_init_distribution() {
+        let cfg = DinoHeadConfig {
+            hidden_dim: 512,
+            bottleneck_dim: 64,
+            ..DinoHeadConfig::new(128, 4096)
+        };
+        let t = DinoHead::init_tensors(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+        let (m, s, _) = stats(&t["mlp.2.weight"]);
+        assert!(
+            m.abs() < 1e-3 && (s - 0.02).abs() < 0.02 * 0.02,
+            "trunc normal: {m} {s}"
+        );
+        assert_eq!(stats(&t["mlp.0.bias"]).2, 0.0);
+        let (m, s, maxabs) = stats(&t["last_layer.weight_g"]);
+        assert_eq!((m, s, maxabs), (1.0, 0.0, 1.0));
+        // kaiming-uniform(a=√5): U(±1/√fan_in), std = bound/√3
+        let bound = 1.0 / 8.0;
+        let (m, s, maxabs) = stats(&t["last_layer.weight_v"]);
+        assert!(maxabs <= bound && maxabs > 0.99 * bound);
+        assert!(m.abs() < 1e-3 && (s - bound / 3f64.sqrt()).abs() < 0.01 * bound);
+        // deterministic in the seed
+        let t2 = DinoHead::init_tensors(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+        let d = (&t["mlp.0.weight"] - &t2["mlp.0.weight"]).unwrap();
+        assert_eq!(stats(&d).2, 0.0);
+    }
+
+    #[test]
+    fn zero_rows_give_finite_outputs_and_gradients() {
+        // The official student/teacher head inputs are padded with zero rows (the `upperbound` buffer);
+        // with zero biases they reach the normalisation as exact zeros.
+        let cfg = DinoHeadConfig {
+            hidden_dim: 16,
+            bottleneck_dim: 4,
+            ..DinoHeadConfig::new(8, 32)
+        };
+        let vm = VarMap::new();
+        let head = DinoHead::init(&cfg, &vm, "dino_head", 0, DType::F32, &Device::Cpu).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let y = head.forward_t(x.as_tensor(), true).unwrap();
+        assert_eq!(stats(&y).2, 0.0);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        for v in vm.all_vars() {
+            let g = grads.get(v.as_tensor()).unwrap();
+            let sum = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(sum.is_finite());
+        }
+        assert!(vm
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("dino_head.last_layer.weight_g"));
+    }
+
+    #[test]
+    fn parametrizations_keys_and_half_precision() {
+        let cfg = DinoHeadConfig {
+            nlayers: 1,
+            bottleneck_dim: 4,
+            ..DinoHeadConfig::new(6, 10)
+        };
+        let mut t = DinoHead::init_tensors(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let g = t.remove("last_layer.weight_g").unwrap();
+        let v = t.remove("last_layer.weight_v").unwrap();
+        let a = DinoHead::init_tensors(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        t.insert("last_layer.parametrizations.weight.original0".into(), g);
+        t.insert("last_layer.parametrizations.weight.original1".into(), v);
+        let new_keys =
+            DinoHead::new(&cfg, VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap();
+        let old_keys =
+            DinoHead::new(&cfg, VarBuilder::from_tensors(a, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
+        let d = (new_keys.forward(&x).unwrap() - old_keys.forward(&x).unwrap()).unwrap();
+        assert_eq!(stats(&d).2, 0.0);
+        // f16 weights and inputs (normalisation eps 1e-6): close to the f32 head
+        let a16 = DinoHead::init_tensors(&cfg, 1, DType::F16, &Device::Cpu).unwrap();
+        let h16 = DinoHead::new(
+            &cfg,
+            VarBuilder::from_tensors(a16, DType::F16, &Device::Cpu),
+        )
+        .unwrap();
+        let y = h16.forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
+        let y32 = old_keys.forward(&x).unwrap();
+        let err = stats(&(y.to_dtype(DType::F32).unwrap() - y32).unwrap()).2;
+        assert!(err < 1e-2, "f16 head deviates by {err}");
+    }
+
+    #[test]
+    fn wrong_input_width_is_an_error() {
+        let cfg = DinoHeadConfig {
+            nlayers: 1,
+            bottleneck_dim: 4,
+            ..DinoHeadConfig::new(6, 10)
+        };
+        let t = DinoHead::init_tensors(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let h = DinoHead::new(&cfg, VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(h.forward(&x), Err(Error::Input(_))));
+        assert!(
+            DinoHead::init_tensors(&DinoHeadConfig::new(0, 10), 0, DType::F32, &Device::Cpu)
+                .is_err()
+        );
+    }
+}

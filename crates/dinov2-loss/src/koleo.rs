@@ -67,3 +67,54 @@ impl KoLeoLoss {
         Ok(((d + self.eps)?.log()?.mean_all()?).neg()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn batch_of_one_is_a_clear_error() {
+        let x = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            KoLeoLoss::default().forward(&x),
+            Err(Error::DegenerateBatch(_))
+        ));
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            KoLeoLoss::default().forward(&x),
+            Err(Error::Input(_))
+        ));
+    }
+
+    #[test]
+    fn definition_on_a_hand_made_batch() {
+        // unit vectors at 0°, 90°, 180°+small: neighbours and distances computed by hand
+        let a = 0.1f64;
+        let x = Tensor::new(
+            &[[2.0f64, 0.0], [0.0, 3.0], [-a.cos(), -a.sin()]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let nn: Vec<u32> = KoLeoLoss::default()
+            .nearest_neighbours(&l2_normalize(&x, 1e-8).unwrap())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // row 0 (1,0): dots 0 with row 1, -cos(a) with row 2 → row 1; row 1: 0 vs -sin(a) → row 0;
+        // row 2: -cos(a) vs -sin(a) → row 1
+        assert_eq!(nn, vec![1, 0, 1]);
+        let p = [[1.0, 0.0], [0.0, 1.0], [-a.cos(), -a.sin()]];
+        let dist = |i: usize, j: usize| {
+            ((p[i][0] - p[j][0] + 1e-8f64).powi(2) + (p[i][1] - p[j][1] + 1e-8).powi(2)).sqrt()
+        };
+        let expected =
+            -((dist(0, 1) + 1e-8).ln() + (dist(1, 0) + 1e-8).ln() + (dist(2, 1) + 1e-8).ln()) / 3.0;
+        let v = KoLeoLoss::default()
+            .forward(&x)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((v - expected).abs() < 1e-12, "{v} vs {expected}");
+    }
+}
