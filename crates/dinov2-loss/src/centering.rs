@@ -91,6 +91,11 @@ impl Center {
         let dt = stat_dtype(t.dtype());
         let t = t.detach().to_dtype(dt)?;
         let c = self.center.to_dtype(dt)?;
+        if crate::fused::fused_ok(&t) {
+            let rows = t.elem_count() / k;
+            let out = crate::fused::centered_softmax(&t.reshape((rows, k))?, &c, teacher_temp)?;
+            return Ok(out.reshape(t.shape())?);
+        }
         softmax_last_nograd(&(t.broadcast_sub(&c)? / teacher_temp)?)
     }
 }

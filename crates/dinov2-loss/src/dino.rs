@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::centering::{sinkhorn_knopp, Center};
 use crate::error::{Error, Result};
-use crate::ops::{check_temp, log_softmax_last, stat_dtype};
+use crate::ops::{check_temp, soft_cross_entropy, stat_dtype};
 use crate::reduce::{Reducer, SingleProcess};
 
 /// The DINO cross-entropy loss with its teacher centre.
@@ -159,8 +159,7 @@ impl DinoLoss {
                     s.dims()
                 )));
             }
-            let lsm = log_softmax_last(&(s.to_dtype(dt)? / self.student_temp)?)?;
-            let term = (&tsum * lsm)?.sum(D::Minus1)?.mean_all()?;
+            let term = soft_cross_entropy(&tsum, s, self.student_temp)?.mean_all()?;
             total = Some(match total {
                 None => term.neg()?,
                 Some(acc) => (acc - term)?,

@@ -372,6 +372,16 @@ impl DinoHead {
 
     /// The effective last-layer weight `W = g · v / ‖v‖_row`, `[K, bottleneck]`.
     pub fn last_layer_weight(&self) -> Result<Tensor> {
+        if crate::fused::fused_ok(&self.weight_v) && self.weight_g.dtype() == self.weight_v.dtype()
+        {
+            return Ok(crate::fused::weight_norm(&self.weight_v, &self.weight_g)?);
+        }
+        self.last_layer_weight_composed()
+    }
+
+    /// [`Self::last_layer_weight`] from primitive candle ops (any device/dtype; the reference for the
+    /// fused CPU kernel).
+    pub fn last_layer_weight_composed(&self) -> Result<Tensor> {
         let norm = self.weight_v.sqr()?.sum_keepdim(1)?.sqrt()?;
         let scale = self.weight_g.broadcast_div(&norm)?;
         Ok(self.weight_v.broadcast_mul(&scale)?)

@@ -17,6 +17,7 @@ mod centering;
 mod combined;
 mod dino;
 mod error;
+mod fused;
 mod head;
 mod ibot;
 mod koleo;

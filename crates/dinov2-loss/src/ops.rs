@@ -71,6 +71,22 @@ pub fn soft_cross_entropy(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
         )));
     }
     let dt = stat_dtype(s.dtype());
+    let s = s.to_dtype(dt)?;
+    let t = t.to_dtype(dt)?.detach();
+    if crate::fused::fused_ok(&s) && s.rank() >= 1 {
+        let k = last_dim(&s, "student logits")?;
+        let rows = s.elem_count() / k.max(1);
+        let out_dims = &s.dims()[..s.rank() - 1];
+        let ce = crate::fused::soft_ce_rows(&s.reshape((rows, k))?, &t.reshape((rows, k))?, temp)?;
+        return Ok(ce.reshape(out_dims)?);
+    }
+    soft_cross_entropy_composed(&t, &s, temp)
+}
+
+/// [`soft_cross_entropy`] from primitive candle ops only (any device/dtype; the reference for the fused
+/// CPU kernel).
+pub fn soft_cross_entropy_composed(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
+    let dt = stat_dtype(s.dtype());
     let lsm = log_softmax_last(&(s.to_dtype(dt)? / temp)?)?;
     Ok((t.to_dtype(dt)?.detach() * lsm)?.sum(D::Minus1)?)
 }

@@ -1,0 +1,147 @@
+//! Benchmark driver for `tools/bench_loss.py`: one DINOv2 head + loss training step (teacher head and
+//! targets, student head, DINO local/global + KoLeo + iBOT, backward) per `step` line read on stdin.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo run --profile release -p dinov2-loss --example bench_loss -- \
+//!     [--k 65536] [--b 4] [--n-local 8] [--d 384] [--patches 256]
+//! ```
+//! stdin commands: `step` (prints one JSON line with phase timings in ms), `quit`.
+//! Mask layout: 4 of the 2B global crops masked with 15/25/35/45 % of their patches (as the collate's
+//! `mask_probability 0.5`, `mask_ratio (0.1, 0.5)` for B = 4).
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use dinov2_loss::{
+    mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig, StudentOutputs,
+};
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let (k, b, n_local, d, n_patches) = (
+        arg(&args, "--k", 65536),
+        arg(&args, "--b", 4),
+        arg(&args, "--n-local", 8),
+        arg(&args, "--d", 384),
+        arg(&args, "--patches", 256),
+    );
+    let dev = Device::Cpu;
+    let cfg = DinoHeadConfig::new(d, k);
+    let vm = VarMap::new();
+    let s_head = DinoHead::init(&cfg, &vm, "", 0, DType::F32, &dev)?;
+    let t_head = DinoHead::new(
+        &cfg,
+        VarBuilder::from_tensors(
+            DinoHead::init_tensors(&cfg, 1, DType::F32, &dev)?,
+            DType::F32,
+            &dev,
+        ),
+    )?;
+    let mut loss = DinoV2Loss::new(DinoV2LossConfig::default(), k, Some(k), &dev)?;
+
+    // masks: images 0, 2, 4, 6 (of 2B) with 15/25/35/45 % of their patches masked
+    let mut mask = vec![0u8; 2 * b * n_patches];
+    for (j, ratio) in [0.15, 0.25, 0.35, 0.45].iter().enumerate() {
+        let img = (2 * j) % (2 * b);
+        let count = (n_patches as f64 * ratio) as usize;
+        for p in 0..count {
+            mask[img * n_patches + (p * 7) % n_patches] = 1;
+        }
+    }
+    let masks = Tensor::from_vec(mask, (2 * b, n_patches), &dev)?;
+    let idx = mask_indices(&masks)?;
+    let m = idx.dim(0)?;
+    eprintln!(
+        "bench_loss: K={k} B={b} locals={n_local} D={d} N={n_patches} masked M={m} threads={}",
+        candle_core::utils::get_num_threads()
+    );
+    println!("ready");
+    std::io::stdout().flush()?;
+
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        if line.trim() == "quit" {
+            break;
+        }
+        // fresh backbone outputs each step (not timed)
+        let t_cls = Tensor::randn(0f32, 1.0, (2 * b, d), &dev)?;
+        let t_patch = Tensor::randn(0f32, 1.0, (2 * b * n_patches, d), &dev)?;
+        let g_cls = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b, d), &dev)?)?;
+        let g_patch = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b * n_patches, d), &dev)?)?;
+        let l_cls = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n_local * b, d), &dev)?)?;
+
+        let t0 = Instant::now();
+        // teacher: one packed head call on [2B + M] rows, then targets
+        let t_in = Tensor::cat(&[t_cls.clone(), t_patch.index_select(&idx, 0)?], 0)?;
+        let t_out = t_head.forward(&t_in)?;
+        let teacher_head_ms = ms(t0);
+        let t1 = Instant::now();
+        let targets = loss.teacher_targets(
+            &t_out.narrow(0, 0, 2 * b)?,
+            Some(&t_out.narrow(0, 2 * b, m)?),
+            0.07,
+        )?;
+        let targets_ms = ms(t1);
+        // student: one packed head call on [n_local·B + 2B + M] rows
+        let t2 = Instant::now();
+        let s_in = Tensor::cat(
+            &[
+                l_cls.as_tensor().clone(),
+                g_cls.as_tensor().clone(),
+                g_patch.as_tensor().index_select(&idx, 0)?,
+            ],
+            0,
+        )?;
+        let s_out = s_head.forward_t(&s_in, true)?;
+        let nl = n_local * b;
+        let (s_local, s_global, s_masked) = (
+            s_out.narrow(0, 0, nl)?,
+            s_out.narrow(0, nl, 2 * b)?,
+            s_out.narrow(0, nl + 2 * b, m)?,
+        );
+        let student_head_ms = ms(t2);
+        let t3 = Instant::now();
+        let terms = loss.forward(
+            &StudentOutputs {
+                global_cls_logits: &s_global,
+                local_cls_logits: Some(&s_local),
+                masked_patch_logits: Some(&s_masked),
+                global_cls_tokens: Some(g_cls.as_tensor()),
+            },
+            &targets,
+            Some(&masks),
+            None,
+        )?;
+        let total = terms.total.to_scalar::<f32>()?;
+        let loss_ms = ms(t3);
+        let t4 = Instant::now();
+        let grads = terms.total.backward()?;
+        let backward_ms = ms(t4);
+        let total_ms = ms(t0);
+        let n_grads = vm
+            .all_vars()
+            .iter()
+            .filter(|v| grads.get(v.as_tensor()).is_some())
+            .count();
+        println!(
+            "{{\"total_ms\":{total_ms:.3},\"teacher_head_ms\":{teacher_head_ms:.3},\"targets_ms\":{targets_ms:.3},\"student_head_ms\":{student_head_ms:.3},\"loss_ms\":{loss_ms:.3},\"backward_ms\":{backward_ms:.3},\"loss\":{total},\"param_grads\":{n_grads}}}"
+        );
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}

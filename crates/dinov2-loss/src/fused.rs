@@ -1,0 +1,588 @@
+//! Fused CPU kernels for the hot spots at K = 65536 (the composed candle graph makes 5–10 single-threaded
+//! passes over `[rows, K]` per op; these make one or two, parallel over rows).
+//!
+//! Each kernel is a candle custom op **with** a backward (`CustomOp2::bwd`), so it stays on the autograd
+//! graph; inputs on other devices or in other dtypes take the composed differentiable path instead. The
+//! composed and fused paths are checked against each other (and the fixtures) in the tests.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether the fused CPU kernels apply to tensors of this dtype/device.
+pub(crate) fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("fused kernel: input must be contiguous"),
+    }
+}
+
+/// Element types of the kernels: f32 uses a vectorisable exp (Cephes polynomial, ≤ 2 ulp on the
+/// non-positive arguments used here), f64 the libm one. Sums are accumulated in f64.
+pub(crate) trait Real: Copy + Send + Sync + 'static {
+    fn to64(self) -> f64;
+    fn from64(v: f64) -> Self;
+    /// `exp(x)` for `x <= 0` (results below ~1e-38 flush to 0 or a tiny normal).
+    fn exp_nonpos(x: Self) -> Self;
+    fn rsub(self, o: Self) -> Self;
+    fn rmul(self, o: Self) -> Self;
+    fn rmax(self, o: Self) -> Self;
+    const NEG_INF: Self;
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+}
+
+#[inline(always)]
+fn expf_nonpos(x: f32) -> f32 {
+    // Cephes expf: x = n·ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n by exponent bits.
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: round-to-nearest by addition
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * C1 - n * C2;
+    let r2 = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r2 + r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    y * f32::from_bits(bits)
+}
+
+impl Real for f32 {
+    fn to64(self) -> f64 {
+        self as f64
+    }
+    fn from64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn exp_nonpos(x: Self) -> Self {
+        expf_nonpos(x)
+    }
+    fn rsub(self, o: Self) -> Self {
+        self - o
+    }
+    fn rmul(self, o: Self) -> Self {
+        self * o
+    }
+    fn rmax(self, o: Self) -> Self {
+        f32::max(self, o)
+    }
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Real for f64 {
+    fn to64(self) -> f64 {
+        self
+    }
+    fn from64(v: f64) -> Self {
+        v
+    }
+    fn exp_nonpos(x: Self) -> Self {
+        x.exp()
+    }
+    fn rsub(self, o: Self) -> Self {
+        self - o
+    }
+    fn rmul(self, o: Self) -> Self {
+        self * o
+    }
+    fn rmax(self, o: Self) -> Self {
+        f64::max(self, o)
+    }
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+fn row_max<T: Real>(x: &[T]) -> T {
+    x.iter().fold(T::NEG_INF, |m, &v| m.rmax(v))
+}
+
+/// Σ_k exp((x_k − m)·inv) in f64, chunked so the f32 exp vectorises.
+fn sum_exp<T: Real>(x: &[T], m: T, inv: T) -> f64 {
+    let mut acc = 0f64;
+    for c in x.chunks(256) {
+        let mut part = 0f64;
+        for &v in c {
+            part += T::exp_nonpos(v.rsub(m).rmul(inv)).to64();
+        }
+        acc += part;
+    }
+    acc
+}
+
+// ---------------------------------------------------------------------------------------------------
+// soft cross-entropy: ce_r = Σ_k t_rk · log_softmax(s_r / τ)_k
+
+struct SoftCe {
+    temp: f64,
+}
+
+fn soft_ce_fwd<T: Real>(s: &[T], t: &[T], k: usize, temp: f64) -> Vec<T> {
+    let inv = 1.0 / temp;
+    s.par_chunks(k)
+        .zip(t.par_chunks(k))
+        .map(|(s, t)| {
+            let m = row_max(s);
+            let se = sum_exp(s, m, T::from64(inv));
+            let (mut st, mut ts) = (0f64, 0f64);
+            for (&x, &y) in s.iter().zip(t) {
+                st += y.to64() * x.to64();
+                ts += y.to64();
+            }
+            let lse = m.to64() * inv + se.ln();
+            T::from64(st * inv - lse * ts)
+        })
+        .collect()
+}
+
+impl CustomOp2 for SoftCe {
+    fn name(&self) -> &'static str {
+        "dinov2-soft-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = ls.shape().dims();
+        if dims.len() != 2 || lt.shape().dims() != dims {
+            bail!("soft cross-entropy expects equal [R, K] inputs");
+        }
+        let k = dims[1];
+        let out = match (s, t) {
+            (CpuStorage::F32(s), CpuStorage::F32(t)) => f32::wrap(soft_ce_fwd(
+                contiguous(s, ls)?,
+                contiguous(t, lt)?,
+                k,
+                self.temp,
+            )),
+            (CpuStorage::F64(s), CpuStorage::F64(t)) => f64::wrap(soft_ce_fwd(
+                contiguous(s, ls)?,
+                contiguous(t, lt)?,
+                k,
+                self.temp,
+            )),
+            _ => bail!("soft cross-entropy: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from_dims(&[dims[0]])))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gs = s.apply_op3_no_bwd(t, &grad.contiguous()?, &SoftCeGrad { temp: self.temp })?;
+        Ok((Some(gs), None))
+    }
+}
+
+/// d ce_r / d s_rk = (t_rk − softmax(s_r/τ)_k · Σ_j t_rj) / τ, times the upstream g_r.
+struct SoftCeGrad {
+    temp: f64,
+}
+
+fn soft_ce_bwd<T: Real>(s: &[T], t: &[T], g: &[T], k: usize, temp: f64) -> Vec<T> {
+    let inv = 1.0 / temp;
+    let mut out = vec![T::from64(0.0); s.len()];
+    out.par_chunks_mut(k)
+        .zip(s.par_chunks(k).zip(t.par_chunks(k)))
+        .zip(g.par_iter())
+        .for_each(|((o, (s, t)), &g)| {
+            let m = row_max(s);
+            let invt = T::from64(inv);
+            let se = sum_exp(s, m, invt);
+            let ts: f64 = t.iter().map(|v| v.to64()).sum();
+            let a = T::from64(g.to64() * inv); // g/τ
+            let b = T::from64(g.to64() * inv * ts / se); // g/τ · Σt / Σexp
+            for ((o, &x), &y) in o.iter_mut().zip(s).zip(t) {
+                let e = T::exp_nonpos(x.rsub(m).rmul(invt));
+                *o = a.rmul(y).rsub(b.rmul(e));
+            }
+        });
+    out
+}
+
+impl CustomOp3 for SoftCeGrad {
+    fn name(&self) -> &'static str {
+        "dinov2-soft-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = ls.shape().dims().to_vec();
+        let k = dims[1];
+        let out = match (s, t, g) {
+            (CpuStorage::F32(s), CpuStorage::F32(t), CpuStorage::F32(g)) => f32::wrap(soft_ce_bwd(
+                contiguous(s, ls)?,
+                contiguous(t, lt)?,
+                contiguous(g, lg)?,
+                k,
+                self.temp,
+            )),
+            (CpuStorage::F64(s), CpuStorage::F64(t), CpuStorage::F64(g)) => f64::wrap(soft_ce_bwd(
+                contiguous(s, ls)?,
+                contiguous(t, lt)?,
+                contiguous(g, lg)?,
+                k,
+                self.temp,
+            )),
+            _ => bail!("soft cross-entropy grad: dtype mismatch"),
+        };
+        Ok((out, Shape::from_dims(&dims)))
+    }
+}
+
+/// Per-row `Σ_k t_k · log_softmax(s / temp)_k` for contiguous-able `[R, K]` f32/f64 CPU tensors of one
+/// dtype; differentiable in `s` (`t` gets no gradient).
+pub(crate) fn soft_ce_rows(s: &Tensor, t: &Tensor, temp: f64) -> candle_core::Result<Tensor> {
+    s.contiguous()?
+        .apply_op2(&t.detach().contiguous()?, SoftCe { temp })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// teacher targets: softmax((t − c) / τ) over the last dim, no gradient
+
+/// `softmax((t - c) / temp)` rows for `[R, K]` `t` and `[K]` `c` (f32/f64 CPU), no gradient.
+pub(crate) fn centered_softmax(t: &Tensor, c: &Tensor, temp: f64) -> candle_core::Result<Tensor> {
+    fn run<T: Real + candle_core::WithDType>(
+        t: &Tensor,
+        c: &Tensor,
+        temp: f64,
+    ) -> candle_core::Result<Tensor> {
+        let (r, k) = t.dims2()?;
+        let tv = t.flatten_all()?.to_vec1::<T>()?;
+        let cv = c.flatten_all()?.to_vec1::<T>()?;
+        if cv.len() != k {
+            bail!("centre has {} entries, logits {k}", cv.len());
+        }
+        let inv = T::from64(1.0 / temp);
+        let mut out = vec![T::from64(0.0); r * k];
+        out.par_chunks_mut(k)
+            .zip(tv.par_chunks(k))
+            .for_each(|(o, row)| {
+                // torch: (t - c) / temp, then softmax (max-subtracted)
+                for ((o, &x), &cc) in o.iter_mut().zip(row).zip(&cv) {
+                    *o = x.rsub(cc).rmul(inv);
+                }
+                let m = row_max(o);
+                let mut sum = 0f64;
+                for c in o.chunks_mut(256) {
+                    let mut part = 0f64;
+                    for v in c.iter_mut() {
+                        *v = T::exp_nonpos(v.rsub(m));
+                        part += v.to64();
+                    }
+                    sum += part;
+                }
+                let s = T::from64(1.0 / sum);
+                for v in o.iter_mut() {
+                    *v = v.rmul(s);
+                }
+            });
+        Tensor::from_vec(out, (r, k), t.device())
+    }
+    let c = c.to_dtype(t.dtype())?;
+    match t.dtype() {
+        DType::F32 => run::<f32>(t, &c, temp),
+        DType::F64 => run::<f64>(t, &c, temp),
+        dt => bail!("centered softmax: unsupported dtype {dt:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// weight norm: W = g · v / ‖v‖_row
+
+struct WeightNorm;
+
+fn wn_fwd<T: Real>(v: &[T], g: &[T], b: usize) -> Vec<T> {
+    let mut out = vec![T::from64(0.0); v.len()];
+    out.par_chunks_mut(b)
+        .zip(v.par_chunks(b))
+        .zip(g.par_iter())
+        .for_each(|((o, v), &g)| {
+            let n: f64 = v.iter().map(|x| x.to64() * x.to64()).sum::<f64>().sqrt();
+            let s = T::from64(g.to64() / n);
+            for (o, &x) in o.iter_mut().zip(v) {
+                *o = x.rmul(s);
+            }
+        });
+    out
+}
+
+impl CustomOp2 for WeightNorm {
+    fn name(&self) -> &'static str {
+        "dinov2-weight-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &CpuStorage,
+        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = lv.shape().dims().to_vec();
+        if dims.len() != 2 || lg.shape().elem_count() != dims[0] {
+            bail!("weight norm expects v [K, b] and g [K, 1]");
+        }
+        let b = dims[1];
+        let out = match (v, g) {
+            (CpuStorage::F32(v), CpuStorage::F32(g)) => {
+                f32::wrap(wn_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
+            }
+            (CpuStorage::F64(v), CpuStorage::F64(g)) => {
+                f64::wrap(wn_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
+            }
+            _ => bail!("weight norm: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from_dims(&dims)))
+    }
+
+    fn bwd(
+        &self,
+        v: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // gW: [K, b]. With n = ‖v_k‖ and a_k = Σ_j gW_kj v_kj:
+        //   dg_k = a_k / n,   dv_kj = (g_k / n) · (gW_kj − v_kj · a_k / n²)
+        let both = v.apply_op3_no_bwd(g, &grad.contiguous()?, &WeightNormGrad)?;
+        let (_, b) = v.dims2()?;
+        let dv = both.narrow(1, 0, b)?.contiguous()?;
+        let dg = both.narrow(1, b, 1)?.contiguous()?.reshape(g.shape())?;
+        Ok((Some(dv), Some(dg)))
+    }
+}
+
+/// Output `[K, b + 1]`: `dv` in the first `b` columns, `dg` in the last.
+struct WeightNormGrad;
+
+fn wn_bwd<T: Real>(v: &[T], g: &[T], gw: &[T], b: usize) -> Vec<T> {
+    let mut out = vec![T::from64(0.0); g.len() * (b + 1)];
+    out.par_chunks_mut(b + 1)
+        .zip(v.par_chunks(b).zip(gw.par_chunks(b)))
+        .zip(g.par_iter())
+        .for_each(|((o, (v, gw)), &g)| {
+            let (mut n2, mut a) = (0f64, 0f64);
+            for (&x, &d) in v.iter().zip(gw) {
+                n2 += x.to64() * x.to64();
+                a += x.to64() * d.to64();
+            }
+            let n = n2.sqrt();
+            let s = T::from64(g.to64() / n);
+            let c = T::from64(a / n2);
+            for ((o, &x), &d) in o.iter_mut().zip(v).zip(gw) {
+                *o = s.rmul(d.rsub(x.rmul(c)));
+            }
+            o[b] = T::from64(a / n);
+        });
+    out
+}
+
+impl CustomOp3 for WeightNormGrad {
+    fn name(&self) -> &'static str {
+        "dinov2-weight-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &CpuStorage,
+        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+        gw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = lv.shape().dims();
+        let (k, b) = (dims[0], dims[1]);
+        let out = match (v, g, gw) {
+            (CpuStorage::F32(v), CpuStorage::F32(g), CpuStorage::F32(w)) => f32::wrap(wn_bwd(
+                contiguous(v, lv)?,
+                contiguous(g, lg)?,
+                contiguous(w, lw)?,
+                b,
+            )),
+            (CpuStorage::F64(v), CpuStorage::F64(g), CpuStorage::F64(w)) => f64::wrap(wn_bwd(
+                contiguous(v, lv)?,
+                contiguous(g, lg)?,
+                contiguous(w, lw)?,
+                b,
+            )),
+            _ => bail!("weight norm grad: dtype mismatch"),
+        };
+        Ok((out, Shape::from_dims(&[k, b + 1])))
+    }
+}
+
+/// `W = g · v / ‖v‖_row` for `v [K, b]`, `g [K, 1]` (f32/f64 CPU), differentiable in both.
+pub(crate) fn weight_norm(v: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    v.contiguous()?.apply_op2(&g.contiguous()?, WeightNorm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a: Vec<f64> = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    #[test]
+    fn fast_expf_is_accurate_on_nonpositive_arguments() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 4.35e-4; // [0, -87]
+            let got = expf_nonpos(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "relative error {worst:e}");
+    }
+
+    /// The fused kernels against the composed candle graphs, values and gradients, f32 and f64.
+    #[test]
+    fn fused_equals_composed() {
+        for dt in [DType::F32, DType::F64] {
+            let tol = if dt == DType::F32 { 2e-6 } else { 1e-12 };
+            let dev = Device::Cpu;
+            let s = Var::from_tensor(
+                &Tensor::randn(0f32, 2.0, (5, 700), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let t = candle_nn::ops::softmax(
+                &Tensor::randn(0f32, 3.0, (5, 700), &dev).unwrap(),
+                D::Minus1,
+            )
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+            let w = Tensor::randn(0f32, 1.0, 5, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let fused = soft_ce_rows(s.as_tensor(), &t, 0.1).unwrap();
+            let composed = crate::ops::soft_cross_entropy_composed(&t, s.as_tensor(), 0.1).unwrap();
+            assert!(max_rel(&fused, &composed) < tol);
+            let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composed * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let e = max_rel(
+                gf.get(s.as_tensor()).unwrap(),
+                gc.get(s.as_tensor()).unwrap(),
+            );
+            assert!(e < tol, "{dt:?} soft-ce grad {e:e}");
+
+            let c = Tensor::randn(0f32, 0.3, (1, 700), &dev).unwrap();
+            let x = Tensor::randn(0f32, 0.5, (5, 700), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let fused = centered_softmax(&x, &c, 0.04).unwrap();
+            let composed = candle_nn::ops::softmax(
+                &(x.broadcast_sub(&c.to_dtype(dt).unwrap()).unwrap() / 0.04).unwrap(),
+                D::Minus1,
+            )
+            .unwrap();
+            assert!(max_rel(&fused, &composed) < tol);
+
+            let v = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (9, 6), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let g = Var::from_tensor(
+                &Tensor::randn(1f32, 0.2, (9, 1), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let r = Tensor::randn(0f32, 1.0, (9, 6), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let fused = weight_norm(v.as_tensor(), g.as_tensor()).unwrap();
+            let norm = v
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_keepdim(1)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            let composed = v
+                .as_tensor()
+                .broadcast_mul(&g.as_tensor().broadcast_div(&norm).unwrap())
+                .unwrap();
+            assert!(max_rel(&fused, &composed) < tol);
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composed * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for p in [&v, &g] {
+                let e = max_rel(
+                    gf.get(p.as_tensor()).unwrap(),
+                    gc.get(p.as_tensor()).unwrap(),
+                );
+                assert!(e < tol, "{dt:?} weight-norm grad {e:e}");
+            }
+        }
+    }
+}
