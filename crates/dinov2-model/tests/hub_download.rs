@@ -222,3 +222,57 @@ fn resolve_weights_prefers_existing_paths() {
         Err(Error::UnknownModel(_))
     ));
 }
+
+#[test]
+fn lfs_files_behind_a_cdn_redirect_download_like_on_the_hub() {
+    let mut repo = small_repo();
+    repo.lfs_redirect = true;
+    let server = HubServer::start(vec![repo]);
+    let cache = tempfile::tempdir().unwrap();
+    let snap = download(
+        "facebook/dinov2-small",
+        &opts(&server.endpoint(), cache.path()),
+    )
+    .unwrap();
+    let want = std::fs::read(fixture_hf().join("model.safetensors")).unwrap();
+    // The blob is named after the content hash of X-Linked-Etag, not the redirect's own ETag.
+    assert_eq!(
+        std::fs::read_link(snap.join("model.safetensors")).unwrap(),
+        Path::new("../../blobs").join(etag_of(&want))
+    );
+    assert_eq!(std::fs::read(snap.join("model.safetensors")).unwrap(), want);
+    let reqs = server.requests();
+    assert!(reqs.iter().any(|r| r
+        .path
+        .starts_with("/cdn/facebook/dinov2-small/model.safetensors")));
+    assert!(load_weights(&snap).is_ok());
+}
+
+#[test]
+fn an_interrupted_download_resumes_from_its_part_file() {
+    let server = HubServer::start(vec![small_repo()]);
+    let cache = tempfile::tempdir().unwrap();
+    let want = std::fs::read(fixture_hf().join("model.safetensors")).unwrap();
+    // What an interrupted transfer leaves: blobs/<etag>.part holding a prefix of the file.
+    let blobs = cache.path().join("models--facebook--dinov2-small/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let half = want.len() / 2;
+    std::fs::write(
+        blobs.join(format!("{}.part", etag_of(&want))),
+        &want[..half],
+    )
+    .unwrap();
+    let snap = download(
+        "facebook/dinov2-small",
+        &opts(&server.endpoint(), cache.path()),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(snap.join("model.safetensors")).unwrap(), want);
+    let ranges: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/model.safetensors"))
+        .filter_map(|r| r.headers.get("range").cloned())
+        .collect();
+    assert!(ranges.contains(&format!("bytes={half}-")), "{ranges:?}");
+}

@@ -20,6 +20,9 @@ pub struct ServedRepo {
     pub files: HashMap<String, Vec<u8>>,
     /// When set, requests must carry `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Serve `*.safetensors` like the Hub serves LFS files: `302` to an absolute CDN URL, with the content hash in
+    /// `X-Linked-Etag` (the `ETag` of the redirect is the git object id) and `X-Linked-Size`.
+    pub lfs_redirect: bool,
 }
 
 impl ServedRepo {
@@ -41,6 +44,7 @@ impl ServedRepo {
             commit: commit.into(),
             files,
             token: None,
+            lfs_redirect: false,
         }
     }
 }
@@ -85,7 +89,7 @@ impl HubServer {
                     break;
                 }
                 if let Ok(stream) = conn {
-                    let _ = serve(stream, &repos, &log2);
+                    let _ = serve(stream, addr, &repos, &log2);
                 }
             }
         });
@@ -127,6 +131,7 @@ impl Drop for HubServer {
 
 fn serve(
     stream: TcpStream,
+    addr: SocketAddr,
     repos: &HashMap<String, ServedRepo>,
     log: &Mutex<Vec<LoggedRequest>>,
 ) -> std::io::Result<()> {
@@ -173,6 +178,18 @@ fn serve(
     let head = method == "HEAD";
     if method != "GET" && !head {
         return respond(&mut out, "405 Method Not Allowed", &[], b"", false);
+    }
+    // The CDN: /cdn/{org}/{name}/{file}, no auth, no commit header.
+    if let Some(rest) = path.strip_prefix("/cdn/") {
+        let parts: Vec<&str> = rest.splitn(3, '/').collect();
+        let body = (parts.len() == 3)
+            .then(|| repos.get(&format!("{}/{}", parts[0], parts[1])))
+            .flatten()
+            .and_then(|r| r.files.get(parts[2]));
+        return match body {
+            Some(body) => send_body(&mut out, body, &headers, vec![], head, respond),
+            None => respond(&mut out, "404 Not Found", &[], b"", head),
+        };
     }
     // /{org}/{name}/resolve/{rev}/{file}
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
@@ -222,12 +239,46 @@ fn serve(
             head,
         );
     };
-    let total = body.len();
-    let mut hdrs = vec![
+    if repo.lfs_redirect && segs[4].ends_with(".safetensors") {
+        let hdrs = vec![
+            (
+                "Location".to_string(),
+                format!("http://{addr}/cdn/{id}/{}", segs[4]),
+            ),
+            (
+                "X-Linked-Etag".to_string(),
+                format!("\"{}\"", etag_of(body)),
+            ),
+            ("X-Linked-Size".to_string(), body.len().to_string()),
+            (
+                "ETag".to_string(),
+                "\"0000000000000000000000000000000000000000\"".to_string(),
+            ),
+            commit_hdr,
+        ];
+        return respond(&mut out, "302 Found", &hdrs, b"", head);
+    }
+    let hdrs = vec![
         ("ETag".to_string(), format!("\"{}\"", etag_of(body))),
         commit_hdr,
-        ("Accept-Ranges".to_string(), "bytes".to_string()),
     ];
+    send_body(&mut out, body, &headers, hdrs, head, respond)
+}
+
+/// `200` with the whole body, or `206` with the requested `Range` (`bytes=a-b` / `bytes=a-`), or `416`.
+fn send_body<F>(
+    out: &mut TcpStream,
+    body: &[u8],
+    headers: &HashMap<String, String>,
+    mut hdrs: Vec<(String, String)>,
+    head: bool,
+    respond: F,
+) -> std::io::Result<()>
+where
+    F: Fn(&mut TcpStream, &str, &[(String, String)], &[u8], bool) -> std::io::Result<()>,
+{
+    let total = body.len();
+    hdrs.push(("Accept-Ranges".to_string(), "bytes".to_string()));
     match headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
         Some(spec) => {
             let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
@@ -239,11 +290,11 @@ fn serve(
             };
             if a >= total || b < a {
                 hdrs.push(("Content-Range".into(), format!("bytes */{total}")));
-                return respond(&mut out, "416 Range Not Satisfiable", &hdrs, b"", head);
+                return respond(out, "416 Range Not Satisfiable", &hdrs, b"", head);
             }
             hdrs.push(("Content-Range".into(), format!("bytes {a}-{b}/{total}")));
-            respond(&mut out, "206 Partial Content", &hdrs, &body[a..=b], head)
+            respond(out, "206 Partial Content", &hdrs, &body[a..=b], head)
         }
-        None => respond(&mut out, "200 OK", &hdrs, body, head),
+        None => respond(out, "200 OK", &hdrs, body, head),
     }
 }
