@@ -191,6 +191,30 @@ where
     result
 }
 
+/// Sorted tensor names of a zip `.pth` file under `key` (parses the pickle only, reads no tensor data).
+pub(crate) fn pth_tensor_names(path: &Path, key: Option<&str>) -> Result<Vec<String>> {
+    let owned = path.to_path_buf();
+    let key_owned = key.map(str::to_string);
+    let res = std::panic::catch_unwind(move || {
+        candle_core::pickle::read_pth_tensor_info(&owned, false, key_owned.as_deref())
+    });
+    match res {
+        Ok(Ok(v)) => {
+            let mut names: Vec<String> = v.into_iter().map(|i| i.name).collect();
+            names.sort();
+            Ok(names)
+        }
+        Ok(Err(e)) => Err(format_err(
+            path,
+            format!("cannot read the PyTorch checkpoint: {e}"),
+        )),
+        Err(_) => Err(format_err(
+            path,
+            "malformed PyTorch checkpoint (the pickle reader gave up)",
+        )),
+    }
+}
+
 /// Atomic write of raw bytes.
 pub(crate) fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     atomic_write(path, |tmp| {

@@ -140,7 +140,20 @@ pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeight
             c.validate()?;
             c.clone()
         }
-        None => infer_config(&canon, raw.hf_config.as_ref())?,
+        None => {
+            // A config.json is only trusted when it describes a transformers DINOv2 model (a timm repository
+            // also has a config.json, with other fields).
+            let is_dinov2 = |c: &serde_json::Value| {
+                c.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| m.starts_with("dinov2"))
+            };
+            let hf = raw
+                .hf_config
+                .as_ref()
+                .filter(|c| format == WeightFormat::Transformers || is_dinov2(c));
+            infer_config(&canon, hf)?
+        }
     };
     check_state_dict(&canon, &config)?;
     let state_dict = to_f32(canon)?;
@@ -169,7 +182,7 @@ fn read_raw(path: &Path, opts: &LoadOptions) -> Result<RawWeights> {
     }
     let container = io::sniff(path)?;
     let (tensors, key_used) = read_file(path, container, opts)?;
-    // A lone `model.safetensors` next to its `config.json` (a `transformers` directory addressed by file).
+    // A `model.safetensors` next to its `config.json` (a `transformers` directory addressed by file).
     let hf_config = match path.parent() {
         Some(dir) if container == Container::Safetensors => {
             read_hf_config(&dir.join("config.json")).ok().flatten()
@@ -208,10 +221,13 @@ fn read_file(
                     Err(e) => return Err(e),
                 }
             }
+            // Only the tensor index is parsed while probing; the data is read once, for the chosen entry.
+            let top = io::pth_tensor_names(path, None)?;
             for k in ["teacher", "model"] {
-                if let Ok(t) = io::read_pth(path, Some(k)) {
-                    if !t.is_empty() {
-                        return Ok((t, Some(k.to_string())));
+                if let Ok(names) = io::pth_tensor_names(path, Some(k)) {
+                    // candle applies the key only to a top-level dict; otherwise it returns the top level.
+                    if !names.is_empty() && names != top {
+                        return Ok((io::read_pth(path, Some(k))?, Some(k.to_string())));
                     }
                 }
             }

@@ -598,3 +598,37 @@ fn file_level_errors_are_typed() {
     assert!(matches!(load_weights(&q), Err(Error::Format { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
+    let dir = tmpdir("cfgjson");
+    let c = tiny(FfnKind::Mlp, 0); // width 16: heads not inferable without help
+    let mut sd = random_sd(&c);
+    sd.remove("mask_token"); // timm layout
+    save_safetensors(&sd, &dir.join("model.safetensors")).unwrap();
+    // A timm repository's config.json: not a transformers config, its numbers are not used.
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architecture": "vit_small_patch14_dinov2", "num_features": 16, "hidden_size": 999}"#,
+    )
+    .unwrap();
+    for p in [dir.clone(), dir.join("model.safetensors")] {
+        assert!(matches!(load_weights(&p), Err(Error::Config(m)) if m.contains("heads")));
+    }
+    // A transformers DINOv2 config is used (and cross-checked) even for official-named tensors.
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "dinov2", "num_attention_heads": 2, "hidden_size": 16}"#,
+    )
+    .unwrap();
+    let w = load_weights(&dir).unwrap();
+    assert_eq!(w.format, WeightFormat::Timm);
+    assert_eq!(w.config, c);
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "dinov2", "num_attention_heads": 2, "hidden_size": 32}"#,
+    )
+    .unwrap();
+    assert!(matches!(load_weights(&dir), Err(Error::Config(m)) if m.contains("hidden_size")));
+    std::fs::remove_dir_all(&dir).ok();
+}
