@@ -15,7 +15,7 @@ use crate::dedup::{self, Searcher};
 use crate::embed::{self, write_json, EmbedConfig, Embedder};
 use crate::error::{io_err, CurateError, Result};
 use crate::hkmeans::{self, Level, LevelConfig, Pick};
-use crate::ivf::{measure_recall, IvfFlat, IvfParams, RecallSpec};
+use crate::ivf::{measure_edge_recall, measure_recall, IvfFlat, IvfParams, RecallSpec};
 use crate::kmeans::{self, Init, KMeansConfig};
 use crate::knn;
 use crate::npy;
@@ -470,6 +470,30 @@ impl Index {
         }
     }
 
+    /// Sampled recall of the threshold edges (`None` for exact search).
+    fn edge_recall(
+        &self,
+        x: &[f32],
+        d: usize,
+        k: usize,
+        sample: usize,
+        threshold: f32,
+    ) -> Result<Option<(f64, usize)>> {
+        match self {
+            Index::Ivf(index, nprobe) if sample > 0 => {
+                let f = |q: &[f32], off: Option<usize>| index.search(q, k, *nprobe, off);
+                let spec = RecallSpec {
+                    k,
+                    n_sample: sample,
+                    self_search: true,
+                    seed: 12345,
+                };
+                Ok(Some(measure_edge_recall(&f, x, x, d, &spec, threshold)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
         match self {
             Index::Exact => json!({"kind": "exact"}),
@@ -600,6 +624,7 @@ fn run_dedup(a: &DedupArgs) -> Result<()> {
         edges.extend(re);
     }
     pb.finish_and_clear();
+    let search_s = t.elapsed().as_secs_f64();
     let recall = index.recall(
         x.as_slice(),
         x.as_slice(),
@@ -608,6 +633,9 @@ fn run_dedup(a: &DedupArgs) -> Result<()> {
         a.search.recall_sample,
         true,
     )?;
+    let edge_recall =
+        index.edge_recall(x.as_slice(), d, a.k, a.search.recall_sample, a.threshold)?;
+    let recall_s = t.elapsed().as_secs_f64() - search_s;
     let (mut keep, components, result) = if nr > 0 {
         let r = dedup::relative_dedup_from_edges(n, nr, &edges)?;
         let v = serde_json::to_value(&r).map_err(|source| CurateError::Json {
@@ -637,7 +665,8 @@ fn run_dedup(a: &DedupArgs) -> Result<()> {
     let summary = json!({
         "mode": if nr > 0 { "relative" } else { "self" }, "result": result, "params": params,
         "index": index.describe(), "recall_at_k": recall.map(|r| r.0), "recall_at_1": recall.map(|r| r.1),
-        "seconds": t.elapsed().as_secs_f64(),
+        "edge_recall": edge_recall.map(|r| r.0), "edge_recall_sampled_edges": edge_recall.map(|r| r.1),
+        "recall_seconds": recall_s, "seconds": t.elapsed().as_secs_f64() - recall_s,
     });
     write_json(&out.join("summary.json"), &summary)?;
     eprintln!("dedup: kept {} of {n} rows", keep.len());

@@ -300,6 +300,50 @@ pub fn measure_recall(
     Ok((found as f64 / total.max(1) as f64, top1 as f64 / ns as f64))
 }
 
+/// Edge recall for threshold graphs (dedup): over `spec.n_sample` random queries, the fraction of exact
+/// `k`-NN neighbours with similarity `> threshold` that the approximate search also returns. Returns
+/// `(recall, number of exact edges seen)`; recall is 1 when there are none.
+pub fn measure_edge_recall(
+    approx: &SearchFn<'_>,
+    queries: &[f32],
+    base: &[f32],
+    d: usize,
+    spec: &RecallSpec,
+    threshold: f32,
+) -> Result<(f64, usize)> {
+    let nq = queries.len() / d.max(1);
+    let ns = spec.n_sample.min(nq);
+    if ns == 0 || spec.k == 0 {
+        return Ok((1.0, 0));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    let mut idx = sample(&mut rng, nq, ns).into_vec();
+    idx.sort_unstable();
+    let (mut found, mut total) = (0usize, 0usize);
+    for &qi in &idx {
+        let q = &queries[qi * d..(qi + 1) * d];
+        let off = if spec.self_search { Some(qi) } else { None };
+        let ex = exact_knn(q, base, d, spec.k, off)?;
+        let ap = approx(q, off)?;
+        for (&id, &s) in ex.ids.iter().zip(&ex.sims) {
+            if id >= 0 && s > threshold {
+                total += 1;
+                if ap.ids.contains(&id) {
+                    found += 1;
+                }
+            }
+        }
+    }
+    Ok((
+        if total == 0 {
+            1.0
+        } else {
+            found as f64 / total as f64
+        },
+        total,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -217,6 +217,7 @@ fn cli_dedup_contract_and_resume() {
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out2.join("summary.json")).unwrap()).unwrap();
     assert!((s["recall_at_k"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert!((s["edge_recall"].as_f64().unwrap() - 1.0).abs() < 1e-9);
 }
 
 #[test]
