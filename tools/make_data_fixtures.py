@@ -136,6 +136,63 @@ def decode_fixtures():
     save_file(ref, os.path.join(d, "reference.safetensors"))
 
 
+def masking_fixtures():
+    """Statistics of the official MaskingGenerator and the structure of the official collate."""
+    from dinov2.data.masking import MaskingGenerator
+    from dinov2.data.collate import collate_data_and_cast
+
+    out = {}
+    for img, patch in [(224, 14), (224, 16)]:
+        g = img // patch
+        gen = MaskingGenerator(input_size=(g, g), max_num_patches=0.5 * img // patch * img // patch)
+        random.seed(1234)
+        n = g * g
+        targets = [0, 4, int(n * 0.1), int(n * 0.2), int(n * 0.3), int(n * 0.4), int(n * 0.5)]
+        means, stds = [], []
+        for t in targets:
+            c = np.array([gen(t).sum() for _ in range(4000)], dtype=np.float64)
+            means.append(c.mean())
+            stds.append(c.std())
+        out[f"mask{g}_targets"] = np.array(targets, dtype=np.int64)
+        out[f"mask{g}_count_mean"] = np.array(means)
+        out[f"mask{g}_count_std"] = np.array(stds)
+        # single block sizes on an empty mask with the full budget
+        d = np.array([gen._mask(np.zeros((g, g), dtype=bool), gen.max_num_patches) for _ in range(20000)], dtype=np.float64)
+        out[f"mask{g}_block_mean"] = np.array([d.mean()])
+        out[f"mask{g}_block_std"] = np.array([d.std()])
+        out[f"mask{g}_block_zero_frac"] = np.array([(d == 0).mean()])
+    # collate: crops carry their (sample, crop) identity as a constant value
+    B, n_local = 3, 4
+    samples = []
+    for b in range(B):
+        samples.append(({
+            "global_crops": [torch.full((3, 2, 2), float(100 * b + c)) for c in range(2)],
+            "local_crops": [torch.full((3, 1, 1), float(100 * b + 10 + c)) for c in range(n_local)],
+        }, ()))
+    gen = MaskingGenerator(input_size=(16, 16), max_num_patches=0.5 * 224 // 14 * 224 // 14)
+    random.seed(7)
+    col = collate_data_and_cast(samples, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, dtype=torch.float32,
+                                n_tokens=256, mask_generator=gen)
+    out["collate_global_ids"] = col["collated_global_crops"][:, 0, 0, 0].numpy().astype(np.int64)
+    out["collate_local_ids"] = col["collated_local_crops"][:, 0, 0, 0].numpy().astype(np.int64)
+    out["collate_masks"] = col["collated_masks"].numpy().astype(np.uint8)
+    out["collate_mask_indices"] = col["mask_indices_list"].numpy().astype(np.int64)
+    out["collate_masks_weight"] = col["masks_weight"].numpy().astype(np.float32)
+    out["collate_n_masked"] = col["n_masked_patches"].numpy().astype(np.int64)
+    out["collate_upperbound"] = np.array([col["upperbound"]], dtype=np.int64)
+    # upperbound for several batch sizes (deterministic given B and N)
+    ubs = []
+    bs = [1, 2, 3, 5, 8, 32, 64]
+    for bsz in bs:
+        sm = [({"global_crops": [torch.zeros(1), torch.zeros(1)], "local_crops": [torch.zeros(1)]}, ()) for _ in range(bsz)]
+        for n_tok in (256, 196):
+            ubs.append(collate_data_and_cast(sm, (0.1, 0.5), 0.5, torch.float32, n_tokens=n_tok,
+                                             mask_generator=lambda k: np.zeros((1, n_tok), dtype=bool))["upperbound"])
+    out["upperbound_batch_sizes"] = np.array(bs, dtype=np.int64)
+    out["upperbound_256_196"] = np.array(ubs, dtype=np.int64).reshape(len(bs), 2)
+    save_file(out, os.path.join(OUT, "masking.safetensors"))
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(0)

@@ -19,3 +19,7 @@ pub use error::{DataError, Result};
 pub use preprocess::{
     preprocess, to_tensor_normalized, ImageTensor, Preprocess, IMAGENET_MEAN, IMAGENET_STD,
 };
+pub mod augment;
+pub mod collate;
+pub mod masking;
+pub mod transforms;

@@ -1,0 +1,451 @@
+//! Image transforms with torchvision-on-PIL semantics, on 8-bit RGB images.
+//!
+//! Each deterministic operation reproduces what torchvision does to a PIL image (which is what the official
+//! `DataAugmentationDINO` feeds it): Pillow's fixed-point/float formulas, rounding and clipping included. The random
+//! wrappers sample their parameters like torchvision (same distributions; the random stream itself is ours, seeded
+//! per sample, see [`crate::loader`]).
+
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::resize::{resized_crop, CropBox};
+
+/// Pillow's `convert("L")`: ITU-R 601-2 luma in 16-bit fixed point, `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`.
+#[inline]
+pub fn luma(p: &[u8]) -> u8 {
+    ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16)
+        as u8
+}
+
+/// Pillow's `Image.blend(a, b, alpha)` for one 8-bit value: `a + alpha * (b - a)` in `f32`, truncated and clipped.
+#[inline]
+fn blend(a: u8, b: u8, alpha: f32) -> u8 {
+    let t = f32::from(a) + alpha * (f32::from(b) - f32::from(a));
+    // `as u8` saturates (t <= 0 -> 0, t >= 255 -> 255) and truncates toward zero, like Pillow's two branches.
+    t as u8
+}
+
+/// Horizontal flip (in place).
+pub fn hflip(img: &mut RgbImage) {
+    image::imageops::flip_horizontal_in_place(img);
+}
+
+/// torchvision `adjust_brightness` (PIL `ImageEnhance.Brightness`): blend with black.
+pub fn adjust_brightness(img: &mut RgbImage, factor: f64) {
+    let a = factor as f32;
+    let mut lut = [0u8; 256];
+    for (v, l) in lut.iter_mut().enumerate() {
+        *l = blend(0, v as u8, a);
+    }
+    for v in img.iter_mut() {
+        *v = lut[*v as usize];
+    }
+}
+
+/// torchvision `adjust_contrast` (PIL `ImageEnhance.Contrast`): blend with the constant grey
+/// `int(mean(L) + 0.5)`.
+pub fn adjust_contrast(img: &mut RgbImage, factor: f64) {
+    let n = (img.width() as u64 * img.height() as u64).max(1);
+    let sum: u64 = img
+        .as_raw()
+        .chunks_exact(3)
+        .map(|p| u64::from(luma(p)))
+        .sum();
+    let mean = (sum as f64 / n as f64 + 0.5) as u8;
+    let a = factor as f32;
+    let mut lut = [0u8; 256];
+    for (v, l) in lut.iter_mut().enumerate() {
+        *l = blend(mean, v as u8, a);
+    }
+    for v in img.iter_mut() {
+        *v = lut[*v as usize];
+    }
+}
+
+/// torchvision `adjust_saturation` (PIL `ImageEnhance.Color`): blend with the pixel's own grey.
+pub fn adjust_saturation(img: &mut RgbImage, factor: f64) {
+    let a = factor as f32;
+    for p in img.as_mut().chunks_exact_mut(3) {
+        let l = luma(p);
+        for v in p.iter_mut() {
+            *v = blend(l, *v, a);
+        }
+    }
+}
+
+/// Pillow `rgb2hsv` for one pixel.
+#[inline]
+fn rgb2hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if maxc == minc {
+        return (0, 0, maxc);
+    }
+    let cr = f32::from(maxc - minc);
+    let s = cr / f32::from(maxc);
+    let rc = f32::from(maxc - r) / cr;
+    let gc = f32::from(maxc - g) / cr;
+    let bc = f32::from(maxc - b) / cr;
+    let h: f32 = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        (2.0 + f64::from(rc) - f64::from(bc)) as f32
+    } else {
+        (4.0 + f64::from(gc) - f64::from(rc)) as f32
+    };
+    let h = ((f64::from(h) / 6.0 + 1.0) % 1.0) as f32;
+    let uh = ((f64::from(h) * 255.0) as i32).clamp(0, 255) as u8;
+    let us = ((f64::from(s) * 255.0) as i32).clamp(0, 255) as u8;
+    (uh, us, maxc)
+}
+
+/// Pillow `hsv2rgb` for one pixel.
+#[inline]
+fn hsv2rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
+    if s == 0 {
+        return [v, v, v];
+    }
+    let hh = f64::from(h) * 6.0 / 255.0;
+    let i = hh.floor() as i32;
+    let f = (hh - f64::from(i)) as f32;
+    let fs = (f64::from(s) / 255.0) as f32;
+    let vf = f64::from(v);
+    let clip = |x: f64| (x.round() as i32).clamp(0, 255) as u8;
+    let p = clip(vf * (1.0 - f64::from(fs)));
+    let q = clip(vf * (1.0 - f64::from(fs * f)));
+    let t = clip(vf * (1.0 - f64::from(fs) * (1.0 - f64::from(f))));
+    match i % 6 {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
+}
+
+/// torchvision `adjust_hue` on PIL: to Pillow HSV, add `int(hue * 255)` (truncated, wrapping) to the 8-bit hue,
+/// back to RGB. `hue` must be in [-0.5, 0.5].
+pub fn adjust_hue(img: &mut RgbImage, hue: f64) {
+    let shift = (hue * 255.0) as i32 as u8;
+    for p in img.as_mut().chunks_exact_mut(3) {
+        let (h, s, v) = rgb2hsv(p[0], p[1], p[2]);
+        p.copy_from_slice(&hsv2rgb(h.wrapping_add(shift), s, v));
+    }
+}
+
+/// torchvision `rgb_to_grayscale(num_output_channels=3)` on PIL: luma replicated to 3 channels.
+pub fn to_grayscale(img: &mut RgbImage) {
+    for p in img.as_mut().chunks_exact_mut(3) {
+        let l = luma(p);
+        p.fill(l);
+    }
+}
+
+/// PIL `ImageOps.solarize`: values `>= threshold` become `255 - v`.
+pub fn solarize(img: &mut RgbImage, threshold: u8) {
+    for v in img.iter_mut() {
+        if *v >= threshold {
+            *v = 255 - *v;
+        }
+    }
+}
+
+/// torchvision's 1-D Gaussian kernel: `exp(-0.5 (x / sigma)^2)` on `linspace(-(k-1)/2, (k-1)/2, k)`, normalised,
+/// in `f32`.
+pub fn gaussian_kernel1d(kernel_size: usize, sigma: f32) -> Vec<f32> {
+    let half = (kernel_size as f32 - 1.0) * 0.5;
+    let pdf: Vec<f32> = (0..kernel_size)
+        .map(|i| {
+            let x = -half + i as f32;
+            (-0.5 * (x / sigma).powi(2)).exp()
+        })
+        .collect();
+    let s: f32 = pdf.iter().sum();
+    pdf.into_iter().map(|v| v / s).collect()
+}
+
+#[inline]
+fn reflect(i: isize, n: isize) -> usize {
+    // torch "reflect" padding (edge not repeated); folded again for tiny images
+    let mut i = i;
+    if n == 1 {
+        return 0;
+    }
+    loop {
+        if i < 0 {
+            i = -i;
+        } else if i >= n {
+            i = 2 * (n - 1) - i;
+        } else {
+            return i as usize;
+        }
+    }
+}
+
+/// torchvision `gaussian_blur(img, kernel_size, sigma)` on a PIL image: reflect padding, Gaussian convolution in
+/// `f32`, rounded half to even back to 8 bits. We convolve separably (torchvision uses the 2-D outer-product kernel);
+/// the results differ only in float rounding, i.e. by at most 1 level where a value sits at .5.
+pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return img.clone();
+    }
+    let k = gaussian_kernel1d(kernel_size, sigma);
+    let r = (kernel_size / 2) as isize;
+    let src = img.as_raw();
+    // horizontal pass into f32
+    let mut tmp = vec![0f32; w * h * 3];
+    let xidx: Vec<Vec<usize>> = (0..w as isize)
+        .map(|x| (-r..=r).map(|d| reflect(x + d, w as isize)).collect())
+        .collect();
+    for y in 0..h {
+        let row = &src[y * w * 3..(y + 1) * w * 3];
+        let out = &mut tmp[y * w * 3..(y + 1) * w * 3];
+        for x in 0..w {
+            let (mut a0, mut a1, mut a2) = (0f32, 0f32, 0f32);
+            for (&xi, &kv) in xidx[x].iter().zip(&k) {
+                a0 += f32::from(row[xi * 3]) * kv;
+                a1 += f32::from(row[xi * 3 + 1]) * kv;
+                a2 += f32::from(row[xi * 3 + 2]) * kv;
+            }
+            out[x * 3] = a0;
+            out[x * 3 + 1] = a1;
+            out[x * 3 + 2] = a2;
+        }
+    }
+    // vertical pass, rounding
+    let rowlen = w * 3;
+    let mut out = vec![0u8; w * h * 3];
+    let mut acc = vec![0f32; rowlen];
+    for y in 0..h as isize {
+        acc.fill(0.0);
+        for (d, &kv) in (-r..=r).zip(&k) {
+            let yy = reflect(y + d, h as isize);
+            for (a, &v) in acc.iter_mut().zip(&tmp[yy * rowlen..(yy + 1) * rowlen]) {
+                *a += v * kv;
+            }
+        }
+        let y = y as usize;
+        for (o, &a) in out[y * rowlen..(y + 1) * rowlen].iter_mut().zip(&acc) {
+            *o = a.round_ties_even().clamp(0.0, 255.0) as u8;
+        }
+    }
+    RgbImage::from_raw(w as u32, h as u32, out).unwrap_or_else(|| img.clone())
+}
+
+/// torchvision `RandomResizedCrop` parameters and sampling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RandomResizedCrop {
+    /// Output size (square).
+    pub size: u32,
+    /// Range of the crop area as a fraction of the image area.
+    pub scale: (f64, f64),
+    /// Range of the crop aspect ratio (w/h), sampled log-uniformly.
+    pub ratio: (f64, f64),
+}
+
+impl RandomResizedCrop {
+    /// `RandomResizedCrop(size, scale)` with the default ratio (3/4, 4/3).
+    pub fn new(size: u32, scale: (f64, f64)) -> Self {
+        Self {
+            size,
+            scale,
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
+    }
+
+    /// torchvision `RandomResizedCrop.get_params`: 10 attempts of (area ~ U(scale) * A, log-ratio uniform,
+    /// w = round(sqrt(area*r)), h = round(sqrt(area/r))), accepted if it fits, with a uniform position; otherwise
+    /// the central crop with the ratio clamped to the allowed range.
+    pub fn get_params<R: Rng + ?Sized>(&self, width: u32, height: u32, rng: &mut R) -> CropBox {
+        let area = f64::from(width) * f64::from(height);
+        let (lr0, lr1) = (self.ratio.0.ln(), self.ratio.1.ln());
+        for _ in 0..10 {
+            let target_area = area * uniform(rng, self.scale.0, self.scale.1);
+            let aspect = uniform(rng, lr0, lr1).exp();
+            let w = (target_area * aspect).sqrt().round_ties_even() as i64;
+            let h = (target_area / aspect).sqrt().round_ties_even() as i64;
+            if 0 < w && w <= i64::from(width) && 0 < h && h <= i64::from(height) {
+                let top = rng.random_range(0..=(i64::from(height) - h)) as u32;
+                let left = rng.random_range(0..=(i64::from(width) - w)) as u32;
+                return CropBox {
+                    left,
+                    top,
+                    width: w as u32,
+                    height: h as u32,
+                };
+            }
+        }
+        let in_ratio = f64::from(width) / f64::from(height);
+        let (w, h) = if in_ratio < self.ratio.0.min(self.ratio.1) {
+            (
+                width,
+                (f64::from(width) / self.ratio.0.min(self.ratio.1)).round_ties_even() as u32,
+            )
+        } else if in_ratio > self.ratio.0.max(self.ratio.1) {
+            (
+                (f64::from(height) * self.ratio.0.max(self.ratio.1)).round_ties_even() as u32,
+                height,
+            )
+        } else {
+            (width, height)
+        };
+        let (w, h) = (w.clamp(1, width.max(1)), h.clamp(1, height.max(1)));
+        CropBox {
+            left: (width - w) / 2,
+            top: (height - h) / 2,
+            width: w,
+            height: h,
+        }
+    }
+
+    /// Samples a box and returns the resized crop.
+    pub fn apply<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R) -> RgbImage {
+        let b = self.get_params(img.width(), img.height(), rng);
+        resized_crop(img, b, self.size, self.size)
+    }
+}
+
+/// `U(a, b)` like `torch.empty(1).uniform_(a, b)` / Python `random.uniform` (a + (b - a) * U[0, 1)).
+#[inline]
+pub fn uniform<R: Rng + ?Sized>(rng: &mut R, a: f64, b: f64) -> f64 {
+    a + (b - a) * rng.random::<f64>()
+}
+
+/// One of the four ColorJitter operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JitterOp {
+    /// brightness
+    Brightness,
+    /// contrast
+    Contrast,
+    /// saturation
+    Saturation,
+    /// hue
+    Hue,
+}
+
+/// Sampled ColorJitter parameters: a random order of the four ops and their factors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JitterParams {
+    /// Order of application (a permutation, like `torch.randperm(4)`).
+    pub order: [JitterOp; 4],
+    /// Brightness factor.
+    pub brightness: f64,
+    /// Contrast factor.
+    pub contrast: f64,
+    /// Saturation factor.
+    pub saturation: f64,
+    /// Hue shift in [-0.5, 0.5].
+    pub hue: f64,
+}
+
+impl JitterParams {
+    /// Applies the ops in `order`.
+    pub fn apply(&self, img: &mut RgbImage) {
+        for op in self.order {
+            match op {
+                JitterOp::Brightness => adjust_brightness(img, self.brightness),
+                JitterOp::Contrast => adjust_contrast(img, self.contrast),
+                JitterOp::Saturation => adjust_saturation(img, self.saturation),
+                JitterOp::Hue => adjust_hue(img, self.hue),
+            }
+        }
+    }
+}
+
+/// torchvision `ColorJitter(brightness, contrast, saturation, hue)`: factors uniform in `[1-b, 1+b]`, `[1-c, 1+c]`,
+/// `[1-s, 1+s]` and a hue shift uniform in `[-h, h]`, applied in a uniformly random order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ColorJitter {
+    /// Brightness strength.
+    pub brightness: f64,
+    /// Contrast strength.
+    pub contrast: f64,
+    /// Saturation strength.
+    pub saturation: f64,
+    /// Hue strength (<= 0.5).
+    pub hue: f64,
+}
+
+impl ColorJitter {
+    /// Samples the parameters.
+    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> JitterParams {
+        let mut order = [
+            JitterOp::Brightness,
+            JitterOp::Contrast,
+            JitterOp::Saturation,
+            JitterOp::Hue,
+        ];
+        order.shuffle(rng);
+        let f = |rng: &mut R, s: f64| uniform(rng, (1.0 - s).max(0.0), 1.0 + s);
+        let brightness = f(rng, self.brightness);
+        let contrast = f(rng, self.contrast);
+        let saturation = f(rng, self.saturation);
+        let hue = uniform(rng, -self.hue, self.hue);
+        JitterParams {
+            order,
+            brightness,
+            contrast,
+            saturation,
+            hue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsv_roundtrip_of_grey_and_primaries() {
+        for (r, g, b) in [
+            (0u8, 0u8, 0u8),
+            (255, 0, 0),
+            (0, 255, 0),
+            (0, 0, 255),
+            (77, 77, 77),
+        ] {
+            let (h, s, v) = rgb2hsv(r, g, b);
+            assert_eq!(hsv2rgb(h, s, v), [r, g, b]);
+        }
+    }
+
+    #[test]
+    fn gaussian_kernel_is_normalised_and_symmetric() {
+        let k = gaussian_kernel1d(9, 1.3);
+        assert!((k.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        for i in 0..4 {
+            assert_eq!(k[i], k[8 - i]);
+        }
+    }
+
+    #[test]
+    fn fallback_crop_is_central_with_clamped_ratio() {
+        // scale > 1 can never fit, so the fallback is taken: 1000x100 has ratio 10 > 4/3 -> h = 100, w = 133
+        let rrc = RandomResizedCrop::new(8, (2.0, 3.0));
+        let mut rng = rand::rng();
+        let b = rrc.get_params(1000, 100, &mut rng);
+        assert_eq!(
+            b,
+            CropBox {
+                left: (1000 - 133) / 2,
+                top: 0,
+                width: 133,
+                height: 100
+            }
+        );
+        let b = rrc.get_params(100, 1000, &mut rng);
+        assert_eq!(
+            b,
+            CropBox {
+                left: 0,
+                top: (1000 - 133) / 2,
+                width: 100,
+                height: 133
+            }
+        );
+    }
+}
