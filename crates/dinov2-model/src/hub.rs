@@ -26,8 +26,8 @@ use crate::error::{Error, Result};
 /// The files [`download`] fetches (and a cached snapshot must hold).
 pub const MODEL_FILES: [&str; 2] = ["config.json", "model.safetensors"];
 
-/// Where and how to reach the Hub.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where and how to reach the Hub. Its `Debug` output hides the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HubOptions {
     /// Hub URL without a trailing slash, e.g. `https://huggingface.co`.
     pub endpoint: String,
@@ -41,6 +41,19 @@ pub struct HubOptions {
     pub revision: String,
     /// Show a progress bar while downloading.
     pub progress: bool,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("endpoint", &self.endpoint)
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("revision", &self.revision)
+            .field("progress", &self.progress)
+            .finish()
+    }
 }
 
 fn truthy(v: Option<String>) -> bool {

@@ -142,3 +142,12 @@ fn names_map_to_hub_repositories() {
         );
     }
 }
+
+#[test]
+fn debug_output_hides_the_token() {
+    let o = with(&[("HF_TOKEN", "hf_very_secret")]);
+    let shown = format!("{o:?}");
+    assert!(!shown.contains("hf_very_secret"), "{shown}");
+    assert!(shown.contains("redacted"), "{shown}");
+    assert!(!format!("{:?}", with(&[])).contains("redacted"));
+}
