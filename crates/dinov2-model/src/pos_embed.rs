@@ -35,9 +35,10 @@
 //!   fused (`acc = fma(v_j, w_j, acc)`).
 //!
 //! The memory layout does not matter (the official call passes a channels-last view; PyTorch gives the same bits
-//! for a contiguous copy). Other builds of the same PyTorch kernel round differently: with
-//! `ATEN_CPU_CAPABILITY=default` (no FMA) only 6-50% of the fixture values keep their bits and the largest
-//! difference is 5.5e-6 on values of magnitude ~3; the AVX-512 build was not checked.
+//! for a contiguous copy). The x86-64 wheels register no AVX-512 build of these two kernels (their `DispatchStub`
+//! AVX512 slots are empty), so AVX-512 CPUs run this same AVX2 code. The portable build
+//! (`ATEN_CPU_CAPABILITY=default`, no FMA) rounds differently: only 6-50% of the fixture values keep their bits
+//! there and the largest difference is 5.5e-6 on values of magnitude ~3; non-x86 builds were not checked.
 //! The forward is a CPU kernel (FMA via `f32::mul_add`, an exact fused operation on every target, compiled to
 //! the FMA instruction when the CPU has it); the backward (and the forward on other devices) is the same linear
 //! map written as two matrix products, so training can resize the table every step.
