@@ -126,7 +126,13 @@ pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeight
         let mut seen: Vec<&String> = canon.keys().chain(extra.keys()).take(6).collect();
         seen.sort();
         let reason = if seen.is_empty() {
-            "no tensors found".to_string()
+            match (raw.container, &opts.checkpoint_key) {
+                (Container::Zip, None) => "no tensors at the top level of the checkpoint nor under `teacher` or \
+                     `model`; pass `LoadOptions::checkpoint_key` (CLI: --checkpoint-key) naming the entry that \
+                     holds the state dict"
+                    .to_string(),
+                _ => "no tensors found".to_string(),
+            }
         } else {
             format!(
                 "no DINOv2 backbone weights found (no `cls_token`, `embeddings.cls_token` or `patch_embed.proj.weight`; keys include {})",
@@ -849,6 +855,19 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
             if v != have {
                 return Err(cfg_err(format!(
                     "config.json says {field} = {v} but the weights have {have}"
+                )));
+            }
+        }
+    }
+    let hf_bool = |k: &str| hf_config.and_then(|c| c.get(k)).and_then(|v| v.as_bool());
+    for (field, have) in [
+        ("use_swiglu_ffn", ffn == FfnKind::Swiglu),
+        ("qkv_bias", sd.contains(&b0("attn.qkv.bias"))),
+    ] {
+        if let Some(v) = hf_bool(field) {
+            if v != have {
+                return Err(cfg_err(format!(
+                    "config.json says {field} = {v} but the weights say {have}"
                 )));
             }
         }

@@ -630,5 +630,11 @@ fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
     )
     .unwrap();
     assert!(matches!(load_weights(&dir), Err(Error::Config(m)) if m.contains("hidden_size")));
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "dinov2", "num_attention_heads": 2, "use_swiglu_ffn": true}"#,
+    )
+    .unwrap();
+    assert!(matches!(load_weights(&dir), Err(Error::Config(m)) if m.contains("use_swiglu_ffn")));
     std::fs::remove_dir_all(&dir).ok();
 }
