@@ -797,7 +797,7 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
         probe.embed_dim = d;
         if probe.ffn_hidden_dim() != hidden {
             return Err(cfg_err(format!(
-                "SwiGLU hidden size {hidden} is not what mlp_ratio 4 gives for width {d} ({}); pass an explicit configuration",
+                "SwiGLU hidden size {hidden} is not what mlp_ratio 4 gives for width {d} ({}); pass an explicit configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`)",
                 probe.ffn_hidden_dim()
             )));
         }
@@ -840,7 +840,7 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
             None => {
                 return Err(cfg_err(format!(
                     "cannot infer the number of attention heads for width {d} (not a released size and no \
-                     transformers config.json); pass an explicit configuration"
+                     transformers config.json); pass an explicit configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`)"
                 )))
             }
         },
