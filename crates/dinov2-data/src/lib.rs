@@ -21,5 +21,8 @@ pub use preprocess::{
 };
 pub mod augment;
 pub mod collate;
+pub mod dataset;
+pub mod loader;
 pub mod masking;
+pub mod sampler;
 pub mod transforms;

@@ -1,0 +1,532 @@
+//! Datasets: image folders (with or without class subfolders), file lists (txt/CSV), the ImageNet-1k layout and
+//! tar shards (WebDataset style).
+//!
+//! A dataset only lists samples; decoding happens in [`Dataset::get`], called by the loader's workers, so a bad file
+//! costs one failed `get` (reported and skipped by the loader), never the dataset.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::decode::{decode_rgb, load_rgb_with, DecodeOptions};
+use crate::error::{DataError, Result};
+
+/// Extensions recognised as images when listing folders (torchvision's `IMG_EXTENSIONS` plus GIF), case-insensitive.
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif",
+];
+
+/// One decoded sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// The RGB image.
+    pub image: RgbImage,
+    /// Class index, when the dataset has labels.
+    pub label: Option<i64>,
+}
+
+/// A random-access collection of images.
+pub trait Dataset: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Loads and decodes sample `index`.
+    fn get(&self, index: usize, opts: &DecodeOptions) -> Result<Sample>;
+    /// A human-readable name of sample `index` (its path), for warnings.
+    fn describe(&self, index: usize) -> String;
+    /// Label of sample `index` without decoding it.
+    fn label(&self, index: usize) -> Option<i64>;
+}
+
+/// True when the path has an image extension.
+pub fn has_image_extension(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+fn list_images_recursive(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut entries: Vec<PathBuf> = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| DataError::io(dir, e))?;
+        entries.push(e.path());
+    }
+    entries.sort();
+    for p in entries {
+        // follow symlinks like os.walk(followlinks=True) would for files; directories are recursed
+        if p.is_dir() {
+            list_images_recursive(&p, out)?;
+        } else if has_image_extension(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// A dataset of image files on disk with optional labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileDataset {
+    /// (path, label) per sample.
+    pub entries: Vec<(PathBuf, Option<i64>)>,
+    /// Class names (folder names or ImageNet names), index = label.
+    pub classes: Vec<String>,
+}
+
+impl FileDataset {
+    /// torchvision `ImageFolder`: every subfolder of `root` is a class (sorted by name; label = rank), its images
+    /// (recursively, sorted) are the samples.
+    pub fn image_folder(root: &Path) -> Result<Self> {
+        let rd = std::fs::read_dir(root).map_err(|e| DataError::io(root, e))?;
+        let mut classes: Vec<String> = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| DataError::io(root, e))?;
+            if e.path().is_dir() {
+                classes.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        classes.sort();
+        if classes.is_empty() {
+            return Err(DataError::Dataset(format!(
+                "no class subfolders in {}",
+                root.display()
+            )));
+        }
+        let mut entries = Vec::new();
+        for (i, c) in classes.iter().enumerate() {
+            let mut files = Vec::new();
+            list_images_recursive(&root.join(c), &mut files)?;
+            entries.extend(files.into_iter().map(|p| (p, Some(i as i64))));
+        }
+        if entries.is_empty() {
+            return Err(DataError::Dataset(format!(
+                "no images under {}",
+                root.display()
+            )));
+        }
+        Ok(Self { entries, classes })
+    }
+
+    /// Every image under `root`, recursively (sorted paths), without labels.
+    pub fn unlabeled_folder(root: &Path) -> Result<Self> {
+        let mut files = Vec::new();
+        list_images_recursive(root, &mut files)?;
+        if files.is_empty() {
+            return Err(DataError::Dataset(format!(
+                "no images under {}",
+                root.display()
+            )));
+        }
+        Ok(Self {
+            entries: files.into_iter().map(|p| (p, None)).collect(),
+            classes: Vec::new(),
+        })
+    }
+
+    /// A file list: `.csv` files have comma-separated `path[,label]` rows (a first row whose label is not an
+    /// integer is a header); other files have one `path` or `path<whitespace>label` per line. Empty lines and
+    /// lines starting with `#` are ignored. Relative paths are resolved against `root` (default: the list's folder).
+    pub fn file_list(list: &Path, root: Option<&Path>) -> Result<Self> {
+        let text = std::fs::read_to_string(list).map_err(|e| DataError::io(list, e))?;
+        let base = root
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| list.parent().unwrap_or(Path::new(".")).to_path_buf());
+        let csv = list
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+        let mut entries = Vec::new();
+        for (lineno, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (path, label) = if csv {
+                let mut it = line.splitn(3, ',').map(|f| f.trim().trim_matches('"'));
+                (it.next().unwrap_or(""), it.next())
+            } else {
+                match line.rsplit_once(char::is_whitespace) {
+                    Some((p, l)) if l.parse::<i64>().is_ok() => (p.trim(), Some(l)),
+                    _ => (line, None),
+                }
+            };
+            let label = match label {
+                None | Some("") => None,
+                Some(l) => match l.parse::<i64>() {
+                    Ok(v) => Some(v),
+                    Err(_) if entries.is_empty() && csv => continue, // header row
+                    Err(_) => {
+                        return Err(DataError::Dataset(format!(
+                            "{}:{}: label {l:?} is not an integer",
+                            list.display(),
+                            lineno + 1
+                        )))
+                    }
+                },
+            };
+            if path.is_empty() {
+                continue;
+            }
+            let p = Path::new(path);
+            entries.push((
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    base.join(p)
+                },
+                label,
+            ));
+        }
+        if entries.is_empty() {
+            return Err(DataError::Dataset(format!(
+                "empty file list {}",
+                list.display()
+            )));
+        }
+        Ok(Self {
+            entries,
+            classes: Vec::new(),
+        })
+    }
+
+    /// ImageNet-1k layout: `root/{train,val}/{wnid}/*.JPEG`, labels from the sorted wnids (as the official code and
+    /// `ImageFolder`); class names from `root/labels.txt` (`wnid,name` lines) when present.
+    pub fn imagenet(root: &Path, split: ImageNetSplit) -> Result<Self> {
+        let dir = root.join(match split {
+            ImageNetSplit::Train => "train",
+            ImageNetSplit::Val => "val",
+        });
+        let mut ds = Self::image_folder(&dir)?;
+        if let Ok(text) = std::fs::read_to_string(root.join("labels.txt")) {
+            let names: HashMap<&str, &str> =
+                text.lines().filter_map(|l| l.split_once(',')).collect();
+            for c in &mut ds.classes {
+                if let Some(n) = names.get(c.as_str()) {
+                    *c = format!("{c},{n}");
+                }
+            }
+        }
+        Ok(ds)
+    }
+}
+
+/// ImageNet split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageNetSplit {
+    /// `train/`
+    Train,
+    /// `val/` (class subfolders, as the official layout)
+    Val,
+}
+
+impl Dataset for FileDataset {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+    fn get(&self, index: usize, opts: &DecodeOptions) -> Result<Sample> {
+        let (p, label) = self
+            .entries
+            .get(index)
+            .ok_or_else(|| DataError::Dataset(format!("index {index} out of range")))?;
+        Ok(Sample {
+            image: load_rgb_with(p, opts)?,
+            label: *label,
+        })
+    }
+    fn describe(&self, index: usize) -> String {
+        self.entries
+            .get(index)
+            .map_or_else(|| format!("#{index}"), |(p, _)| p.display().to_string())
+    }
+    fn label(&self, index: usize) -> Option<i64> {
+        self.entries.get(index).and_then(|e| e.1)
+    }
+}
+
+/// One image member of a tar shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TarEntry {
+    /// Index of the shard in [`TarDataset::shards`].
+    pub shard: usize,
+    /// Member name.
+    pub name: String,
+    /// Byte offset of the member data in the shard.
+    pub offset: u64,
+    /// Member size in bytes.
+    pub size: u64,
+    /// Label from a sibling `<key>.cls` member (WebDataset convention), if any.
+    pub label: Option<i64>,
+}
+
+/// Images stored in uncompressed tar shards (WebDataset style: members sharing a key `dir/name` before the first
+/// `.` form a sample; `key.jpg`/`.png`/... is the image, `key.cls` an optional integer label).
+///
+/// Shards are indexed once by a sequential scan of their headers (ustar, GNU long names and pax `path`/`size`
+/// records are understood); samples are then read by offset. Sample order is shard order, then member order, so a
+/// non-shuffled sampler reads every shard sequentially.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TarDataset {
+    /// Shard paths.
+    pub shards: Vec<PathBuf>,
+    /// Image members.
+    pub entries: Vec<TarEntry>,
+    /// Problems met while indexing (truncated or corrupt shards: the readable part is kept).
+    pub warnings: Vec<String>,
+}
+
+fn parse_octal(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        // base-256 (GNU) for big sizes
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let s: String = field
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+fn cstr(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+fn parse_pax(data: &[u8]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some(sp) = rest.iter().position(|&b| b == b' ') else {
+            break;
+        };
+        let Some(len) = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            break;
+        };
+        if len <= sp + 1 || len > rest.len() {
+            break;
+        }
+        let rec = &rest[sp + 1..len];
+        let rec = rec.strip_suffix(b"\n").unwrap_or(rec);
+        if let Some(eq) = rec.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&rec[..eq]).into_owned(),
+                String::from_utf8_lossy(&rec[eq + 1..]).into_owned(),
+            );
+        }
+        rest = &rest[len..];
+    }
+    out
+}
+
+/// A regular member of a tar archive: (name, data offset, size).
+pub type TarMember = (String, u64, u64);
+
+/// Lists the regular members of a tar file by a sequential header scan. Returns the members read before any
+/// problem, and the problem (truncation, bad checksum) if one was met.
+pub fn scan_tar(path: &Path) -> Result<(Vec<TarMember>, Option<String>)> {
+    let mut f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| DataError::io(path, e))?.len();
+    let mut members = Vec::new();
+    let mut pos = 0u64;
+    let mut long_name: Option<String> = None;
+    let mut pax: HashMap<String, String> = HashMap::new();
+    let mut hdr = [0u8; 512];
+    loop {
+        if pos + 512 > file_len {
+            let problem = if pos == file_len {
+                None
+            } else {
+                Some(format!("truncated header at byte {pos}"))
+            };
+            return Ok((members, problem));
+        }
+        f.seek(SeekFrom::Start(pos))
+            .map_err(|e| DataError::io(path, e))?;
+        f.read_exact(&mut hdr).map_err(|e| DataError::io(path, e))?;
+        if hdr.iter().all(|&b| b == 0) {
+            return Ok((members, None));
+        }
+        let stored = parse_octal(&hdr[148..156]);
+        let sum: u64 = hdr
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u64::from(b)
+                }
+            })
+            .sum();
+        if stored != Some(sum) {
+            return Ok((members, Some(format!("bad header checksum at byte {pos}"))));
+        }
+        let Some(mut size) = parse_octal(&hdr[124..136]) else {
+            return Ok((members, Some(format!("bad size field at byte {pos}"))));
+        };
+        if let Some(s) = pax.get("size").and_then(|s| s.parse::<u64>().ok()) {
+            size = s;
+        }
+        let data = pos + 512;
+        if data + size > file_len {
+            return Ok((members, Some(format!("member at byte {pos} truncated"))));
+        }
+        let typeflag = hdr[156];
+        let mut name = cstr(&hdr[0..100]);
+        if &hdr[257..262] == b"ustar" {
+            let prefix = cstr(&hdr[345..500]);
+            if !prefix.is_empty() {
+                name = format!("{prefix}/{name}");
+            }
+        }
+        let read_data = |f: &mut File| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; size as usize];
+            f.read_exact(&mut buf).map_err(|e| DataError::io(path, e))?;
+            Ok(buf)
+        };
+        match typeflag {
+            b'L' => long_name = Some(cstr(&read_data(&mut f)?)),
+            b'x' => pax = parse_pax(&read_data(&mut f)?),
+            b'0' | 0 | b'7' => {
+                let n = pax
+                    .remove("path")
+                    .or_else(|| long_name.take())
+                    .unwrap_or(name);
+                members.push((n, data, size));
+                pax.clear();
+                long_name = None;
+            }
+            _ => {
+                pax.clear();
+                long_name = None;
+            }
+        }
+        pos = data + size.div_ceil(512) * 512;
+    }
+}
+
+impl TarDataset {
+    /// Indexes the given shards (in the given order).
+    pub fn open(shards: Vec<PathBuf>) -> Result<Self> {
+        let mut entries = Vec::new();
+        let mut warnings = Vec::new();
+        for (si, shard) in shards.iter().enumerate() {
+            let (members, problem) = scan_tar(shard)?;
+            if let Some(p) = problem {
+                warnings.push(format!(
+                    "{}: {p}; keeping the {} members before it",
+                    shard.display(),
+                    members.len()
+                ));
+            }
+            let key = |n: &str| {
+                let (dir, file) = n.rsplit_once('/').map_or(("", n), |(d, f)| (d, f));
+                let stem = file.split_once('.').map_or(file, |(s, _)| s);
+                format!("{dir}/{stem}")
+            };
+            let mut labels: HashMap<String, i64> = HashMap::new();
+            let mut f = File::open(shard).map_err(|e| DataError::io(shard, e))?;
+            for (n, off, size) in &members {
+                if n.ends_with(".cls") && *size < 64 {
+                    let mut buf = vec![0u8; *size as usize];
+                    f.seek(SeekFrom::Start(*off))
+                        .map_err(|e| DataError::io(shard, e))?;
+                    f.read_exact(&mut buf)
+                        .map_err(|e| DataError::io(shard, e))?;
+                    if let Ok(v) = String::from_utf8_lossy(&buf).trim().parse::<i64>() {
+                        labels.insert(key(n), v);
+                    }
+                }
+            }
+            for (n, off, size) in members {
+                if has_image_extension(Path::new(&n)) {
+                    let label = labels.get(&key(&n)).copied();
+                    entries.push(TarEntry {
+                        shard: si,
+                        name: n,
+                        offset: off,
+                        size,
+                        label,
+                    });
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Err(DataError::Dataset(
+                "no image members in the tar shards".into(),
+            ));
+        }
+        Ok(Self {
+            shards,
+            entries,
+            warnings,
+        })
+    }
+
+    /// Indexes every `*.tar` file of a folder (sorted).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| DataError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+            .collect();
+        shards.sort();
+        Self::open(shards)
+    }
+
+    /// Reads the raw bytes of sample `index`.
+    pub fn read_bytes(&self, index: usize) -> Result<Vec<u8>> {
+        let e = self
+            .entries
+            .get(index)
+            .ok_or_else(|| DataError::Dataset(format!("index {index} out of range")))?;
+        let shard = &self.shards[e.shard];
+        let mut f = File::open(shard).map_err(|er| DataError::io(shard, er))?;
+        f.seek(SeekFrom::Start(e.offset))
+            .map_err(|er| DataError::io(shard, er))?;
+        let mut buf = vec![0u8; e.size as usize];
+        f.read_exact(&mut buf)
+            .map_err(|er| DataError::io(shard, er))?;
+        Ok(buf)
+    }
+}
+
+impl Dataset for TarDataset {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+    fn get(&self, index: usize, opts: &DecodeOptions) -> Result<Sample> {
+        let bytes = self.read_bytes(index)?;
+        let image = decode_rgb(&bytes, opts).map_err(|e| e.with_path(self.describe(index)))?;
+        Ok(Sample {
+            image,
+            label: self.entries[index].label,
+        })
+    }
+    fn describe(&self, index: usize) -> String {
+        self.entries.get(index).map_or_else(
+            || format!("#{index}"),
+            |e| format!("{}:{}", self.shards[e.shard].display(), e.name),
+        )
+    }
+    fn label(&self, index: usize) -> Option<i64> {
+        self.entries.get(index).and_then(|e| e.label)
+    }
+}
