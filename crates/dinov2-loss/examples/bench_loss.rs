@@ -14,9 +14,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use dinov2_loss::{
-    mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig, StudentOutputs,
-};
+use dinov2_loss::{mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig};
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -69,6 +67,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bench_loss: K={k} B={b} locals={n_local} D={d} N={n_patches} masked M={m} threads={}",
         candle_core::utils::get_num_threads()
     );
+    if std::env::var("BENCH_PROFILE").is_ok() {
+        return profile(&s_head, &mut loss, &masks, &idx, b, n_local, d, n_patches);
+    }
     println!("ready");
     std::io::stdout().flush()?;
 
@@ -108,22 +109,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             0,
         )?;
         let s_out = s_head.forward_t(&s_in, true)?;
-        let nl = n_local * b;
-        let (s_local, s_global, s_masked) = (
-            s_out.narrow(0, 0, nl)?,
-            s_out.narrow(0, nl, 2 * b)?,
-            s_out.narrow(0, nl + 2 * b, m)?,
-        );
         let student_head_ms = ms(t2);
         let t3 = Instant::now();
-        let terms = loss.forward(
-            &StudentOutputs {
-                global_cls_logits: &s_global,
-                local_cls_logits: Some(&s_local),
-                masked_patch_logits: Some(&s_masked),
-                global_cls_tokens: Some(g_cls.as_tensor()),
-            },
+        // rows: local CLS, global CLS, masked patches (the official packing)
+        let terms = loss.forward_packed(
+            &s_out,
+            n_local,
             &targets,
+            Some(g_cls.as_tensor()),
             Some(&masks),
             None,
         )?;
@@ -142,6 +135,91 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{{\"total_ms\":{total_ms:.3},\"teacher_head_ms\":{teacher_head_ms:.3},\"targets_ms\":{targets_ms:.3},\"student_head_ms\":{student_head_ms:.3},\"loss_ms\":{loss_ms:.3},\"backward_ms\":{backward_ms:.3},\"loss\":{total},\"param_grads\":{n_grads}}}"
         );
         std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// `BENCH_PROFILE=1`: where the time of a step goes (3 runs each, medians printed to stderr).
+#[allow(clippy::too_many_arguments)]
+fn profile(
+    s_head: &DinoHead,
+    loss: &mut DinoV2Loss,
+    masks: &Tensor,
+    idx: &Tensor,
+    b: usize,
+    n_local: usize,
+    d: usize,
+    n_patches: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let m = idx.dim(0)?;
+    let rows = n_local * b + 2 * b + m;
+    let k = s_head.config().out_dim;
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut rec: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for _ in 0..3 {
+        // 1. head alone: forward, backward of sum(y * r)
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, d), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+        let t = Instant::now();
+        let w = s_head.last_layer_weight()?;
+        rec.entry("head: weight-norm fwd").or_default().push(ms(t));
+        let t = Instant::now();
+        let feats = s_head.features_t(x.as_tensor(), true)?;
+        rec.entry("head: mlp+normalize fwd")
+            .or_default()
+            .push(ms(t));
+        let t = Instant::now();
+        let y = feats.matmul(&w.t()?)?;
+        rec.entry("head: last matmul fwd").or_default().push(ms(t));
+        let t = Instant::now();
+        let l = (y * &r)?.sum_all()?;
+        rec.entry("head: y*r sum").or_default().push(ms(t));
+        let t = Instant::now();
+        let _g = l.backward()?;
+        rec.entry("head: backward (all)").or_default().push(ms(t));
+        // 1b. the last matmul alone: backward of sum(y*r) wrt feats and w (leaf vars)
+        let f = Var::from_tensor(&feats.detach())?;
+        let wv = Var::from_tensor(&w.detach())?;
+        let y = f.as_tensor().matmul(&wv.as_tensor().t()?)?;
+        let l = (y * &r)?.sum_all()?;
+        let t = Instant::now();
+        let _g = l.backward()?;
+        rec.entry("matmul-only backward (incl. y*r)")
+            .or_default()
+            .push(ms(t));
+        // 2. losses alone on a packed leaf [rows, K]
+        let t_cls = Tensor::randn(0f32, 0.3, (2 * b, k), &dev)?;
+        let t_m = Tensor::randn(0f32, 0.3, (m, k), &dev)?;
+        let t = Instant::now();
+        let targets = loss.teacher_targets(&t_cls, Some(&t_m), 0.07)?;
+        rec.entry("targets (centre+softmax)")
+            .or_default()
+            .push(ms(t));
+        let s_out = Var::from_tensor(&Tensor::randn(0f32, 0.3, (rows, k), &dev)?)?;
+        let cls = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b, d), &dev)?)?;
+        let t = Instant::now();
+        let terms = loss.forward_packed(
+            s_out.as_tensor(),
+            n_local,
+            &targets,
+            Some(cls.as_tensor()),
+            Some(masks),
+            None,
+        )?;
+        rec.entry("losses fwd").or_default().push(ms(t));
+        let t = Instant::now();
+        let _g = terms.total.backward()?;
+        rec.entry("losses backward (to packed logits)")
+            .or_default()
+            .push(ms(t));
+        let _ = n_patches;
+    }
+    for (k, v) in rec {
+        eprintln!("{k:40} {:9.1} ms", med(v));
     }
     Ok(())
 }

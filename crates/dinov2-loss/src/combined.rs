@@ -235,6 +235,146 @@ impl DinoV2Loss {
         }
     }
 
+    /// [`Self::forward`] for the packed student output of one shared-head call, as `SSLMetaArch` runs it:
+    /// `logits` is `[n_local·B + 2B + M, K]` with the local CLS rows first (crop-major), then the 2B
+    /// global CLS rows, then the M masked-patch rows (only if iBOT is on; its targets must have the same K).
+    ///
+    /// Same values and gradients as [`Self::forward`] on the three row blocks, but one fused
+    /// cross-entropy over all rows and no narrow/cat nodes on the `[rows, K]` gradient path, which is much
+    /// cheaper in candle's backward at K = 65536.
+    pub fn forward_packed(
+        &self,
+        logits: &Tensor,
+        n_local: usize,
+        targets: &TeacherTargets,
+        global_cls_tokens: Option<&Tensor>,
+        masks: Option<&Tensor>,
+        masks_weight: Option<&Tensor>,
+    ) -> Result<LossTerms> {
+        let (rows, k) = logits.dims2()?;
+        let (two_b, kt) = targets.dino.dims2()?;
+        if kt != k || two_b == 0 || two_b % N_GLOBAL != 0 {
+            return Err(Error::Input(format!(
+                "teacher targets {:?} do not match packed logits [_, {k}]",
+                targets.dino.dims()
+            )));
+        }
+        let b = two_b / N_GLOBAL;
+        let nl = n_local * b;
+        let m = match (&self.ibot, &targets.ibot) {
+            (Some(_), Some(t)) => {
+                if t.dim(1)? != k {
+                    return Err(Error::Input(
+                        "forward_packed needs iBOT targets with the DINO head's K (shared head)"
+                            .into(),
+                    ));
+                }
+                t.dim(0)?
+            }
+            (Some(_), None) => {
+                return Err(Error::Input("iBOT is on: iBOT targets are missing".into()))
+            }
+            (None, _) => 0,
+        };
+        if rows != nl + two_b + m {
+            return Err(Error::Input(format!(
+                "packed logits have {rows} rows, expected {nl} local + {two_b} global + {m} masked"
+            )));
+        }
+        let dt = crate::ops::stat_dtype(logits.dtype());
+        let t_dino = targets.dino.to_dtype(dt)?;
+        // every local chunk is paired with both teacher chunks: Σ_t CE(t, s) = CE(Σ_t t, s)
+        let t_pair = (t_dino.narrow(0, 0, b)? + t_dino.narrow(0, b, b)?)?;
+        let mut parts: Vec<Tensor> = vec![t_pair; n_local];
+        parts.push(t_dino);
+        if let Some(t) = &targets.ibot {
+            if m > 0 {
+                parts.push(t.to_dtype(dt)?);
+            }
+        }
+        let t_all = Tensor::cat(&parts, 0)?;
+        let ce = crate::ops::soft_cross_entropy(&t_all, logits, self.dino.student_temp())?;
+
+        let n_global_terms = (N_GLOBAL - 1) * N_GLOBAL;
+        let n_local_terms = (n_local * N_GLOBAL).max(1);
+        let denom = (n_global_terms + n_local_terms) as f64;
+        let mut total: Option<Tensor> = None;
+        let mut add = |t: &Tensor, w: f64| -> Result<()> {
+            let t = (t * w)?;
+            total = Some(match total.take() {
+                None => t,
+                Some(a) => (a + t)?,
+            });
+            Ok(())
+        };
+        let mut dino_local = None;
+        if n_local > 0 {
+            // Σ_chunks −mean_rows(CE) / denom
+            let v = (ce.narrow(0, 0, nl)?.sum_all()? * (-1.0 / (b as f64 * denom)))?;
+            add(&v, self.cfg.dino_loss_weight)?;
+            dino_local = Some(v);
+        }
+        let mut dino_global = None;
+        let mut koleo = None;
+        if self.cfg.dino_loss_weight > 0.0 {
+            let v = (ce.narrow(0, nl, two_b)?.mean_all()? * (-2.0 / denom))?;
+            add(&v, self.cfg.dino_loss_weight)?;
+            dino_global = Some(v);
+            if self.cfg.koleo_loss_weight > 0.0 {
+                let x = global_cls_tokens.ok_or_else(|| {
+                    Error::Input("KoLeo is on: student global CLS tokens are required".into())
+                })?;
+                if x.dims2()?.0 != two_b {
+                    return Err(Error::Input(format!(
+                        "global CLS tokens {:?}, expected {two_b} rows",
+                        x.dims()
+                    )));
+                }
+                let k1 = self.koleo.forward(&x.narrow(0, 0, b)?)?;
+                let k2 = self.koleo.forward(&x.narrow(0, b, b)?)?;
+                let v = ((k1 + k2)? * self.cfg.koleo_loss_weight)?;
+                add(&v, 1.0)?;
+                koleo = Some(v);
+            }
+        }
+        let mut ibot = None;
+        if self.ibot.is_some() {
+            let masks =
+                masks.ok_or_else(|| Error::Input("iBOT is on: masks are required".into()))?;
+            let n_images = masks.dims().first().copied().unwrap_or(0);
+            if n_images == 0 {
+                return Err(Error::Input("masks must be [n_images > 0, N]".into()));
+            }
+            let owned;
+            let w = match masks_weight {
+                Some(w) => w,
+                None => {
+                    owned = crate::ibot::masks_weight(masks)?;
+                    &owned
+                }
+            };
+            if w.dims() != [m] {
+                return Err(Error::Input(format!(
+                    "masks_weight {:?} does not match the {m} masked-patch rows",
+                    w.dims()
+                )));
+            }
+            let weighted = (ce.narrow(0, nl + two_b, m)? * w.to_dtype(dt)?)?.sum_all()?;
+            // forward_masked · loss_scales (2) · ibot_loss_scale (1 / n_global_crops)
+            let v = (weighted * (-2.0 / (n_images as f64 * N_GLOBAL as f64)))?;
+            add(&v, self.cfg.ibot_loss_weight)?;
+            ibot = Some(v);
+        }
+        let total = total.ok_or_else(|| Error::Config("every loss term is disabled".into()))?;
+        Ok(LossTerms {
+            dino_local,
+            dino_global,
+            koleo,
+            ibot,
+            total,
+        })
+    }
+
     /// All loss terms for one step.
     ///
     /// `masks` is the `[2B, N]` mask of the global crops (only its row count matters when `masks_weight`

@@ -105,7 +105,12 @@ impl DinoLoss {
                 t.dims()
             )));
         }
-        let sum = t.reshape((n, k))?.sum_keepdim(0)?;
+        let t = t.reshape((n, k))?;
+        let sum = if crate::fused::fused_ok(&t) {
+            crate::fused::col_sum(&t)?
+        } else {
+            t.sum_keepdim(0)?
+        };
         let sum = self.reducer.all_reduce_sum(&sum)?;
         let mean = (sum / (n * self.reducer.world_size()) as f64)?;
         self.center.set_pending(mean)

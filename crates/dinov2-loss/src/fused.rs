@@ -267,76 +267,170 @@ pub(crate) fn soft_ce_rows(s: &Tensor, t: &Tensor, temp: f64) -> candle_core::Re
 // ---------------------------------------------------------------------------------------------------
 // teacher targets: softmax((t − c) / τ) over the last dim, no gradient
 
-/// `softmax((t - c) / temp)` rows for `[R, K]` `t` and `[K]` `c` (f32/f64 CPU), no gradient.
-pub(crate) fn centered_softmax(t: &Tensor, c: &Tensor, temp: f64) -> candle_core::Result<Tensor> {
-    fn run<T: Real + candle_core::WithDType>(
-        t: &Tensor,
-        c: &Tensor,
-        temp: f64,
-    ) -> candle_core::Result<Tensor> {
-        let (r, k) = t.dims2()?;
-        let tv = t.flatten_all()?.to_vec1::<T>()?;
-        let cv = c.flatten_all()?.to_vec1::<T>()?;
-        if cv.len() != k {
-            bail!("centre has {} entries, logits {k}", cv.len());
-        }
-        let inv = T::from64(1.0 / temp);
-        let mut out = vec![T::from64(0.0); r * k];
-        out.par_chunks_mut(k)
-            .zip(tv.par_chunks(k))
-            .for_each(|(o, row)| {
-                // torch: (t - c) / temp, then softmax (max-subtracted)
-                for ((o, &x), &cc) in o.iter_mut().zip(row).zip(&cv) {
-                    *o = x.rsub(cc).rmul(inv);
-                }
-                let m = row_max(o);
-                let mut sum = 0f64;
-                for c in o.chunks_mut(256) {
-                    let mut part = 0f64;
-                    for v in c.iter_mut() {
-                        *v = T::exp_nonpos(v.rsub(m));
-                        part += v.to64();
-                    }
-                    sum += part;
-                }
-                let s = T::from64(1.0 / sum);
-                for v in o.iter_mut() {
-                    *v = v.rmul(s);
-                }
-            });
-        Tensor::from_vec(out, (r, k), t.device())
-    }
-    let c = c.to_dtype(t.dtype())?;
-    match t.dtype() {
-        DType::F32 => run::<f32>(t, &c, temp),
-        DType::F64 => run::<f64>(t, &c, temp),
-        dt => bail!("centered softmax: unsupported dtype {dt:?}"),
-    }
+struct CenteredSoftmax {
+    temp: f64,
 }
 
-// ---------------------------------------------------------------------------------------------------
-// weight norm: W = g · v / ‖v‖_row
-
-struct WeightNorm;
-
-fn wn_fwd<T: Real>(v: &[T], g: &[T], b: usize) -> Vec<T> {
-    let mut out = vec![T::from64(0.0); v.len()];
-    out.par_chunks_mut(b)
-        .zip(v.par_chunks(b))
-        .zip(g.par_iter())
-        .for_each(|((o, v), &g)| {
-            let n: f64 = v.iter().map(|x| x.to64() * x.to64()).sum::<f64>().sqrt();
-            let s = T::from64(g.to64() / n);
-            for (o, &x) in o.iter_mut().zip(v) {
-                *o = x.rmul(s);
+fn centered_softmax_rows<T: Real>(t: &[T], c: &[T], k: usize, temp: f64) -> Vec<T> {
+    let inv = T::from64(1.0 / temp);
+    let mut out = vec![T::from64(0.0); t.len()];
+    out.par_chunks_mut(k)
+        .zip(t.par_chunks(k))
+        .for_each(|(o, row)| {
+            // torch: (t - c) / temp, then softmax (max-subtracted)
+            for ((o, &x), &cc) in o.iter_mut().zip(row).zip(c) {
+                *o = x.rsub(cc).rmul(inv);
+            }
+            let m = row_max(o);
+            let mut sum = 0f64;
+            for c in o.chunks_mut(256) {
+                let mut part = 0f64;
+                for v in c.iter_mut() {
+                    *v = T::exp_nonpos(v.rsub(m));
+                    part += v.to64();
+                }
+                sum += part;
+            }
+            let s = T::from64(1.0 / sum);
+            for v in o.iter_mut() {
+                *v = v.rmul(s);
             }
         });
     out
 }
 
-impl CustomOp2 for WeightNorm {
+impl CustomOp2 for CenteredSoftmax {
     fn name(&self) -> &'static str {
-        "dinov2-weight-norm"
+        "dinov2-centered-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        t: &CpuStorage,
+        lt: &Layout,
+        c: &CpuStorage,
+        lc: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = lt.shape().dims();
+        if dims.len() != 2 || lc.shape().elem_count() != dims[1] {
+            bail!("centered softmax expects t [R, K] and a centre of K entries");
+        }
+        let k = dims[1];
+        let out = match (t, c) {
+            (CpuStorage::F32(t), CpuStorage::F32(c)) => f32::wrap(centered_softmax_rows(
+                contiguous(t, lt)?,
+                contiguous(c, lc)?,
+                k,
+                self.temp,
+            )),
+            (CpuStorage::F64(t), CpuStorage::F64(c)) => f64::wrap(centered_softmax_rows(
+                contiguous(t, lt)?,
+                contiguous(c, lc)?,
+                k,
+                self.temp,
+            )),
+            _ => bail!("centered softmax: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from_dims(dims)))
+    }
+}
+
+/// `softmax((t - c) / temp)` rows for `[R, K]` `t` and a `K`-entry centre `c` (f32/f64 CPU), no gradient.
+pub(crate) fn centered_softmax(t: &Tensor, c: &Tensor, temp: f64) -> candle_core::Result<Tensor> {
+    let c = c.to_dtype(t.dtype())?.contiguous()?;
+    t.detach()
+        .contiguous()?
+        .apply_op2_no_bwd(&c, &CenteredSoftmax { temp })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// column sums (centre statistics), f64 accumulation, no gradient
+
+struct ColSum;
+
+fn col_sum_rows<T: Real>(t: &[T], k: usize) -> Vec<T> {
+    const BLOCK: usize = 1024;
+    let rows = t.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![T::from64(0.0); k];
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, o)| {
+        let c0 = bi * BLOCK;
+        let mut acc = vec![0f64; o.len()];
+        for r in 0..rows {
+            let row = &t[r * k + c0..r * k + c0 + o.len()];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v.to64();
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = T::from64(a);
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "dinov2-column-sum"
+    }
+
+    fn cpu_fwd(&self, t: &CpuStorage, lt: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = lt.shape().dims();
+        if dims.len() != 2 {
+            bail!("column sum expects [R, K]");
+        }
+        let k = dims[1];
+        let out = match t {
+            CpuStorage::F32(t) => f32::wrap(col_sum_rows(contiguous(t, lt)?, k)),
+            CpuStorage::F64(t) => f64::wrap(col_sum_rows(contiguous(t, lt)?, k)),
+            _ => bail!("column sum: f32 or f64"),
+        };
+        Ok((out, Shape::from_dims(&[1, k])))
+    }
+}
+
+/// `t.sum_keepdim(0)` for `[R, K]` (f32/f64 CPU), parallel, f64 accumulation, no gradient.
+pub(crate) fn col_sum(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.detach().contiguous()?.apply_op1_no_bwd(&ColSum)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// weight norm: W = g · v / ‖v‖_row, produced transposed (Wᵀ [b, K]) so `h · Wᵀ` needs no transpose node
+
+struct WeightNormT;
+
+const WN_BLOCK: usize = 64;
+
+fn row_scales<T: Real>(v: &[T], g: &[T], b: usize) -> Vec<f64> {
+    v.par_chunks(b)
+        .zip(g.par_iter())
+        .map(|(v, &g)| g.to64() / v.iter().map(|x| x.to64() * x.to64()).sum::<f64>().sqrt())
+        .collect()
+}
+
+fn wn_t_fwd<T: Real>(v: &[T], g: &[T], b: usize) -> Vec<T> {
+    let k = g.len();
+    let s = row_scales(v, g, b);
+    let mut out = vec![T::from64(0.0); v.len()];
+    // tasks own WN_BLOCK consecutive rows j of Wᵀ and read v[k][j0..j0+WN_BLOCK] (one cache line per k)
+    out.par_chunks_mut(WN_BLOCK * k)
+        .enumerate()
+        .for_each(|(jb, o)| {
+            let j0 = jb * WN_BLOCK;
+            let nj = o.len() / k;
+            for (kk, &sk) in s.iter().enumerate() {
+                let sk = T::from64(sk);
+                let vrow = &v[kk * b + j0..kk * b + j0 + nj];
+                for (jj, &x) in vrow.iter().enumerate() {
+                    o[jj * k + kk] = x.rmul(sk);
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp2 for WeightNormT {
+    fn name(&self) -> &'static str {
+        "dinov2-weight-norm-t"
     }
 
     fn cpu_fwd(
@@ -350,17 +444,17 @@ impl CustomOp2 for WeightNorm {
         if dims.len() != 2 || lg.shape().elem_count() != dims[0] {
             bail!("weight norm expects v [K, b] and g [K, 1]");
         }
-        let b = dims[1];
+        let (k, b) = (dims[0], dims[1]);
         let out = match (v, g) {
             (CpuStorage::F32(v), CpuStorage::F32(g)) => {
-                f32::wrap(wn_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
+                f32::wrap(wn_t_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
             }
             (CpuStorage::F64(v), CpuStorage::F64(g)) => {
-                f64::wrap(wn_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
+                f64::wrap(wn_t_fwd(contiguous(v, lv)?, contiguous(g, lg)?, b))
             }
             _ => bail!("weight norm: f32 or f64 inputs of one dtype"),
         };
-        Ok((out, Shape::from_dims(&dims)))
+        Ok((out, Shape::from_dims(&[b, k])))
     }
 
     fn bwd(
@@ -370,9 +464,9 @@ impl CustomOp2 for WeightNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // gW: [K, b]. With n = ‖v_k‖ and a_k = Σ_j gW_kj v_kj:
+        // gWᵀ: [b, K]. With n = ‖v_k‖ and a_k = Σ_j gW_kj v_kj:
         //   dg_k = a_k / n,   dv_kj = (g_k / n) · (gW_kj − v_kj · a_k / n²)
-        let both = v.apply_op3_no_bwd(g, &grad.contiguous()?, &WeightNormGrad)?;
+        let both = v.apply_op3_no_bwd(g, &grad.contiguous()?, &WeightNormGradT)?;
         let (_, b) = v.dims2()?;
         let dv = both.narrow(1, 0, b)?.contiguous()?;
         let dg = both.narrow(1, b, 1)?.contiguous()?.reshape(g.shape())?;
@@ -380,34 +474,50 @@ impl CustomOp2 for WeightNorm {
     }
 }
 
-/// Output `[K, b + 1]`: `dv` in the first `b` columns, `dg` in the last.
-struct WeightNormGrad;
+/// Output `[K, b + 1]`: `dv` in the first `b` columns, `dg` in the last; reads gWᵀ in k-blocks.
+struct WeightNormGradT;
 
-fn wn_bwd<T: Real>(v: &[T], g: &[T], gw: &[T], b: usize) -> Vec<T> {
-    let mut out = vec![T::from64(0.0); g.len() * (b + 1)];
-    out.par_chunks_mut(b + 1)
-        .zip(v.par_chunks(b).zip(gw.par_chunks(b)))
-        .zip(g.par_iter())
-        .for_each(|((o, (v, gw)), &g)| {
-            let (mut n2, mut a) = (0f64, 0f64);
-            for (&x, &d) in v.iter().zip(gw) {
-                n2 += x.to64() * x.to64();
-                a += x.to64() * d.to64();
+fn wn_t_bwd<T: Real>(v: &[T], g: &[T], gwt: &[T], b: usize) -> Vec<T> {
+    let k = g.len();
+    let mut out = vec![T::from64(0.0); k * (b + 1)];
+    out.par_chunks_mut(WN_BLOCK * (b + 1))
+        .enumerate()
+        .for_each(|(kb, o)| {
+            let k0 = kb * WN_BLOCK;
+            let nk = o.len() / (b + 1);
+            // tile[kk][j] = gWᵀ[j][k0 + kk]
+            let mut tile = vec![T::from64(0.0); nk * b];
+            for j in 0..b {
+                let src = &gwt[j * k + k0..j * k + k0 + nk];
+                for (kk, &x) in src.iter().enumerate() {
+                    tile[kk * b + j] = x;
+                }
             }
-            let n = n2.sqrt();
-            let s = T::from64(g.to64() / n);
-            let c = T::from64(a / n2);
-            for ((o, &x), &d) in o.iter_mut().zip(v).zip(gw) {
-                *o = s.rmul(d.rsub(x.rmul(c)));
+            for kk in 0..nk {
+                let kg = k0 + kk;
+                let vrow = &v[kg * b..(kg + 1) * b];
+                let grow = &tile[kk * b..(kk + 1) * b];
+                let (mut n2, mut a) = (0f64, 0f64);
+                for (&x, &d) in vrow.iter().zip(grow) {
+                    n2 += x.to64() * x.to64();
+                    a += x.to64() * d.to64();
+                }
+                let n = n2.sqrt();
+                let s = T::from64(g[kg].to64() / n);
+                let c = T::from64(a / n2);
+                let orow = &mut o[kk * (b + 1)..(kk + 1) * (b + 1)];
+                for ((o, &x), &d) in orow.iter_mut().zip(vrow).zip(grow) {
+                    *o = s.rmul(d.rsub(x.rmul(c)));
+                }
+                orow[b] = T::from64(a / n);
             }
-            o[b] = T::from64(a / n);
         });
     out
 }
 
-impl CustomOp3 for WeightNormGrad {
+impl CustomOp3 for WeightNormGradT {
     fn name(&self) -> &'static str {
-        "dinov2-weight-norm-grad"
+        "dinov2-weight-norm-t-grad"
     }
 
     fn cpu_fwd(
@@ -422,13 +532,13 @@ impl CustomOp3 for WeightNormGrad {
         let dims = lv.shape().dims();
         let (k, b) = (dims[0], dims[1]);
         let out = match (v, g, gw) {
-            (CpuStorage::F32(v), CpuStorage::F32(g), CpuStorage::F32(w)) => f32::wrap(wn_bwd(
+            (CpuStorage::F32(v), CpuStorage::F32(g), CpuStorage::F32(w)) => f32::wrap(wn_t_bwd(
                 contiguous(v, lv)?,
                 contiguous(g, lg)?,
                 contiguous(w, lw)?,
                 b,
             )),
-            (CpuStorage::F64(v), CpuStorage::F64(g), CpuStorage::F64(w)) => f64::wrap(wn_bwd(
+            (CpuStorage::F64(v), CpuStorage::F64(g), CpuStorage::F64(w)) => f64::wrap(wn_t_bwd(
                 contiguous(v, lv)?,
                 contiguous(g, lg)?,
                 contiguous(w, lw)?,
@@ -440,9 +550,9 @@ impl CustomOp3 for WeightNormGrad {
     }
 }
 
-/// `W = g · v / ‖v‖_row` for `v [K, b]`, `g [K, 1]` (f32/f64 CPU), differentiable in both.
-pub(crate) fn weight_norm(v: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-    v.contiguous()?.apply_op2(&g.contiguous()?, WeightNorm)
+/// `Wᵀ = (g · v / ‖v‖_row)ᵀ`, `[b, K]`, for `v [K, b]`, `g [K, 1]` (f32/f64 CPU), differentiable in both.
+pub(crate) fn weight_norm_t(v: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    v.contiguous()?.apply_op2(&g.contiguous()?, WeightNormT)
 }
 
 #[cfg(test)]
@@ -538,24 +648,27 @@ mod tests {
             assert!(max_rel(&fused, &composed) < tol);
 
             let v = Var::from_tensor(
-                &Tensor::randn(0f32, 1.0, (9, 6), &dev)
+                &Tensor::randn(0f32, 1.0, (130, 70), &dev)
                     .unwrap()
                     .to_dtype(dt)
                     .unwrap(),
             )
             .unwrap();
             let g = Var::from_tensor(
-                &Tensor::randn(1f32, 0.2, (9, 1), &dev)
+                &Tensor::randn(1f32, 0.2, (130, 1), &dev)
                     .unwrap()
                     .to_dtype(dt)
                     .unwrap(),
             )
             .unwrap();
-            let r = Tensor::randn(0f32, 1.0, (9, 6), &dev)
+            let r = Tensor::randn(0f32, 1.0, (130, 70), &dev)
                 .unwrap()
                 .to_dtype(dt)
                 .unwrap();
-            let fused = weight_norm(v.as_tensor(), g.as_tensor()).unwrap();
+            let fused = weight_norm_t(v.as_tensor(), g.as_tensor())
+                .unwrap()
+                .t()
+                .unwrap();
             let norm = v
                 .as_tensor()
                 .sqr()

@@ -372,11 +372,16 @@ impl DinoHead {
 
     /// The effective last-layer weight `W = g · v / ‖v‖_row`, `[K, bottleneck]`.
     pub fn last_layer_weight(&self) -> Result<Tensor> {
+        Ok(self.last_layer_weight_t()?.t()?)
+    }
+
+    /// `Wᵀ`, `[bottleneck, K]` (contiguous on the fused CPU path, so `h · Wᵀ` needs no transpose node).
+    fn last_layer_weight_t(&self) -> Result<Tensor> {
         if crate::fused::fused_ok(&self.weight_v) && self.weight_g.dtype() == self.weight_v.dtype()
         {
-            return Ok(crate::fused::weight_norm(&self.weight_v, &self.weight_g)?);
+            return Ok(crate::fused::weight_norm_t(&self.weight_v, &self.weight_g)?);
         }
-        self.last_layer_weight_composed()
+        Ok(self.last_layer_weight_composed()?.t()?)
     }
 
     /// [`Self::last_layer_weight`] from primitive candle ops (any device/dtype; the reference for the
@@ -404,7 +409,11 @@ impl DinoHead {
             )));
         }
         let rows = x.elem_count() / in_dim;
-        let mut h = x.reshape((rows, in_dim))?;
+        let mut h = if x.rank() == 2 {
+            x.clone()
+        } else {
+            x.reshape((rows, in_dim))?
+        };
         for (_, layer) in &self.mlp {
             h = match layer {
                 Layer::Linear { weight, bias } => {
@@ -428,6 +437,9 @@ impl DinoHead {
         if let Some(last) = out_dims.last_mut() {
             *last = self.cfg.bottleneck_dim;
         }
+        if h.dims() == out_dims.as_slice() {
+            return Ok(h);
+        }
         Ok(h.reshape(out_dims)?)
     }
 
@@ -439,10 +451,20 @@ impl DinoHead {
         let mut dims = h.dims().to_vec();
         let b = self.cfg.bottleneck_dim;
         let rows = h.elem_count() / b;
-        let w = self.last_layer_weight()?;
-        let y = h.reshape((rows, b))?.matmul(&w.t()?)?;
+        let wt = self.last_layer_weight_t()?;
+        // (reshape nodes are skipped for 2-D inputs: each node on the [rows, K] path costs extra passes
+        // in candle's backward)
+        let h2 = if h.rank() == 2 {
+            h
+        } else {
+            h.reshape((rows, b))?
+        };
+        let y = h2.matmul(&wt)?;
         if let Some(last) = dims.last_mut() {
             *last = self.cfg.out_dim;
+        }
+        if y.dims() == dims.as_slice() {
+            return Ok(y);
         }
         Ok(y.reshape(dims)?)
     }

@@ -148,7 +148,14 @@ impl IbotPatchLoss {
                 "update_center needs at least one masked patch".into(),
             ));
         }
-        let sum = t.mean(1)?.sum_keepdim(0)?;
+        // Σ_n mean_M(t_n) = column sum over all n·M rows / M
+        let (_, _, k) = t.dims3()?;
+        let rows = t.reshape((n * m, k))?;
+        let sum = if crate::fused::fused_ok(&rows) {
+            (crate::fused::col_sum(&rows)? / m as f64)?
+        } else {
+            t.mean(1)?.sum_keepdim(0)?
+        };
         let sum = self.reducer.all_reduce_sum(&sum)?;
         let mean = (sum / (n * self.reducer.world_size()) as f64)?;
         self.center.set_pending(mean)

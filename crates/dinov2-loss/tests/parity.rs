@@ -474,55 +474,71 @@ fn dinov2_combination_matches_ssl_meta_arch() {
                     None,
                 )
                 .unwrap();
-            let r1 = |t: &Tensor| t.reshape(1).unwrap();
-            let twice = |key: &str| (f.get(key) * 2.0).unwrap();
-            assert_close(
-                &r1(terms.dino_local.as_ref().unwrap()),
-                &f.get(&format!("{p}.dino_local")),
-                TOL,
-                &format!("{p} dino_local"),
-            );
-            assert_close(
-                &r1(terms.dino_global.as_ref().unwrap()),
-                &f.get(&format!("{p}.dino_global")),
-                TOL,
-                &format!("{p} dino_global"),
-            );
-            assert_close(
-                &r1(terms.koleo.as_ref().unwrap()),
-                &twice(&format!("{p}.koleo_logged")),
-                TOL,
-                &format!("{p} koleo"),
-            );
-            assert_close(
-                &r1(terms.ibot.as_ref().unwrap()),
-                &twice(&format!("{p}.ibot_logged")),
-                TOL,
-                &format!("{p} ibot"),
-            );
-            assert_close(
-                &r1(&terms.total),
-                &f.get(&format!("{p}.total")),
-                TOL,
-                &format!("{p} total"),
-            );
-            let grads = terms.total.backward().unwrap();
-            for (key, var) in [("g_cls", &g_cls), ("g_patch", &g_patch), ("l_cls", &l_cls)] {
-                assert_close(
-                    grads.get(var.as_tensor()).unwrap(),
-                    &f.get(&format!("{p}.grad.{key}")),
-                    TOL,
-                    &format!("{p} grad {key}"),
-                );
+            let check = |terms: &dinov2_loss::LossTerms, how: &str| {
+                let r1 = |t: &Tensor| t.reshape(1).unwrap();
+                let twice = |key: &str| (f.get(key) * 2.0).unwrap();
+                let expect = [
+                    (
+                        "dino_local",
+                        terms.dino_local.as_ref(),
+                        f.get(&format!("{p}.dino_local")),
+                    ),
+                    (
+                        "dino_global",
+                        terms.dino_global.as_ref(),
+                        f.get(&format!("{p}.dino_global")),
+                    ),
+                    (
+                        "koleo",
+                        terms.koleo.as_ref(),
+                        twice(&format!("{p}.koleo_logged")),
+                    ),
+                    (
+                        "ibot",
+                        terms.ibot.as_ref(),
+                        twice(&format!("{p}.ibot_logged")),
+                    ),
+                    ("total", Some(&terms.total), f.get(&format!("{p}.total"))),
+                ];
+                for (name, got, want) in expect {
+                    assert_close(&r1(got.unwrap()), &want, TOL, &format!("{p} {how} {name}"));
+                }
+                let grads = terms.total.backward().unwrap();
+                for (key, var) in [("g_cls", &g_cls), ("g_patch", &g_patch), ("l_cls", &l_cls)] {
+                    assert_close(
+                        grads.get(var.as_tensor()).unwrap(),
+                        &f.get(&format!("{p}.grad.{key}")),
+                        TOL,
+                        &format!("{p} {how} grad {key}"),
+                    );
+                }
+                let head_grads = f.sub(&format!("{p}.grad"));
+                let mut n = 0;
+                for (key, expected) in head_grads.iter().filter(|(k, _)| k.contains("_head.")) {
+                    let g = grads.get(&var_tensor(&vm, key)).unwrap();
+                    assert_close(g, expected, TOL, &format!("{p} {how} grad {key}"));
+                    n += 1;
+                }
+                assert_eq!(n, vm.all_vars().len());
+            };
+            check(&terms, "separate calls");
+            if !separate {
+                // one packed head call + forward_packed, as SSLMetaArch runs it
+                let s_in =
+                    Tensor::cat(&[l_cls.as_tensor(), g_cls.as_tensor(), &s_patch], 0).unwrap();
+                let packed = s_head.forward_t(&s_in, true).unwrap();
+                let terms = loss
+                    .forward_packed(
+                        &packed,
+                        n_local,
+                        &targets,
+                        Some(g_cls.as_tensor()),
+                        Some(&masks),
+                        None,
+                    )
+                    .unwrap();
+                check(&terms, "packed");
             }
-            let head_grads = f.sub(&format!("{p}.grad"));
-            let mut n = 0;
-            for (key, expected) in head_grads.iter().filter(|(k, _)| k.contains("_head.")) {
-                let g = grads.get(&var_tensor(&vm, key)).unwrap();
-                assert_close(g, expected, TOL, &format!("{p} grad {key}"));
-                n += 1;
-            }
-            assert_eq!(n, vm.all_vars().len());
         }
         if !sk {
             let dl = loss.dino_loss_mut();
