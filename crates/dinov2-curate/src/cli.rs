@@ -896,14 +896,18 @@ fn load_level(dir: &Path) -> Result<Level> {
             .map(|x| x.max(0) as usize)
             .collect::<Vec<usize>>()
     };
-    let assignment = read_ids(&dir.join("assignment.npy"))?
+    let assignment: Vec<u32> = read_ids(&dir.join("assignment.npy"))?
         .into_iter()
         .map(|x| x.max(0) as u32)
         .collect();
     let offsets = to_usize(read_ids(&dir.join("sorted_offsets.npy"))?);
     let members = to_usize(read_ids(&dir.join("sorted_members.npy"))?);
     let k = shape.first().copied().unwrap_or(0);
+    let n_input = assignment.len();
     let ok = offsets.len() == k + 1
+        && members.len() == n_input
+        && members.iter().all(|&m| m < n_input)
+        && assignment.iter().all(|&a| (a as usize) < k)
         && offsets.last() == Some(&members.len())
         && offsets.windows(2).all(|w| w[0] <= w[1]);
     if !ok {
@@ -983,6 +987,18 @@ fn run_sample(a: &SampleArgs) -> Result<()> {
             &a.clustering.join(format!("level{}", levels.len() + 1)),
         )?);
     }
+    for t in 1..levels.len() {
+        if levels[t].assignment.len() != levels[t - 1].k {
+            return Err(CurateError::Resume {
+                path: a.clustering.clone(),
+                msg: format!(
+                    "level{} does not cluster the centroids of level{}",
+                    t + 1,
+                    t
+                ),
+            });
+        }
+    }
     if levels.is_empty() {
         return Err(CurateError::InvalidArgument(format!(
             "no level1/ in {}",
@@ -993,8 +1009,18 @@ fn run_sample(a: &SampleArgs) -> Result<()> {
     let mut sel = hkmeans::balanced_sample(&levels, a.target, a.multiplier, pick, a.seed)?;
     let rows_path = a.clustering.join("rows.npy");
     if rows_path.exists() {
-        let r = Some(read_ids(&rows_path)?);
-        map_ids(&mut sel, &r);
+        let r = read_ids(&rows_path)?;
+        if r.len() != levels[0].assignment.len() {
+            return Err(CurateError::Resume {
+                path: a.clustering.clone(),
+                msg: format!(
+                    "rows.npy has {} ids for {} rows",
+                    r.len(),
+                    levels[0].assignment.len()
+                ),
+            });
+        }
+        map_ids(&mut sel, &Some(r));
         sel.sort_unstable();
     }
     let out = &a.out.output;

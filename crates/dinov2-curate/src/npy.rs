@@ -251,7 +251,10 @@ fn read_all(path: &Path) -> Result<(NpyHeader, Vec<u8>)> {
         .numel()
         .checked_mul(h.dtype.size())
         .ok_or_else(|| bad(path, "size overflow"))?;
-    if bytes.len() < h.data_offset + need {
+    if h.data_offset
+        .checked_add(need)
+        .is_none_or(|end| bytes.len() < end)
+    {
         return Err(bad(
             path,
             format!(
