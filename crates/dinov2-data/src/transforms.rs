@@ -74,7 +74,18 @@ pub fn adjust_saturation(img: &mut RgbImage, factor: f64) {
     }
 }
 
-/// Pillow `rgb2hsv` for one pixel.
+/// C `round()` (half away from zero) of a non-negative finite value, without a libm call.
+#[inline]
+fn round_pos(x: f64) -> i32 {
+    let t = x as i32; // truncation == floor for x >= 0
+    if x - f64::from(t) >= 0.5 {
+        t + 1
+    } else {
+        t
+    }
+}
+
+/// Pillow `rgb2hsv` for one pixel (same float/double steps as the C code).
 #[inline]
 fn rgb2hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
@@ -84,34 +95,40 @@ fn rgb2hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     }
     let cr = f32::from(maxc - minc);
     let s = cr / f32::from(maxc);
-    let rc = f32::from(maxc - r) / cr;
-    let gc = f32::from(maxc - g) / cr;
-    let bc = f32::from(maxc - b) / cr;
     let h: f32 = if r == maxc {
+        let bc = f32::from(maxc - b) / cr;
+        let gc = f32::from(maxc - g) / cr;
         bc - gc
     } else if g == maxc {
+        let rc = f32::from(maxc - r) / cr;
+        let bc = f32::from(maxc - b) / cr;
         (2.0 + f64::from(rc) - f64::from(bc)) as f32
     } else {
+        let gc = f32::from(maxc - g) / cr;
+        let rc = f32::from(maxc - r) / cr;
         (4.0 + f64::from(gc) - f64::from(rc)) as f32
     };
-    let h = ((f64::from(h) / 6.0 + 1.0) % 1.0) as f32;
+    // fmod(t, 1.0) for t in (0, 2): exact, like the subtraction below
+    let t = f64::from(h) / 6.0 + 1.0;
+    let h = (if t >= 1.0 { t - 1.0 } else { t }) as f32;
     let uh = ((f64::from(h) * 255.0) as i32).clamp(0, 255) as u8;
     let us = ((f64::from(s) * 255.0) as i32).clamp(0, 255) as u8;
     (uh, us, maxc)
 }
 
-/// Pillow `hsv2rgb` for one pixel.
+/// Pillow `hsv2rgb` for one pixel (reference for the table-driven version).
+#[cfg_attr(not(test), allow(dead_code))]
 #[inline]
 fn hsv2rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
     if s == 0 {
         return [v, v, v];
     }
     let hh = f64::from(h) * 6.0 / 255.0;
-    let i = hh.floor() as i32;
+    let i = hh as i32; // floor for hh >= 0
     let f = (hh - f64::from(i)) as f32;
     let fs = (f64::from(s) / 255.0) as f32;
     let vf = f64::from(v);
-    let clip = |x: f64| (x.round() as i32).clamp(0, 255) as u8;
+    let clip = |x: f64| round_pos(x.max(0.0)).clamp(0, 255) as u8;
     let p = clip(vf * (1.0 - f64::from(fs)));
     let q = clip(vf * (1.0 - f64::from(fs * f)));
     let t = clip(vf * (1.0 - f64::from(fs) * (1.0 - f64::from(f))));
@@ -125,13 +142,117 @@ fn hsv2rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
     }
 }
 
+/// Lookup tables that make Pillow's HSV round trip cheap while computing exactly the same values: the 8-bit hue
+/// only depends on which channel is the maximum and on the two other channels' distances to it, the 8-bit saturation
+/// on (max - min, max); the per-hue and per-saturation factors of `hsv2rgb` are tabulated.
+struct HsvTables {
+    /// [max channel 0/1/2][d1 * 256 + d2] -> 8-bit hue.
+    hue: Vec<[u8; 65536]>,
+    /// [cr * 256 + maxc] -> 8-bit saturation.
+    sat: Box<[u8; 65536]>,
+    /// per 8-bit hue: (sector i, fraction f) as `hsv2rgb` computes them.
+    sector: [(i32, f32); 256],
+    /// per 8-bit saturation: `fs = s / 255.0` as `f32`.
+    fs: [f32; 256],
+}
+
+fn hsv_tables() -> &'static HsvTables {
+    static T: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut hue = vec![[0u8; 65536]; 3];
+        let mut sat = Box::new([0u8; 65536]);
+        for d1 in 0..256usize {
+            for d2 in 0..256usize {
+                // a representative pixel with max = 255 (the hue only depends on the distances)
+                let (a, b) = ((255 - d1) as u8, (255 - d2) as u8);
+                let cr_ok = d1 > 0 || d2 > 0;
+                if cr_ok {
+                    // r is max: (db, dg) = (d1, d2)
+                    hue[0][d1 * 256 + d2] = rgb2hsv(255, b, a).0;
+                    // g is max (r < g): (dr, db) = (d1, d2)
+                    hue[1][d1 * 256 + d2] = rgb2hsv(a, 255, b).0;
+                    // b is max (r, g < b): (dg, dr) = (d1, d2)
+                    hue[2][d1 * 256 + d2] = rgb2hsv(b, a, 255).0;
+                }
+                if d1 >= 1 && d2 >= d1 {
+                    // cr = d1, maxc = d2
+                    sat[d1 * 256 + d2] = rgb2hsv(d2 as u8, (d2 - d1) as u8, (d2 - d1) as u8).1;
+                }
+            }
+        }
+        let mut sector = [(0i32, 0f32); 256];
+        let mut fs = [0f32; 256];
+        for v in 0..256usize {
+            let hh = v as f64 * 6.0 / 255.0;
+            let i = hh as i32;
+            sector[v] = (i, (hh - f64::from(i)) as f32);
+            fs[v] = (v as f64 / 255.0) as f32;
+        }
+        HsvTables {
+            hue,
+            sat,
+            sector,
+            fs,
+        }
+    })
+}
+
+#[inline]
+fn rgb2hsv_lut(t: &HsvTables, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if maxc == minc {
+        return (0, 0, maxc);
+    }
+    let (dr, dg, db) = (
+        usize::from(maxc - r),
+        usize::from(maxc - g),
+        usize::from(maxc - b),
+    );
+    let h = if r == maxc {
+        t.hue[0][db * 256 + dg]
+    } else if g == maxc {
+        t.hue[1][dr * 256 + db]
+    } else {
+        t.hue[2][dg * 256 + dr]
+    };
+    (
+        h,
+        t.sat[usize::from(maxc - minc) * 256 + usize::from(maxc)],
+        maxc,
+    )
+}
+
+#[inline]
+fn hsv2rgb_lut(t: &HsvTables, h: u8, s: u8, v: u8) -> [u8; 3] {
+    if s == 0 {
+        return [v, v, v];
+    }
+    let (i, f) = t.sector[usize::from(h)];
+    let fs = t.fs[usize::from(s)];
+    let vf = f64::from(v);
+    let clip = |x: f64| round_pos(x.max(0.0)).clamp(0, 255) as u8;
+    let p = clip(vf * (1.0 - f64::from(fs)));
+    let q = clip(vf * (1.0 - f64::from(fs * f)));
+    let tt = clip(vf * (1.0 - f64::from(fs) * (1.0 - f64::from(f))));
+    match i % 6 {
+        0 => [v, tt, p],
+        1 => [q, v, p],
+        2 => [p, v, tt],
+        3 => [p, q, v],
+        4 => [tt, p, v],
+        _ => [v, p, q],
+    }
+}
+
 /// torchvision `adjust_hue` on PIL: to Pillow HSV, add `int(hue * 255)` (truncated, wrapping) to the 8-bit hue,
 /// back to RGB. `hue` must be in [-0.5, 0.5].
 pub fn adjust_hue(img: &mut RgbImage, hue: f64) {
     let shift = (hue * 255.0) as i32 as u8;
+    let t = hsv_tables();
     for p in img.as_mut().chunks_exact_mut(3) {
-        let (h, s, v) = rgb2hsv(p[0], p[1], p[2]);
-        p.copy_from_slice(&hsv2rgb(h.wrapping_add(shift), s, v));
+        let (h, s, v) = rgb2hsv_lut(t, p[0], p[1], p[2]);
+        p.copy_from_slice(&hsv2rgb_lut(t, h.wrapping_add(shift), s, v));
     }
 }
 
@@ -193,36 +314,37 @@ pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage
         return img.clone();
     }
     let k = gaussian_kernel1d(kernel_size, sigma);
-    let r = (kernel_size / 2) as isize;
+    let r = kernel_size / 2;
     let src = img.as_raw();
-    // horizontal pass into f32
+    let rowlen = w * 3;
+    // horizontal pass into f32, over a reflect-padded copy of each row (contiguous, vectorisable)
     let mut tmp = vec![0f32; w * h * 3];
-    let xidx: Vec<Vec<usize>> = (0..w as isize)
-        .map(|x| (-r..=r).map(|d| reflect(x + d, w as isize)).collect())
+    let mut padded = vec![0f32; (w + 2 * r) * 3];
+    let xsrc: Vec<usize> = (0..w + 2 * r)
+        .map(|x| reflect(x as isize - r as isize, w as isize))
         .collect();
     for y in 0..h {
-        let row = &src[y * w * 3..(y + 1) * w * 3];
-        let out = &mut tmp[y * w * 3..(y + 1) * w * 3];
-        for x in 0..w {
-            let (mut a0, mut a1, mut a2) = (0f32, 0f32, 0f32);
-            for (&xi, &kv) in xidx[x].iter().zip(&k) {
-                a0 += f32::from(row[xi * 3]) * kv;
-                a1 += f32::from(row[xi * 3 + 1]) * kv;
-                a2 += f32::from(row[xi * 3 + 2]) * kv;
+        let row = &src[y * rowlen..(y + 1) * rowlen];
+        for (pp, &xs) in padded.chunks_exact_mut(3).zip(&xsrc) {
+            pp[0] = f32::from(row[xs * 3]);
+            pp[1] = f32::from(row[xs * 3 + 1]);
+            pp[2] = f32::from(row[xs * 3 + 2]);
+        }
+        let out = &mut tmp[y * rowlen..(y + 1) * rowlen];
+        out.fill(0.0);
+        for (j, &kv) in k.iter().enumerate() {
+            for (o, &p) in out.iter_mut().zip(&padded[j * 3..j * 3 + rowlen]) {
+                *o += p * kv;
             }
-            out[x * 3] = a0;
-            out[x * 3 + 1] = a1;
-            out[x * 3 + 2] = a2;
         }
     }
     // vertical pass, rounding
-    let rowlen = w * 3;
     let mut out = vec![0u8; w * h * 3];
     let mut acc = vec![0f32; rowlen];
     for y in 0..h as isize {
         acc.fill(0.0);
-        for (d, &kv) in (-r..=r).zip(&k) {
-            let yy = reflect(y + d, h as isize);
+        for (j, &kv) in k.iter().enumerate() {
+            let yy = reflect(y + j as isize - r as isize, h as isize);
             for (a, &v) in acc.iter_mut().zip(&tmp[yy * rowlen..(yy + 1) * rowlen]) {
                 *a += v * kv;
             }
@@ -410,6 +532,20 @@ mod tests {
         ] {
             let (h, s, v) = rgb2hsv(r, g, b);
             assert_eq!(hsv2rgb(h, s, v), [r, g, b]);
+        }
+    }
+
+    #[test]
+    fn hsv_tables_equal_direct_formulas() {
+        let t = hsv_tables();
+        let mut state = 12345u32;
+        for _ in 0..200_000 {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let [r, g, b, _] = state.to_le_bytes();
+            assert_eq!(rgb2hsv_lut(t, r, g, b), rgb2hsv(r, g, b), "{r} {g} {b}");
+            let (h, s, v) = rgb2hsv(r, g, b);
+            assert_eq!(hsv2rgb_lut(t, h, s, v), hsv2rgb(h, s, v));
+            assert_eq!(hsv2rgb_lut(t, r, g, b), hsv2rgb(r, g, b));
         }
     }
 
