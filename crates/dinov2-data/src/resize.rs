@@ -135,25 +135,38 @@ pub fn resized_crop(img: &RgbImage, b: CropBox, out_w: u32, out_h: u32) -> RgbIm
     let tmp: Vec<u8>;
     let (tsrc, tstride, toff): (&[u8], usize, usize) = if need_h {
         let hc = precompute(cw, ow);
-        let mut t = vec![0u8; rows * ow * 3];
+        // Transpose the needed region (column-major: for each source column, all rows' RGB), so that each output
+        // column is a contiguous, vectorisable sum of whole source columns. Integer sums do not depend on the
+        // order, so this is bit-identical to Pillow's row-by-row loop.
+        let colen = rows * 3;
+        let mut cols = vec![0u8; cw * colen];
         for r in 0..rows {
-            let srow = &src[(top + yfirst + r) * sstride + left * 3
-                ..(top + yfirst + r) * sstride + (left + cw) * 3];
-            let drow = &mut t[r * ow * 3..(r + 1) * ow * 3];
-            for (xx, d) in drow.chunks_exact_mut(3).enumerate() {
-                let (xmin, n) = hc.bounds[xx];
-                let k = &hc.k[xx * hc.ksize..xx * hc.ksize + n];
-                let px = &srow[xmin * 3..(xmin + n) * 3];
-                let half = 1i32 << (PRECISION_BITS - 1);
-                let (mut s0, mut s1, mut s2) = (half, half, half);
-                for (p, &kv) in px.chunks_exact(3).zip(k) {
-                    s0 += i32::from(p[0]) * kv;
-                    s1 += i32::from(p[1]) * kv;
-                    s2 += i32::from(p[2]) * kv;
+            let so = (top + yfirst + r) * sstride + left * 3;
+            let srow = &src[so..so + cw * 3];
+            for (x, p) in srow.chunks_exact(3).enumerate() {
+                let d = &mut cols[x * colen + r * 3..x * colen + r * 3 + 3];
+                d.copy_from_slice(p);
+            }
+        }
+        let mut t = vec![0u8; rows * ow * 3];
+        let mut acc = vec![0i32; colen];
+        let half = 1i32 << (PRECISION_BITS - 1);
+        for xx in 0..ow {
+            let (xmin, n) = hc.bounds[xx];
+            let k = &hc.k[xx * hc.ksize..xx * hc.ksize + n];
+            acc.fill(half);
+            for (j, &kv) in k.iter().enumerate() {
+                let col = &cols[(xmin + j) * colen..(xmin + j + 1) * colen];
+                // bounded sums: wrapping ops never wrap and keep debug overflow checks out of the hot loop
+                for (a, &p) in acc.iter_mut().zip(col) {
+                    *a = a.wrapping_add(i32::from(p).wrapping_mul(kv));
                 }
-                d[0] = clip8(s0);
-                d[1] = clip8(s1);
-                d[2] = clip8(s2);
+            }
+            for r in 0..rows {
+                let o = r * ow * 3 + xx * 3;
+                t[o] = clip8(acc[r * 3]);
+                t[o + 1] = clip8(acc[r * 3 + 1]);
+                t[o + 2] = clip8(acc[r * 3 + 2]);
             }
         }
         tmp = t;
@@ -182,7 +195,7 @@ pub fn resized_crop(img: &RgbImage, b: CropBox, out_w: u32, out_h: u32) -> RgbIm
             let r = ymin - yfirst + j;
             let srow = &tsrc[toff + r * tstride..toff + r * tstride + rowlen];
             for (a, &p) in acc.iter_mut().zip(srow) {
-                *a += i32::from(p) * kv;
+                *a = a.wrapping_add(i32::from(p).wrapping_mul(kv));
             }
         }
         for (o, &a) in out[yy * rowlen..(yy + 1) * rowlen].iter_mut().zip(&acc) {
