@@ -237,3 +237,33 @@ fn combination_gradients() {
         );
     }
 }
+
+#[test]
+fn packed_combination_gradients() {
+    let (k, b, d, m, n_local) = (5, 2, 3, 3, 2);
+    let mut loss = DinoV2Loss::new(DinoV2LossConfig::default(), k, Some(k), &CPU).unwrap();
+    let masks = Tensor::new(&[[1u8, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]], &CPU).unwrap();
+    let targets = loss
+        .teacher_targets(&randn(&[2 * b, k], 0.5), Some(&randn(&[m, k], 0.5)), 0.07)
+        .unwrap();
+    let packed = var(randn(&[n_local * b + 2 * b + m, k], 0.5));
+    let cls = var(randn(&[2 * b, d], 1.0));
+    fd_check(
+        "packed combination",
+        &[("packed", &packed), ("cls", &cls)],
+        || {
+            loss.forward_packed(
+                packed.as_tensor(),
+                n_local,
+                &targets,
+                Some(cls.as_tensor()),
+                Some(&masks),
+                None,
+            )
+            .unwrap()
+            .total
+        },
+        1e-7,
+        1e-5,
+    );
+}
