@@ -6,8 +6,9 @@ Run (from the repository root; CPU only, a few seconds):
     DINOV2_SRC=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/make_loss_fixtures.py
 
 `DINOV2_SRC` (or `--dinov2-src`) points at a checkout of facebookresearch/dinov2; without it the pip `dinov2`
-package is imported. Output: `crates/dinov2-loss/tests/fixtures/{head,dino,ibot,koleo,ssl}.safetensors` (f32,
-plus small int tensors for configs/masks), committed so CI never needs torch.
+package is imported. Output: `crates/dinov2-loss/tests/fixtures/{head,dino,ibot,koleo,ssl,checkpoint}.safetensors`
+(f32, plus small int tensors for configs/masks) and `teacher_checkpoint.pth` (a tiny checkpoint in the official
+`{"teacher": state_dict}` layout), committed so CI never needs torch. Deterministic (seeded).
 
 What is reference and what is glue:
 * `DINOHead`, `DINOLoss`, `iBOTPatchLoss`, `KoLeoLoss` and `SSLMetaArch.forward_backward` are the official
@@ -389,6 +390,23 @@ def ssl_fixtures(ssl_meta_arch, DINOHead, DINOLoss, iBOTPatchLoss, KoLeoLoss, ou
     run_case("ssl_sk", "sinkhorn_knopp", True, b=3, n_local=2, d=16, n_patches=5, k=64, k_ibot=32, steps=1)
 
 
+def checkpoint_fixture(DINOHead, outdir):
+    """A tiny `teacher_checkpoint.pth` laid out as the official trainer writes it (`{"teacher": state_dict}`
+    with `backbone.*` / `dino_head.*` keys), and the head's output on a fixed input."""
+    g = torch.Generator().manual_seed(6)
+    head = DINOHead(16, 64, nlayers=3, hidden_dim=32, bottleneck_dim=8)
+    perturb_head(head, g)
+    sd = {"backbone.cls_token": torch.zeros(1, 1, 16)}
+    sd.update({f"dino_head.{k}": v.clone() for k, v in head.state_dict().items()})
+    tmp = os.path.join(outdir, "teacher_checkpoint.pth.tmp")
+    torch.save({"teacher": sd}, tmp)
+    os.replace(tmp, os.path.join(outdir, "teacher_checkpoint.pth"))
+    x = torch.randn(3, 16, generator=g)
+    with torch.no_grad():
+        y = head(x)
+    return {"x": f32(x), "y": f32(y)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dinov2-src", default=os.environ.get("DINOV2_SRC"))
@@ -396,15 +414,17 @@ def main():
                                                   "tests", "fixtures"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    torch.manual_seed(0)  # DINOHead's own init draws from the global RNG
     ssl_meta_arch, DINOHead, DINOLoss, iBOTPatchLoss, KoLeoLoss = import_official(args.dinov2_src)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"torch": torch.__version__, "generator": "tools/make_loss_fixtures.py"}
+    meta = {"generator": f"tools/make_loss_fixtures.py, torch {torch.__version__}"}  # one key: stable bytes
     for fname, fn in (
         ("head", lambda o: head_fixtures(DINOHead, o)),
         ("dino", lambda o: dino_fixtures(DINOLoss, o)),
         ("ibot", lambda o: ibot_fixtures(iBOTPatchLoss, o)),
         ("koleo", lambda o: koleo_fixtures(KoLeoLoss, o)),
         ("ssl", lambda o: ssl_fixtures(ssl_meta_arch, DINOHead, DINOLoss, iBOTPatchLoss, KoLeoLoss, o)),
+        ("checkpoint", lambda o: o.update(checkpoint_fixture(DINOHead, args.out))),
     ):
         out = {}
         fn(out)

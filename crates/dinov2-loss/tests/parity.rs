@@ -560,3 +560,21 @@ fn dinov2_combination_matches_ssl_meta_arch() {
         }
     }
 }
+
+/// A head loaded from a checkpoint in the official trainer's layout (`teacher_checkpoint.pth`:
+/// `{"teacher": {"backbone.*", "dino_head.*"}}`) through candle's `.pth` reader gives the official output.
+#[test]
+fn head_loads_from_an_official_checkpoint_layout() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/teacher_checkpoint.pth");
+    let vb = VarBuilder::from_pth_with_state(&path, DType::F32, "teacher", &CPU).unwrap();
+    let cfg = DinoHeadConfig {
+        hidden_dim: 32,
+        bottleneck_dim: 8,
+        ..DinoHeadConfig::new(16, 64)
+    };
+    let head = DinoHead::new(&cfg, vb.pp("dino_head")).unwrap();
+    let f = Fixture::load("checkpoint");
+    let y = head.forward(&f.get("x")).unwrap();
+    assert_close(&y, &f.get("y"), TOL, "checkpoint head");
+}
