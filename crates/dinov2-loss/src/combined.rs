@@ -97,7 +97,48 @@ pub struct LossTerms {
 /// patches, KoLeo on the student's global CLS tokens, with the official weights and normalisations.
 ///
 /// One step: [`Self::teacher_targets`] (teacher logits → targets, centre bookkeeping), then
-/// [`Self::forward`] (student logits → [`LossTerms`]; call `backward` on `total`).
+/// [`Self::forward`] or [`Self::forward_packed`] (student logits → [`LossTerms`]; call `backward` on
+/// `total`).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use dinov2_loss::{mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig};
+///
+/// let dev = Device::Cpu;
+/// let (d, k, b, n_local, n_patches) = (16, 64, 2, 2, 4);
+/// let cfg = DinoHeadConfig { hidden_dim: 32, bottleneck_dim: 8, ..DinoHeadConfig::new(d, k) };
+/// let varmap = VarMap::new();
+/// let student = DinoHead::init(&cfg, &varmap, "dino_head", 0, DType::F32, &dev).unwrap();
+/// let teacher = DinoHead::new(&cfg, VarBuilder::from_tensors(
+///     DinoHead::init_tensors(&cfg, 1, DType::F32, &dev).unwrap(), DType::F32, &dev)).unwrap();
+/// let mut loss = DinoV2Loss::new(DinoV2LossConfig::default(), k, Some(k), &dev).unwrap();
+///
+/// // backbone outputs (CLS tokens of 2 global + n_local local crops, global patch tokens) and masks
+/// let masks = Tensor::new(&[[1u8, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], &dev).unwrap();
+/// let idx = mask_indices(&masks).unwrap();
+/// let t_cls = Tensor::randn(0f32, 1.0, (2 * b, d), &dev).unwrap();
+/// let t_patch = Tensor::randn(0f32, 1.0, (2 * b * n_patches, d), &dev).unwrap();
+/// let g_cls = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b, d), &dev).unwrap()).unwrap();
+/// let l_cls = Tensor::randn(0f32, 1.0, (n_local * b, d), &dev).unwrap();
+/// let g_patch = Tensor::randn(0f32, 1.0, (2 * b * n_patches, d), &dev).unwrap();
+///
+/// // teacher: targets (centering, lazy centre update)
+/// let t_out = teacher.forward(&Tensor::cat(&[t_cls, t_patch.index_select(&idx, 0).unwrap()], 0).unwrap()).unwrap();
+/// let m = idx.dim(0).unwrap();
+/// let targets = loss
+///     .teacher_targets(&t_out.narrow(0, 0, 2 * b).unwrap(), Some(&t_out.narrow(0, 2 * b, m).unwrap()), 0.04)
+///     .unwrap();
+/// // student: one packed head call (local CLS, global CLS, masked patches), then every loss term
+/// let s_in = Tensor::cat(&[&l_cls, g_cls.as_tensor(), &g_patch.index_select(&idx, 0).unwrap()], 0).unwrap();
+/// let s_out = student.forward_t(&s_in, true).unwrap();
+/// let terms = loss
+///     .forward_packed(&s_out, n_local, &targets, Some(g_cls.as_tensor()), Some(&masks), None)
+///     .unwrap();
+/// let grads = terms.total.backward().unwrap();
+/// assert!(grads.get(g_cls.as_tensor()).is_some());
+/// assert_eq!(varmap.all_vars().iter().filter(|v| grads.get(v.as_tensor()).is_some()).count(), 8);
+/// ```
 #[derive(Debug, Clone)]
 pub struct DinoV2Loss {
     cfg: DinoV2LossConfig,

@@ -73,9 +73,12 @@ pub fn soft_cross_entropy(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
     let dt = stat_dtype(s.dtype());
     let s = s.to_dtype(dt)?;
     let t = t.to_dtype(dt)?.detach();
-    if crate::fused::fused_ok(&s) && s.rank() >= 1 {
-        let k = last_dim(&s, "student logits")?;
-        let rows = s.elem_count() / k.max(1);
+    let k = last_dim(&s, "student logits")?;
+    if k == 0 {
+        return Err(Error::Input("logits with zero prototypes".into()));
+    }
+    if crate::fused::fused_ok(&s) {
+        let rows = s.elem_count() / k;
         let out_dims = &s.dims()[..s.rank() - 1];
         let ce = crate::fused::soft_ce_rows(&s.reshape((rows, k))?, &t.reshape((rows, k))?, temp)?;
         return Ok(ce.reshape(out_dims)?);
