@@ -273,3 +273,81 @@ impl DataAugmentationDino {
         }
     }
 }
+
+/// The official linear-evaluation training transform (`make_classification_train_transform`):
+/// `RandomResizedCrop(crop, scale=(0.08, 1), bicubic)` → horizontal flip with p 0.5 (then `ToTensor` + `Normalize`,
+/// see [`crate::preprocess::to_tensor_normalized`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClassificationTrainTransform {
+    /// The random resized crop (224, scale (0.08, 1) officially).
+    pub crop: RandomResizedCrop,
+    /// Flip probability (0.5).
+    pub hflip_p: f64,
+}
+
+impl Default for ClassificationTrainTransform {
+    fn default() -> Self {
+        Self {
+            crop: RandomResizedCrop::new(224, (0.08, 1.0)),
+            hflip_p: 0.5,
+        }
+    }
+}
+
+impl ClassificationTrainTransform {
+    /// Applies the transform to an 8-bit image.
+    pub fn apply<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R) -> RgbImage {
+        let mut c = self.crop.apply(img, rng);
+        if rng.random::<f64>() < self.hflip_p {
+            hflip(&mut c);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn classification_train_transform_shape_and_flip_rate() {
+        let t = ClassificationTrainTransform::default();
+        let img = RgbImage::from_fn(64, 48, |x, _| image::Rgb([x as u8 * 4, 0, 0]));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let out = t.apply(&img, &mut rng);
+        assert_eq!(out.dimensions(), (224, 224));
+        // the source increases left to right: a flipped crop decreases
+        let n = 2000;
+        let flipped = (0..n)
+            .filter(|_| {
+                let o = t.apply(&img, &mut rng);
+                o.get_pixel(0, 112)[0] > o.get_pixel(223, 112)[0]
+            })
+            .count();
+        let p = flipped as f64 / n as f64;
+        assert!(
+            (p - 0.5).abs() < 5.0 * (0.25 / n as f64).sqrt(),
+            "flip rate {p}"
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let bad = CropsConfig {
+            global_crops_scale: (0.5, 0.2),
+            ..Default::default()
+        };
+        assert!(DataAugmentationDino::new(bad, BlurProbabilities::RELEASED).is_err());
+        let bad = BlurProbabilities {
+            global1: 1.5,
+            ..BlurProbabilities::RELEASED
+        };
+        assert!(DataAugmentationDino::new(CropsConfig::default(), bad).is_err());
+        let empty = RgbImage::new(0, 0);
+        let a =
+            DataAugmentationDino::new(CropsConfig::default(), BlurProbabilities::RELEASED).unwrap();
+        let out = a.apply(&empty, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        assert_eq!(out.global[0].dimensions(), (224, 224));
+    }
+}

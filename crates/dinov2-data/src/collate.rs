@@ -4,6 +4,7 @@
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rayon::prelude::*;
 
 use crate::augment::MultiCrop;
 use crate::masking::MaskingGenerator;
@@ -162,16 +163,18 @@ fn stack_crop_major(samples: &[&[RgbImage]]) -> (Vec<f32>, [usize; 4]) {
         .map_or((0, 0), |c| (c.width() as usize, c.height() as usize));
     let per = 3 * w * h;
     let mut out = vec![0f32; nc * b * per];
-    for c in 0..nc {
-        for (i, s) in samples.iter().enumerate() {
-            let o = (c * b + i) * per;
-            if let Some(img) = s.get(c) {
-                if img.width() as usize == w && img.height() as usize == h {
-                    write_normalized_chw(img, IMAGENET_MEAN, IMAGENET_STD, &mut out[o..o + per]);
-                }
+    if per == 0 {
+        return (out, [nc * b, 3, h, w]);
+    }
+    // crop-major: slot k = c * b + i holds crop c of sample i; filled in parallel (on the caller's rayon pool)
+    out.par_chunks_mut(per).enumerate().for_each(|(k, dst)| {
+        let (c, i) = (k / b, k % b);
+        if let Some(img) = samples[i].get(c) {
+            if img.width() as usize == w && img.height() as usize == h {
+                write_normalized_chw(img, IMAGENET_MEAN, IMAGENET_STD, dst);
             }
         }
-    }
+    });
     (out, [nc * b, 3, h, w])
 }
 

@@ -39,7 +39,9 @@ pub mod resize;
 pub mod sampler;
 pub mod transforms;
 
-pub use augment::{BlurProbabilities, CropsConfig, DataAugmentationDino, MultiCrop};
+pub use augment::{
+    BlurProbabilities, ClassificationTrainTransform, CropsConfig, DataAugmentationDino, MultiCrop,
+};
 pub use collate::{Batch, MaskBatch, MaskCollate};
 pub use dataset::{Dataset, FileDataset, ImageNetSplit, Sample, TarDataset};
 pub use decode::{decode_rgb, load_rgb, load_rgb_with, DecodeOptions};

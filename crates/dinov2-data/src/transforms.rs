@@ -382,6 +382,14 @@ impl RandomResizedCrop {
     /// w = round(sqrt(area*r)), h = round(sqrt(area/r))), accepted if it fits, with a uniform position; otherwise
     /// the central crop with the ratio clamped to the allowed range.
     pub fn get_params<R: Rng + ?Sized>(&self, width: u32, height: u32, rng: &mut R) -> CropBox {
+        if width == 0 || height == 0 {
+            return CropBox {
+                left: 0,
+                top: 0,
+                width,
+                height,
+            };
+        }
         let area = f64::from(width) * f64::from(height);
         let (lr0, lr1) = (self.ratio.0.ln(), self.ratio.1.ln());
         for _ in 0..10 {
