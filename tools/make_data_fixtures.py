@@ -3,7 +3,10 @@
 
 Run (from the repository root):
 
-    PYTHONPATH=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/make_data_fixtures.py
+    PYTHONPATH=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/make_data_fixtures.py [parts]
+
+where parts is any of `transforms decode masking` (default: all three; `masking` needs the official dinov2 code and
+takes about a minute).
 
 Optional: DINOV2_SRC=/path/to/dinov2 (a checkout of facebookresearch/dinov2, put on sys.path) instead of an
 installed `dinov2` package. Output: crates/dinov2-data/tests/fixtures/ (small, committed; CI never runs this).
@@ -203,6 +206,6 @@ if __name__ == "__main__":
         transforms_fixtures()
     if "decode" in what:
         decode_fixtures()
-    if "masking" in what and "masking_fixtures" in globals():
-        masking_fixtures()  # noqa: F821
+    if "masking" in what:
+        masking_fixtures()
     print("fixtures written to", os.path.normpath(OUT))
