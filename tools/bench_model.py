@@ -406,7 +406,8 @@ def drive(args) -> int:
     footer = (f"finished {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average at end: "
               f"{fmt_load(load_end)}")
     table = markdown_table(results, impls)
-    cmdline = shlex.join([sys.executable] + sys.argv)
+    envs = [f"{v}={os.environ[v]}" for v in ("DINOV2_SRC", "OMP_WAIT_POLICY") if v in os.environ]
+    cmdline = shlex.join(envs + [sys.executable] + sys.argv)
     text = "\n".join([f"Command: `{cmdline}`", ""] + [f"- {h}" for h in header] + [f"- {footer}", "", table])
     print()
     print(text)
