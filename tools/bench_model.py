@@ -21,8 +21,8 @@ What it does:
     - `timm`: `timm.create_model("vit_{small,base}_patch14_dinov2", pretrained=False, img_size=<size>)`,
       `forward_features` (its position embedding is made for <size>: no interpolation at run time).
     - `official`: `dinov2.models.vision_transformer.vit_{small,base}(patch_size=14, img_size=518, init_values=1.0,
-      block_chunks=0)`, `forward_features` (interpolates its 37x37 position embedding to the input grid on every
-      call, as our model does). Imported from `--dinov2-src` / `$DINOV2_SRC`, else the `dinov2` package, else
+      block_chunks=0)`, `forward_features` (interpolates its 37x37 position embedding on every call when the
+      grid differs; ours caches the interpolated table per grid). Imported from `--dinov2-src` / `$DINOV2_SRC`, else the `dinov2` package, else
       `/work/dinov2-official` if it exists; `XFORMERS_DISABLED=1` (plain PyTorch attention via SDPA).
   PyTorch workers: `torch.set_num_threads(2)`, `OMP_NUM_THREADS=MKL_NUM_THREADS=2`, `eval()`, `inference_mode`.
   Every process runs `warmup` untimed forwards then N timed ones, each timed forward ending with a scalar read of
@@ -84,6 +84,7 @@ def import_official(src):
 
 
 def run_worker(args) -> int:
+    os.environ.setdefault("XFORMERS_DISABLED", "1")  # before importing the official code
     import torch
 
     torch.set_num_threads(args.threads)
