@@ -22,8 +22,9 @@ What it does:
       `forward_features` (its position embedding is made for <size>: no interpolation at run time).
     - `official`: `dinov2.models.vision_transformer.vit_{small,base}(patch_size=14, img_size=518, init_values=1.0,
       block_chunks=0)`, `forward_features` (interpolates its 37x37 position embedding on every call when the
-      grid differs; ours caches the interpolated table per grid). Imported from `--dinov2-src` / `$DINOV2_SRC`, else the `dinov2` package, else
-      `/work/dinov2-official` if it exists; `XFORMERS_DISABLED=1` (plain PyTorch attention via SDPA).
+      grid differs; ours caches the interpolated table per grid). Imported from `--dinov2-src` / `$DINOV2_SRC`,
+      else the `dinov2` package, else `/work/dinov2-official` if it exists; `XFORMERS_DISABLED=1` (plain PyTorch
+      attention via SDPA).
   PyTorch workers: `torch.set_num_threads(2)`, `OMP_NUM_THREADS=MKL_NUM_THREADS=2`, `eval()`, `inference_mode`.
   Every process runs `warmup` untimed forwards then N timed ones, each timed forward ending with a scalar read of
   the class token (forces the result for all three); start-up, imports and weight init are not timed.
