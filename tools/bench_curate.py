@@ -38,6 +38,7 @@ ap.add_argument("--n-knn", type=int, default=100_000)
 ap.add_argument("--nq", type=int, default=4096)
 ap.add_argument("--dedup-n", type=int, default=200_000)
 ap.add_argument("--dedup-reps", type=int, default=1)
+ap.add_argument("--kmeans-reps", type=int, default=None, help="default: --reps")
 ap.add_argument("--nprobe", type=int, default=16)
 ap.add_argument("--ops", default="knn,assign,kmeans,dedup")
 args = ap.parse_args()
@@ -169,7 +170,7 @@ if "assign" in ops:
 
 if "kmeans" in ops:
     fs, os_, fo, oo, fit, oit = [], [], [], [], [], []
-    for r in range(args.reps):
+    for r in range(args.kmeans_reps or args.reps):
         km = faiss.Kmeans(D, 1000, niter=10, seed=1234 + r, max_points_per_centroid=256)
         t = time.perf_counter()
         km.train(X)
