@@ -322,6 +322,33 @@ pub fn train_with_progress(
     cfg: &KMeansConfig,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<KMeans> {
+    train_resumable(x, d, cfg, None, progress, &mut |_| Ok(()))
+}
+
+/// State after a Lloyd iteration, enough to resume training.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KMeansCheckpoint {
+    /// Centroids after `iterations` updates (`k x d`).
+    #[serde(skip)]
+    pub centroids: Vec<f32>,
+    /// Lloyd iterations completed.
+    pub iterations: usize,
+    /// Objective at each completed assignment step.
+    pub objective_history: Vec<f64>,
+}
+
+/// [`train_with_progress`] that can start from a checkpoint and reports one after every iteration
+/// (`on_iter`; an error there aborts training). The subsample and the per-iteration randomness (empty-cluster
+/// splits) depend only on the seed and the iteration number, so a resumed run ends with the same centroids as an
+/// uninterrupted one.
+pub fn train_resumable(
+    x: &[f32],
+    d: usize,
+    cfg: &KMeansConfig,
+    resume: Option<KMeansCheckpoint>,
+    progress: &mut dyn FnMut(usize, f64),
+    on_iter: &mut dyn FnMut(&KMeansCheckpoint) -> Result<()>,
+) -> Result<KMeans> {
     if d == 0 || x.len() % d != 0 {
         return Err(CurateError::Shape(format!(
             "{} values are not rows of dim {d}",
@@ -334,6 +361,14 @@ pub fn train_with_progress(
         return Err(CurateError::InvalidArgument(format!(
             "k-means needs 1 <= k <= n, got k={k}, n={n}"
         )));
+    }
+    if let Some(c) = &resume {
+        if c.centroids.len() != k * d {
+            return Err(CurateError::Shape(format!(
+                "checkpoint has {} centroid values, expected {k} x {d}",
+                c.centroids.len()
+            )));
+        }
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let sub: Option<Vec<f32>> = match cfg.max_points_per_centroid {
@@ -350,9 +385,14 @@ pub fn train_with_progress(
     };
     let xt: &[f32] = sub.as_deref().unwrap_or(x);
     let nt = xt.len() / d;
-    let mut centroids = match cfg.init {
-        Init::KMeansPlusPlus => kmeans_plus_plus(xt, d, k, cfg.n_local_trials, &mut rng)?,
-        Init::Random => {
+    let (start, mut history, resumed) = match resume {
+        Some(c) => (c.iterations, c.objective_history, Some(c.centroids)),
+        None => (0, Vec::new(), None),
+    };
+    let mut centroids = match (resumed, cfg.init) {
+        (Some(c), _) => c,
+        (None, Init::KMeansPlusPlus) => kmeans_plus_plus(xt, d, k, cfg.n_local_trials, &mut rng)?,
+        (None, Init::Random) => {
             let mut idx = sample(&mut rng, nt, k).into_vec();
             idx.sort_unstable();
             idx.iter()
@@ -360,10 +400,9 @@ pub fn train_with_progress(
                 .collect()
         }
     };
-    let mut history = Vec::new();
     let mut prev_labels: Option<Vec<u32>> = None;
-    let mut iterations = 0;
-    for it in 0..cfg.n_iter {
+    let mut iterations = start;
+    for it in start..cfg.n_iter {
         let (labels, dist) = assign(xt, d, &centroids)?;
         let obj: f64 = dist.iter().map(|&v| v as f64).sum();
         progress(it, obj);
@@ -378,9 +417,17 @@ pub fn train_with_progress(
         let (offsets, rows) = group_by_label(&labels, k);
         centroids = update_centroids(xt, d, &offsets, &rows, &centroids);
         let mut counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-        split_empty(&mut centroids, &mut counts, d, &mut rng);
+        let mut it_rng = rand::rngs::StdRng::seed_from_u64(
+            cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(it as u64 + 1),
+        );
+        split_empty(&mut centroids, &mut counts, d, &mut it_rng);
         prev_labels = Some(labels);
         iterations = it + 1;
+        on_iter(&KMeansCheckpoint {
+            centroids: centroids.clone(),
+            iterations,
+            objective_history: history.clone(),
+        })?;
     }
     Ok(KMeans {
         k,
@@ -481,10 +528,40 @@ mod tests {
     }
 
     #[test]
+    fn resumed_training_matches_uninterrupted() {
+        // Uniform points: Lloyd keeps moving for many iterations.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let x: Vec<f32> = (0..600).map(|_| rng.random::<f32>()).collect();
+        let cfg = KMeansConfig {
+            k: 7,
+            n_iter: 6,
+            tol: 0.0,
+            ..KMeansConfig::new(7)
+        };
+        let full = train(&x, 2, &cfg).unwrap();
+        let mut saved = None;
+        let short = KMeansConfig {
+            n_iter: 3,
+            ..cfg.clone()
+        };
+        train_resumable(&x, 2, &short, None, &mut |_, _| {}, &mut |c| {
+            saved = Some(c.clone());
+            Ok(())
+        })
+        .unwrap();
+        let ck = saved.unwrap();
+        assert_eq!(ck.iterations, 3);
+        let resumed =
+            train_resumable(&x, 2, &cfg, Some(ck), &mut |_, _| {}, &mut |_| Ok(())).unwrap();
+        assert_eq!(resumed.centroids, full.centroids);
+        assert_eq!(resumed.iterations, full.iterations);
+    }
+
+    #[test]
     fn deterministic_and_handles_empty_clusters() {
         // Duplicated points force empty clusters with random init.
-        let mut x = vec![0.0f32; 2 * 40];
-        x.extend(std::iter::repeat_n([5.0f32, 5.0], 10).flatten());
+        let mut x: Vec<f32> = std::iter::repeat_n([1.0f32, 2.0], 40).flatten().collect();
+        x.extend(std::iter::repeat_n([5.0f32, 3.0], 10).flatten());
         let cfg = KMeansConfig {
             init: Init::Random,
             seed: 1,
@@ -494,7 +571,9 @@ mod tests {
         let b = train(&x, 2, &cfg).unwrap();
         assert_eq!(a.centroids, b.centroids);
         assert!(a.centroids.iter().all(|v| v.is_finite()));
-        assert!(a.objective(&x).unwrap() < 1e-6);
+        // Both point groups get their own centroid (up to the 1/1024 split perturbation); merged they would cost
+        // 40 * 10 / 50 * |(4, 1)|^2 = 136.
+        assert!(a.objective(&x).unwrap() < 1e-2, "{:?}", a.centroids);
         assert!(train(&x, 2, &KMeansConfig::new(51)).is_err());
     }
 }
