@@ -261,6 +261,9 @@ pub struct KmeansArgs {
     /// Early stop on relative objective decrease below this.
     #[arg(long, default_value_t = 1e-6)]
     pub tol: f64,
+    /// Save a resumable checkpoint every this many iterations (0 = never).
+    #[arg(long, default_value_t = 5)]
+    pub checkpoint_every: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -843,10 +846,77 @@ fn run_kmeans(a: &KmeansArgs) -> Result<()> {
         max_points_per_centroid: a.max_points_per_centroid,
         tol: a.tol,
     };
+    // Checkpoints: `checkpoint/state.json` names the centroid file of the last saved iteration.
+    let ck_dir = out.join("checkpoint");
+    let state_path = ck_dir.join("state.json");
+    let params = json!({
+        "embeddings": a.input.embeddings, "rows": a.input.rows, "no_normalize": a.input.no_normalize,
+        "n": x.rows(), "d": x.dim(), "k": a.k, "init": format!("{:?}", a.init), "seed": a.seed,
+        "max_points_per_centroid": a.max_points_per_centroid, "tol": a.tol,
+    });
+    let mut resume = None;
+    if state_path.exists() && !a.out.force {
+        let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| CurateError::Json {
+                path: state_path.clone(),
+                source,
+            })?;
+        if v["params"] == params {
+            let mut ck: kmeans::KMeansCheckpoint = serde_json::from_value(v["checkpoint"].clone())
+                .map_err(|source| CurateError::Json {
+                    path: state_path.clone(),
+                    source,
+                })?;
+            let (c, shape) =
+                npy::read_f32(&ck_dir.join(format!("centroids_{:06}.npy", ck.iterations)))?;
+            if shape != [a.k, x.dim()] {
+                return Err(CurateError::Resume {
+                    path: ck_dir.clone(),
+                    msg: format!("centroids shape {shape:?}"),
+                });
+            }
+            ck.centroids = c;
+            eprintln!("kmeans: resuming after iteration {}", ck.iterations);
+            resume = Some(ck);
+        } else {
+            eprintln!("kmeans: checkpoint of other parameters ignored");
+        }
+    }
+    let resumed_from = resume.as_ref().map(|c| c.iterations);
     let pb = bar(a.iters as u64, "kmeans");
-    let km = kmeans::train_with_progress(x.as_slice(), x.dim(), &cfg, &mut |it, _| {
-        pb.set_position(it as u64 + 1)
-    })?;
+    let every = a.checkpoint_every;
+    let mut save = |ck: &kmeans::KMeansCheckpoint| -> Result<()> {
+        if every == 0 || ck.iterations % every != 0 {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&ck_dir).map_err(io_err(&ck_dir))?;
+        let name = format!("centroids_{:06}.npy", ck.iterations);
+        npy::write_f32(
+            &ck_dir.join(&name),
+            &ck.centroids,
+            &[a.k, ck.centroids.len() / a.k.max(1)],
+        )?;
+        write_json(&state_path, &json!({"params": params, "checkpoint": ck}))?;
+        // Older centroid files are no longer referenced.
+        if let Ok(rd) = std::fs::read_dir(&ck_dir) {
+            for e in rd.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                if f.starts_with("centroids_") && f != name {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    };
+    let km = kmeans::train_resumable(
+        x.as_slice(),
+        x.dim(),
+        &cfg,
+        resume,
+        &mut |it, _| pb.set_position(it as u64 + 1),
+        &mut save,
+    )?;
     pb.finish_and_clear();
     let train_s = t.elapsed().as_secs_f64();
     let (labels, dist) = km.assign(x.as_slice())?;
@@ -860,6 +930,7 @@ fn run_kmeans(a: &KmeansArgs) -> Result<()> {
     }
     let s = json!({"k": km.k, "d": km.d, "n": x.rows(), "iterations": km.iterations,
         "objective_history": km.objective_history, "objective": objective, "config": cfg,
+        "resumed_from_iteration": resumed_from,
         "train_seconds": train_s, "seconds": t.elapsed().as_secs_f64()});
     write_json(&out.join("summary.json"), &s)
 }

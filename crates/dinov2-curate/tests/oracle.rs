@@ -364,6 +364,50 @@ fn cli_kmeans_hkmeans_sample_retrieve_knn() {
     let (assign, shape) = npy::read_i64(&dir.path().join("km/assignment.npy")).unwrap();
     assert_eq!(shape, vec![1200]);
     assert!(assign.iter().all(|&a| (0..20).contains(&a)));
+    // Crash/resume of k-means: a 5-iteration run leaves a checkpoint; rerunning with 10 iterations in the same
+    // directory (summary removed, as after a crash) resumes from it and must equal an uninterrupted 10-iteration run.
+    let km_args = |iters: &str, out: &str| {
+        let v = [
+            "kmeans",
+            "--embeddings",
+            data,
+            "--k",
+            "20",
+            "--iters",
+            iters,
+            "--tol",
+            "0",
+            "--init",
+            "random",
+            "--output",
+            out,
+        ];
+        v.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    fn as_refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    run_cli(&as_refs(&km_args("10", &p("km_full")))).unwrap();
+    run_cli(&as_refs(&km_args("5", &p("km_res")))).unwrap();
+    std::fs::remove_file(dir.path().join("km_res/summary.json")).unwrap();
+    run_cli(&as_refs(&km_args("10", &p("km_res")))).unwrap();
+    let full = npy::read_f32(&dir.path().join("km_full/centroids.npy"))
+        .unwrap()
+        .0;
+    let resumed = npy::read_f32(&dir.path().join("km_res/centroids.npy"))
+        .unwrap()
+        .0;
+    assert_eq!(full, resumed);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("km_res/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["checkpoint"]["iterations"], 10);
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("km_res/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["resumed_from_iteration"], 5);
     // knn via CLI equals the oracle.
     run_cli(&[
         "knn",
