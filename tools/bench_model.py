@@ -249,6 +249,12 @@ def build_command(impl, arch, size, batch, iters, warmup, args, binary, dinov2_s
     return cmd
 
 
+def official_src_desc(impls, dinov2_src):
+    if "official" not in impls:
+        return "not run"
+    return dinov2_src or "installed dinov2 package"
+
+
 def fmt_load(la):
     return " / ".join(f"{x:.2f}" for x in la)
 
@@ -362,7 +368,7 @@ def drive(args) -> int:
         f"{os.cpu_count()} logical CPUs ({cpu_name()})",
         f"dinov2-rs {git_head()}; ours: {binary or 'not run'}"
         + (f" (built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(binary.stat().st_mtime))})" if binary else ""),
-        f"torch {torch_v}, timm {timm_v}, official code: {dinov2_src or 'installed dinov2 package'}; "
+        f"torch {torch_v}, timm {timm_v}, official code: {official_src_desc(impls, dinov2_src)}; "
         f"{args.threads} threads each; rounds {args.rounds}; warmup {args.warmup}; "
         f"N {'= ' + str(args.iters) if args.iters else 'automatic'}; "
         f"OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}",
