@@ -191,7 +191,7 @@ impl VitConfig {
         if self.ffn_hidden_dim() == 0 {
             return fail("the FFN hidden size rounds to zero".into());
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return fail(format!(
                 "layer_norm_eps must be positive (got {})",
                 self.layer_norm_eps

@@ -3,7 +3,7 @@
 //!
 //! Token tensors are packed `[rows, D]` matrices; a [`SeqLayout`] tells attention which rows form one image.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Tensor, D};
 
@@ -273,6 +273,29 @@ pub struct Block {
     pub(crate) mlp: Ffn,
     pub(crate) ls2: Option<Tensor>,
     pub(crate) drop_path: f64,
+    /// Inference-only weights with LayerScale folded in (computed on first inference use).
+    pub(crate) folded: OnceLock<FoldedOutputs>,
+}
+
+/// `proj` and the FFN output layer with LayerScale folded in: `γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b`.
+#[derive(Debug, Clone)]
+pub(crate) struct FoldedOutputs {
+    proj_w: Tensor,
+    proj_b: Option<Arc<Vec<f32>>>,
+    out_w: Tensor,
+    out_b: Option<Arc<Vec<f32>>>,
+}
+
+fn fold(lin: &Linear, gamma: Option<&Tensor>) -> Result<(Tensor, Option<Arc<Vec<f32>>>)> {
+    let (w, b) = match gamma {
+        Some(g) => (
+            lin.weight.broadcast_mul(&g.unsqueeze(1)?)?,
+            lin.bias.as_ref().map(|b| b * g).transpose()?,
+        ),
+        None => (lin.weight.clone(), lin.bias.clone()),
+    };
+    let b = b.map(|b| b.to_vec1::<f32>().map(Arc::new)).transpose()?;
+    Ok((w.contiguous()?, b))
 }
 
 impl Block {
@@ -292,6 +315,7 @@ impl Block {
             mlp: Ffn::load(sd, &format!("{p}.mlp"), cfg)?,
             ls2: ls("ls2")?,
             drop_path: cfg.drop_path_rate_of_block(i),
+            folded: OnceLock::new(),
         })
     }
 
@@ -332,11 +356,65 @@ impl Block {
                     Ok((&x + drop_path_per_sample(&y, packing, r, ctx)?)?)
                 }
             }
+            _ if ops::use_cpu_kernel(x) && !x.track_op() && !self.attn.qkv.weight.track_op() => {
+                self.forward_inference(x, &layout, be)
+            }
             _ => {
                 let x = (x + scale(&self.attn_branch(x, &layout, be)?, self.ls1.as_ref())?)?;
                 Ok((&x + scale(&self.ffn_branch(&x)?, self.ls2.as_ref())?)?)
             }
         }
+    }
+
+    /// Inference on CPU f32 without gradient tracking: LayerScale folded into the output projections, whose
+    /// GEMMs accumulate straight into the residual stream.
+    fn forward_inference(
+        &self,
+        x: &Tensor,
+        layout: &SeqLayout,
+        be: &dyn AttentionBackend,
+    ) -> Result<Tensor> {
+        let f = match self.folded.get() {
+            Some(f) => f,
+            None => {
+                let (proj_w, proj_b) = fold(&self.attn.proj, self.ls1.as_ref())?;
+                let out = match &self.mlp {
+                    Ffn::Mlp { fc2, .. } => fc2,
+                    Ffn::Swiglu { w3, .. } => w3,
+                };
+                let (out_w, out_b) = fold(out, self.ls2.as_ref())?;
+                let _ = self.folded.set(FoldedOutputs {
+                    proj_w,
+                    proj_b,
+                    out_w,
+                    out_b,
+                });
+                self.folded
+                    .get()
+                    .ok_or_else(|| Error::invalid("folded weights unavailable"))?
+            }
+        };
+        let qkv = self.attn.qkv.forward(&self.norm1.forward(x)?)?;
+        let o = be.attention(&qkv, layout, self.attn.num_heads, self.attn.scale)?;
+        let x = ops::linear_residual_inference(x, &o, &f.proj_w, f.proj_b.clone())?;
+        let h = self.norm2.forward(&x)?;
+        let hidden = match &self.mlp {
+            Ffn::Mlp { fc1, .. } => match &fc1.bias {
+                Some(b) => ops::linear_gelu_inference(&h, &fc1.weight, b)?,
+                None => ops::gelu_erf(&fc1.forward(&h)?)?,
+            },
+            Ffn::Swiglu { w12, hidden, .. } => {
+                let g = w12.forward(&h)?;
+                (g.narrow(D::Minus1, 0, *hidden)?.silu()?
+                    * g.narrow(D::Minus1, *hidden, *hidden)?)?
+            }
+        };
+        Ok(ops::linear_residual_inference(
+            &x,
+            &hidden,
+            &f.out_w,
+            f.out_b.clone(),
+        )?)
     }
 
     pub(crate) fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) {

@@ -22,6 +22,7 @@ pub mod heads;
 pub mod hub;
 pub mod init;
 pub mod layers;
+pub mod loader;
 pub mod ops;
 pub mod pos_embed;
 pub mod state_dict;
@@ -31,6 +32,7 @@ pub mod weights;
 pub use config::{Arch, FfnKind, OfficialModel, PosEmbedInterpolation, VitConfig};
 pub use error::{Error, Result};
 pub use heads::LinearClassifier;
+pub use loader::{load_model, load_model_with, LoadedModel};
 pub use state_dict::StateDict;
 pub use vit::{
     BlockSelection, DinoVisionTransformer, Features, IntermediateOptions, IntermediateOutput,

@@ -188,7 +188,7 @@ fn gradients_match_finite_differences() {
             .to_vec1::<f64>()
             .unwrap();
         for idx in [0, base.len() / 2, base.len() - 1] {
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut p = base.clone();
                 p[idx] += delta;
                 v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap())

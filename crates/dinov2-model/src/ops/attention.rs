@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{slice_f32, with_f32, SyncPtr};
-use super::softmax::softmax_row;
+use super::softmax::softmax_rows;
 
 /// Where each sequence sits in a packed token matrix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -267,7 +267,7 @@ impl AttentionOp {
             }
         }
         // Longest sequences first so the pool balances.
-        items.sort_by(|a, b| b.1.cmp(&a.1));
+        items.sort_by_key(|item| std::cmp::Reverse(item.1));
         items
     }
 }
@@ -313,7 +313,7 @@ impl CustomOp1 for AttentionOp {
                         three_d,
                         scale,
                     );
-                    scratch.chunks_exact_mut(t).for_each(softmax_row);
+                    softmax_rows(scratch, t);
                     let o = dst.get().add(start * d + h * hd);
                     gemm_st(
                         t,
@@ -380,7 +380,7 @@ impl CustomOp1 for AttentionOp {
                                 three_d,
                                 scale,
                             );
-                            p.chunks_exact_mut(t).for_each(softmax_row);
+                            softmax_rows(p, t);
                             // dV = Pᵀ dO
                             gemm_st(
                                 t,

@@ -42,22 +42,25 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
 }
 
 /// `exp` for f32, branch-free so loops over it vectorise (Cephes `expf` polynomial, about 1 ulp on [-87, 88]).
+///
+/// The exponent is rounded with the 1.5·2²³ "magic number" instead of an `as i32` cast: Rust's saturating
+/// float-to-int casts do not vectorise.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
     let x = x.clamp(-87.336_54, 88.376_26);
-    let fx = x * LOG2E + 0.5;
-    let mut n = fx as i32;
-    n -= ((n as f32) > fx) as i32; // floor
-    let nf = n as f32;
+    let t = x * LOG2E + MAGIC;
+    let nf = t - MAGIC; // round(x · log2 e)
+    let n = t.to_bits().wrapping_sub(MAGIC.to_bits()); // the same integer, two's complement
     let r = x - nf * 0.693_359_4 - nf * -2.121_944_4e-4;
     let z = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * z + r + 1.0;
-    y * f32::from_bits(((n + 127) as u32) << 23)
+    y * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
 /// `erf` for f32 as PyTorch's vectorised CPU kernels compute it (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
@@ -69,4 +72,110 @@ pub(crate) fn fast_erf(x: f32) -> f32 {
         (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_7) * t - 0.284_496_74) * t + 0.254_829_6;
     let v = 1.0 - r * t * fast_exp(-a * a);
     v.copysign(x)
+}
+
+/// Whether this CPU runs the AVX2+FMA builds of our kernels (checked once, cached by std).
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines a kernel function whose body is compiled twice: for the baseline target and with AVX2+FMA
+/// enabled, picking the latter at run time when the CPU has it. Results are identical (no FMA contraction).
+macro_rules! simd_kernel {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::ops::cpu::has_avx2() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_kernel;
+
+/// Sum with 8 independent accumulators (lets the compiler vectorise; order differs from a serial sum).
+#[inline(always)]
+pub(crate) fn sum_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let tail: f32 = rem.iter().sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Maximum with 8 independent lanes.
+#[inline(always)]
+pub(crate) fn max_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = rem.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_and_erf_are_accurate() {
+        let mut worst_exp = 0f64;
+        let mut worst_erf = 0f64;
+        for i in -20000..=20000 {
+            let x = i as f32 * 0.0043;
+            let e = (x as f64).exp();
+            worst_exp = worst_exp.max(((fast_exp(x) as f64 - e) / e).abs());
+            let t = 1.0 / (1.0 + 0.5 * (x as f64).abs());
+            // erfc via Numerical Recipes' Chebyshev fit (|rel err| < 1.2e-7), as an independent reference.
+            let y = t
+                * (-(x as f64) * (x as f64) - 1.26551223
+                    + t * (1.00002368
+                        + t * (0.37409196
+                            + t * (0.09678418
+                                + t * (-0.18628806
+                                    + t * (0.27886807
+                                        + t * (-1.13520398
+                                            + t * (1.48851587
+                                                + t * (-0.82215223 + t * 0.17087277)))))))))
+                    .exp();
+            let erf = if x >= 0.0 { 1.0 - y } else { y - 1.0 };
+            worst_erf = worst_erf.max((fast_erf(x) as f64 - erf).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp:e}");
+        assert!(worst_erf < 4e-7, "erf absolute error {worst_erf:e}");
+        assert!(fast_exp(-200.0) < 1e-37 && fast_exp(f32::NEG_INFINITY) < 1e-37);
+        assert!(fast_exp(f32::NAN).is_nan());
+    }
 }

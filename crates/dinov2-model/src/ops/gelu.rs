@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{fast_erf, slice_f32};
+use super::cpu::{fast_erf, simd_kernel, slice_f32};
 
 /// Exact GELU. f32 CPU tensors use a fused, vectorised kernel with PyTorch's CPU `erf` approximation
 /// (|error| < 1.5e-7); other devices use candle's `gelu_erf`. Differentiable everywhere.
@@ -25,27 +25,13 @@ pub(crate) fn gelu_scalar(v: f32) -> f32 {
     0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// In-place GELU over a slice, dispatched to an AVX2 build of the same loop where available.
-pub(crate) fn gelu_in_place(xs: &mut [f32]) {
-    #[inline(always)]
-    fn body(xs: &mut [f32]) {
+simd_kernel! {
+    /// In-place GELU over a slice.
+    pub(crate) fn gelu_in_place(xs: &mut [f32]) {
         for v in xs.iter_mut() {
             *v = gelu_scalar(*v);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn body_avx2(xs: &mut [f32]) {
-            body(xs)
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the enabled features (checked just above).
-            unsafe { body_avx2(xs) };
-            return;
-        }
-    }
-    body(xs)
 }
 
 pub(crate) const PAR_CHUNK: usize = 1 << 14;

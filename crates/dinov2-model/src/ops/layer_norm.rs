@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu::{rows_per_chunk, slice_f32};
+use super::cpu::{rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (biased variance, as PyTorch).
 ///
@@ -28,6 +28,33 @@ pub fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) 
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     xhat.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+simd_kernel! {
+    /// Normalises each row of `x` (rows of `w.len()` values) into `out`.
+    fn layer_norm_rows(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let d = w.len();
+        let mut centered = vec![0f32; d];
+        for (orow, xrow) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let mean = sum_lanes(xrow) / d as f32;
+            for (c, &v) in centered.iter_mut().zip(xrow) {
+                *c = v - mean;
+            }
+            let mut sq = [0f32; 8];
+            let chunks = centered.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|c| c * c).sum();
+            for ch in chunks {
+                for i in 0..8 {
+                    sq[i] += ch[i] * ch[i];
+                }
+            }
+            let var = (((sq[0] + sq[4]) + (sq[1] + sq[5])) + ((sq[2] + sq[6]) + (sq[3] + sq[7])) + tail) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                orow[i] = centered[i] * rstd * w[i] + b[i];
+            }
+        }
+    }
 }
 
 struct LayerNormOp {
@@ -65,16 +92,7 @@ impl CustomOp3 for LayerNormOp {
         let chunk = rows_per_chunk(rows) * d;
         out.par_chunks_mut(chunk.max(1))
             .zip(x.par_chunks(chunk.max(1)))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let mean = xrow.iter().sum::<f32>() / d as f32;
-                    let var = xrow.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                    let rstd = 1.0 / (var + eps).sqrt();
-                    for i in 0..d {
-                        orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
+            .for_each(|(o, xs)| layer_norm_rows(o, xs, w, b, eps));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -1,5 +1,7 @@
 //! Affine map `x · Wᵀ + b` over the last dimension, with the bias (and optionally GELU) fused into the GEMM pass.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -36,6 +38,70 @@ pub(crate) fn linear_gelu_inference(x: &Tensor, weight: &Tensor, bias: &Tensor) 
     )
 }
 
+/// `residual + x · weightᵀ + bias` without gradient tracking: the GEMM accumulates straight into a copy
+/// of the residual stream (inference fast path; LayerScale is folded into `weight` and `bias` by the caller).
+pub(crate) fn linear_residual_inference(
+    residual: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<Arc<Vec<f32>>>,
+) -> Result<Tensor> {
+    residual.contiguous()?.apply_op3_no_bwd(
+        &x.contiguous()?,
+        &weight.contiguous()?,
+        &ResidualLinearOp { bias },
+    )
+}
+
+struct ResidualLinearOp {
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp3 for ResidualLinearOp {
+    fn name(&self) -> &'static str {
+        "dinov2-residual-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let residual = slice_f32(s1, l1)?;
+        let x = slice_f32(s2, l2)?;
+        let w = slice_f32(s3, l3)?;
+        let (n, k) = l3.shape().dims2()?;
+        let m = residual.len().checked_div(n).unwrap_or(0);
+        if residual.len() != m * n
+            || x.len() != m * k
+            || self.bias.as_ref().is_some_and(|b| b.len() != n)
+        {
+            candle_core::bail!(
+                "residual linear: residual {:?}, input {:?}, weight {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let mut out = residual.to_vec();
+        if let Some(b) = &self.bias {
+            out.par_chunks_mut(n.max(1) * 64).for_each(|c| {
+                c.chunks_exact_mut(n)
+                    .for_each(|r| r.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += v))
+            });
+        }
+        if m > 0 && n > 0 && k > 0 {
+            // SAFETY: the destination holds m·n values; x is [m, k] and w is [n, k], both contiguous.
+            unsafe { gemm_accumulate(m, n, k, out.as_mut_ptr(), x, w) };
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// [`linear`] from primitive ops.
 pub fn linear_generic(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.broadcast_matmul(&weight.t()?)?;
@@ -43,6 +109,34 @@ pub fn linear_generic(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// `dst[m, n] += x[m, k] · w[n, k]ᵀ` (row-major), on the rayon pool.
+///
+/// # Safety
+/// `dst` must be valid for `m · n` writes; `x` and `w` must hold `m · k` and `n · k` values.
+unsafe fn gemm_accumulate(m: usize, n: usize, k: usize, dst: *mut f32, x: &[f32], w: &[f32]) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        true,
+        x.as_ptr(),
+        1,
+        k as isize,
+        w.as_ptr(),
+        k as isize,
+        1,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
 }
 
 struct LinearOp {
@@ -76,36 +170,14 @@ impl CustomOp3 for LinearOp {
                 l3.dims()
             );
         }
-        let m = if k == 0 { 0 } else { x.len() / k };
+        let m = x.len().checked_div(k).unwrap_or(0);
         let mut out = vec![0f32; m * n];
         out.par_chunks_mut(n.max(1) * 64)
             .for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
         if m > 0 && n > 0 && k > 0 {
             let dst = SyncPtr(out.as_mut_ptr());
-            // SAFETY: dst has m*n elements, x has m*k, w has n*k; strides describe row-major x, wᵀ (via w's strides) and dst.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.get(),
-                    1,
-                    n as isize,
-                    true,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                );
-            }
+            // SAFETY: the destination holds m·n values; x is [m, k] and w is [n, k], both contiguous.
+            unsafe { gemm_accumulate(m, n, k, dst.get(), x, w) };
         }
         if self.gelu {
             out.par_chunks_mut(PAR_CHUNK).for_each(gelu_in_place);

@@ -6,7 +6,7 @@
 //! Tests check that both paths agree and that gradients match finite differences.
 
 mod attention;
-mod cpu;
+pub(crate) mod cpu;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -18,8 +18,8 @@ pub use attention::{
 };
 pub use gelu::{gelu_erf, gelu_erf_generic};
 pub use layer_norm::{layer_norm, layer_norm_generic};
-pub(crate) use linear::linear_gelu_inference;
 pub use linear::{linear, linear_generic};
+pub(crate) use linear::{linear_gelu_inference, linear_residual_inference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_generic};
 
 pub(crate) use cpu::slice_f32 as cpu_slice;

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu::{rows_per_chunk, slice_f32};
+use super::cpu::{fast_exp, max_lanes, rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
 
 /// Softmax over the last dimension, differentiable on every device (unlike `candle_nn::ops::softmax_last_dim`).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -21,18 +21,19 @@ pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// In-place softmax of one row.
-#[inline]
-pub(crate) fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
+simd_kernel! {
+    /// In-place softmax of each `d`-wide row of `rows`.
+    pub(crate) fn softmax_rows(rows: &mut [f32], d: usize) {
+        for row in rows.chunks_exact_mut(d) {
+            let max = max_lanes(row);
+            for v in row.iter_mut() {
+                *v = fast_exp(*v - max);
+            }
+            let inv = 1.0 / sum_lanes(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
     }
 }
 
@@ -49,7 +50,7 @@ impl CustomOp1 for SoftmaxOp {
         let mut out = x.to_vec();
         let chunk = rows_per_chunk(out.len() / d) * d;
         out.par_chunks_mut(chunk.max(1))
-            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax_row));
+            .for_each(|c| softmax_rows(c, d));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

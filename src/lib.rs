@@ -1,0 +1,18 @@
+//! # dinov2
+//!
+//! DINOv2 in Rust on candle. This crate re-exports the workspace's libraries and holds the pieces of the
+//! `dinov2` command-line tool that join them:
+//!
+//! * [`model`] (`dinov2-model`): the backbones, weight formats, Hub download;
+//! * [`loss`] (`dinov2-loss`): DINO head, DINO / iBOT / KoLeo losses;
+//! * [`data`] (`dinov2-data`): decoding, augmentation, masking, datasets, loaders;
+//! * [`curate`] (`dinov2-curate`): embedding stores, k-NN, deduplication, (hierarchical) k-means, sampling;
+//! * [`embed`]: image files or pixel tensors to features, in batches;
+//! * [`pca`]: the classic RGB picture of the first three principal components of patch features.
+pub use dinov2_curate as curate;
+pub use dinov2_data as data;
+pub use dinov2_loss as loss;
+pub use dinov2_model as model;
+
+pub mod embed;
+pub mod pca;
