@@ -312,3 +312,41 @@ fn curate_embed_then_dedup_runs_end_to_end_with_a_model() {
     assert_eq!(ids.len(), 3, "kept {ids:?}");
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
 }
+
+#[test]
+fn embed_in_reduced_precision_stays_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/model/reg/hf");
+    let images = root().join("examples/images");
+    let run = |dtype: &str| {
+        let out = dir.path().join(format!("{dtype}.safetensors"));
+        ok(&dinov2(&[
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]));
+        load(&out)
+    };
+    let full = run("f32");
+    for dtype in ["bf16", "f16"] {
+        let low = run(dtype);
+        for k in ["x_norm_clstoken", "x_norm_patchtokens", "x_norm_regtokens"] {
+            assert_eq!(low[k].dtype(), DType::F32, "outputs are written as f32");
+            let scale = full[k]
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let err = max_diff(&low[k], &full[k]) / scale;
+            assert!(err < 0.1, "{dtype} {k}: relative error {err}");
+        }
+    }
+}

@@ -281,8 +281,17 @@ impl CustomOp1 for AttentionOp {
         let qkv = slice_f32(s, l)?;
         let (rows, three_d) = l.shape().dims2()?;
         let d = three_d / 3;
+        if self.layout.total_rows() != rows || self.num_heads == 0 || d % self.num_heads != 0 {
+            candle_core::bail!(
+                "attention: layout covers {} rows for a [{rows}, {three_d}] qkv with {} heads",
+                self.layout.total_rows(),
+                self.num_heads
+            );
+        }
         let hd = d / self.num_heads;
-        let mut out = vec![0f32; rows * d];
+        // Not zero-filled: the (segment, head) GEMMs below write every element (they never read `dst`), and
+        // the length is set only after they have run.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * d);
         let dst = SyncPtr(out.as_mut_ptr());
         let src = qkv.as_ptr() as usize;
         let scale = self.scale;
@@ -334,6 +343,9 @@ impl CustomOp1 for AttentionOp {
                 }
             },
         );
+        // SAFETY: the segments cover all `rows` rows and every head's columns of each, so all rows·d values
+        // were written by the GEMMs above.
+        unsafe { out.set_len(rows * d) };
         Ok((CpuStorage::F32(out), Shape::from((rows, d))))
     }
 

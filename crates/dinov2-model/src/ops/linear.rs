@@ -171,9 +171,21 @@ impl CustomOp3 for LinearOp {
             );
         }
         let m = x.len().checked_div(k).unwrap_or(0);
-        let mut out = vec![0f32; m * n];
-        out.par_chunks_mut(n.max(1) * 64)
-            .for_each(|c| c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)));
+        // Every row starts as the bias (written once, no zero-fill), then the GEMM accumulates into it.
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        if n > 0 {
+            out.spare_capacity_mut()[..m * n]
+                .par_chunks_mut(n * 64)
+                .for_each(|c| {
+                    c.chunks_exact_mut(n).for_each(|r| {
+                        r.iter_mut().zip(b).for_each(|(d, &v)| {
+                            d.write(v);
+                        })
+                    })
+                });
+        }
+        // SAFETY: the m·n elements were all written just above.
+        unsafe { out.set_len(m * n) };
         if m > 0 && n > 0 && k > 0 {
             let dst = SyncPtr(out.as_mut_ptr());
             // SAFETY: the destination holds m·n values; x is [m, k] and w is [n, k], both contiguous.
