@@ -259,6 +259,7 @@ unsafe fn gemm_st(
 }
 
 impl AttentionOp {
+    /// `(segment start, segment length, head)` for every head of every segment, longest segments first.
     fn items(&self) -> Vec<(usize, usize, usize)> {
         let mut items = Vec::with_capacity(self.layout.segments().len() * self.num_heads);
         for &(start, len) in self.layout.segments() {
@@ -269,6 +270,23 @@ impl AttentionOp {
         // Longest sequences first so the pool balances.
         items.sort_by_key(|item| std::cmp::Reverse(item.1));
         items
+    }
+
+    /// Forward work items: each (segment, head) split into blocks of query rows, so a block's score rows
+    /// (`rows × len` floats, about 256 KiB at most for long sequences) stay in cache and short batches still
+    /// have enough items for every thread. Each block sees all keys: the softmax needs no rescaling.
+    fn forward_items(&self) -> Vec<(usize, usize, usize, usize, usize)> {
+        let mut out = Vec::new();
+        for (start, len, h) in self.items() {
+            let block = (65_536 / len.max(1)).max(64).min(len.max(1));
+            let mut q0 = 0;
+            while q0 < len {
+                let qn = block.min(len - q0);
+                out.push((start, len, h, q0, qn));
+                q0 += qn;
+            }
+        }
+        out
     }
 }
 
@@ -295,19 +313,19 @@ impl CustomOp1 for AttentionOp {
         let dst = SyncPtr(out.as_mut_ptr());
         let src = qkv.as_ptr() as usize;
         let scale = self.scale;
-        self.items().into_par_iter().for_each_init(
+        self.forward_items().into_par_iter().for_each_init(
             Vec::new,
-            |scratch: &mut Vec<f32>, (start, t, h)| {
-                scratch.resize(t * t, 0.0);
+            |scratch: &mut Vec<f32>, (start, t, h, q0, qn)| {
+                scratch.resize(qn * t, 0.0);
                 let base = src as *const f32;
-                // SAFETY: all offsets stay inside the [rows, 3D] input and [rows, D] output; each (segment, head)
-                // writes a disjoint column block of its own rows.
+                // SAFETY: all offsets stay inside the [rows, 3D] input and [rows, D] output; each
+                // (segment, head, query block) writes a disjoint block of its own rows and head columns.
                 unsafe {
-                    let q = base.add(start * three_d + h * hd);
+                    let q = base.add((start + q0) * three_d + h * hd);
                     let k = base.add(start * three_d + d + h * hd);
                     let v = base.add(start * three_d + 2 * d + h * hd);
                     gemm_st(
-                        t,
+                        qn,
                         t,
                         hd,
                         scratch.as_mut_ptr(),
@@ -323,9 +341,9 @@ impl CustomOp1 for AttentionOp {
                         scale,
                     );
                     softmax_rows(scratch, t);
-                    let o = dst.get().add(start * d + h * hd);
+                    let o = dst.get().add((start + q0) * d + h * hd);
                     gemm_st(
-                        t,
+                        qn,
                         hd,
                         t,
                         o,
@@ -343,8 +361,8 @@ impl CustomOp1 for AttentionOp {
                 }
             },
         );
-        // SAFETY: the segments cover all `rows` rows and every head's columns of each, so all rows·d values
-        // were written by the GEMMs above.
+        // SAFETY: the query blocks cover every row of every segment, the segments cover all `rows` rows, and
+        // every head's columns are written, so all rows·d values were written by the GEMMs above.
         unsafe { out.set_len(rows * d) };
         Ok((CpuStorage::F32(out), Shape::from((rows, d))))
     }
