@@ -278,7 +278,8 @@ impl AttentionOp {
     fn forward_items(&self) -> Vec<(usize, usize, usize, usize, usize)> {
         let mut out = Vec::new();
         for (start, len, h) in self.items() {
-            let block = (65_536 / len.max(1)).max(64).min(len.max(1));
+            let max_block = (65_536 / len.max(1)).max(64);
+            let block = len.div_ceil(len.div_ceil(max_block).max(1)).max(1); // equal-sized blocks
             let mut q0 = 0;
             while q0 < len {
                 let qn = block.min(len - q0);
