@@ -273,12 +273,12 @@ impl AttentionOp {
     }
 
     /// Forward work items: each (segment, head) split into blocks of query rows, so a block's score rows
-    /// (`rows × len` floats, about 256 KiB at most for long sequences) stay in cache and short batches still
+    /// (`rows × len` floats, at most about 512 KiB, half the L2, for long sequences) stay in cache and short batches still
     /// have enough items for every thread. Each block sees all keys: the softmax needs no rescaling.
     fn forward_items(&self) -> Vec<(usize, usize, usize, usize, usize)> {
         let mut out = Vec::new();
         for (start, len, h) in self.items() {
-            let max_block = (65_536 / len.max(1)).max(64);
+            let max_block = (131_072 / len.max(1)).max(64);
             let block = len.div_ceil(len.div_ceil(max_block).max(1)).max(1); // equal-sized blocks
             let mut q0 = 0;
             while q0 < len {
