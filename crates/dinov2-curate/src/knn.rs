@@ -187,23 +187,16 @@ pub fn exact_knn(
             .zip(ids_c.chunks_mut(k))
             .map(|(s, i)| TopK::new(s, i))
             .collect();
-        let bb = BB.min(nb).max(1);
-        let mut buf = vec![0f32; m * bb];
-        let mut b0 = 0;
-        while b0 < nb {
-            let n = bb.min(nb - b0);
-            matmul_abt(
-                qs,
-                m,
-                &base[b0 * d..(b0 + n) * d],
-                n,
-                d,
-                &mut buf[..m * n],
-                inner_parallel,
-            )?;
-            for (qi, heap) in heaps.iter_mut().enumerate() {
-                let row = &buf[qi * n..(qi + 1) * n];
-                let skip = self_offset.map(|o| o + q0 + qi).unwrap_or(usize::MAX);
+        scan_blocks(
+            qs,
+            q0,
+            base,
+            nb,
+            d,
+            self_offset,
+            inner_parallel,
+            |qi, row, b0, skip| {
+                let heap = &mut heaps[qi];
                 let mut thr = heap.threshold();
                 for (j, &s) in row.iter().enumerate() {
                     if s > thr && b0 + j != skip {
@@ -211,9 +204,8 @@ pub fn exact_knn(
                         thr = heap.threshold();
                     }
                 }
-            }
-            b0 += n;
-        }
+            },
+        )?;
         heaps.into_iter().for_each(TopK::finish);
         Ok(())
     };
@@ -229,6 +221,44 @@ pub fn exact_knn(
             .try_for_each(work)?;
     }
     Ok(KnnResult { k, ids, sims })
+}
+
+/// Inner products of the query rows `qs` (the first one is query `q0` overall) with every base row, one block of
+/// `BB` base rows at a time: `visit(query in chunk, similarities to the block, first base row of the block, base
+/// row to skip)`, where the skipped row is the query's own row under `self_offset` (`usize::MAX`: none).
+#[allow(clippy::too_many_arguments)]
+fn scan_blocks(
+    qs: &[f32],
+    q0: usize,
+    base: &[f32],
+    nb: usize,
+    d: usize,
+    self_offset: Option<usize>,
+    inner_parallel: bool,
+    mut visit: impl FnMut(usize, &[f32], usize, usize),
+) -> Result<()> {
+    let m = qs.len() / d;
+    let bb = BB.min(nb).max(1);
+    let mut buf = vec![0f32; m * bb];
+    let mut b0 = 0;
+    while b0 < nb {
+        let n = bb.min(nb - b0);
+        matmul_abt(
+            qs,
+            m,
+            &base[b0 * d..(b0 + n) * d],
+            n,
+            d,
+            &mut buf[..m * n],
+            inner_parallel,
+        )?;
+        for qi in 0..m {
+            let skip = self_offset.map(|o| o + q0 + qi).unwrap_or(usize::MAX);
+            visit(qi, &buf[qi * n..(qi + 1) * n], b0, skip);
+        }
+        b0 += n;
+    }
+    Ok(())
 }
 
 /// Neighbours above a similarity threshold, in CSR form: query `q` owns `ids[offsets[q]..offsets[q + 1]]`.
@@ -260,31 +290,23 @@ pub fn range_search(
         .map(|(ci, qs)| {
             let m = qs.len() / d;
             let q0 = ci * qb;
-            let mut out = vec![Vec::new(); m];
-            let bb = BB.min(nb).max(1);
-            let mut buf = vec![0f32; m * bb];
-            let mut b0 = 0;
-            while b0 < nb {
-                let n = bb.min(nb - b0);
-                matmul_abt(
-                    qs,
-                    m,
-                    &base[b0 * d..(b0 + n) * d],
-                    n,
-                    d,
-                    &mut buf[..m * n],
-                    false,
-                )?;
-                for (qi, o) in out.iter_mut().enumerate() {
-                    let skip = self_offset.map(|x| x + q0 + qi).unwrap_or(usize::MAX);
-                    for (j, &s) in buf[qi * n..(qi + 1) * n].iter().enumerate() {
+            let mut out: Hits = vec![Vec::new(); m];
+            scan_blocks(
+                qs,
+                q0,
+                base,
+                nb,
+                d,
+                self_offset,
+                false,
+                |qi, row, b0, skip| {
+                    for (j, &s) in row.iter().enumerate() {
                         if s > threshold && b0 + j != skip {
-                            o.push(((b0 + j) as i64, s));
+                            out[qi].push(((b0 + j) as i64, s));
                         }
                     }
-                }
-                b0 += n;
-            }
+                },
+            )?;
             Ok(out)
         })
         .collect();
