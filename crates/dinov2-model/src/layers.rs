@@ -202,15 +202,8 @@ impl Ffn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Ffn::Mlp { fc1, fc2 } => {
-                let h = match &fc1.bias {
-                    // Inference fast path: bias and GELU fused into the GEMM's output pass.
-                    Some(b)
-                        if !x.track_op() && !fc1.weight.track_op() && ops::use_cpu_kernel(x) =>
-                    {
-                        ops::linear_gelu_inference(x, &fc1.weight, b)?
-                    }
-                    _ => ops::gelu_erf(&fc1.forward(x)?)?,
-                };
+                // The untracked CPU inference path (bias + GELU fused into the GEMM) is `Block::forward_inference`.
+                let h = ops::gelu_erf(&fc1.forward(x)?)?;
                 fc2.forward(&h)
             }
             Ffn::Swiglu { w12, w3, hidden } => {
@@ -503,7 +496,7 @@ fn drop_add_residual_subset(
     Ok(x.index_add(&idx, &y.broadcast_mul(&s)?, 0)?)
 }
 
-/// Keeps the compiler honest about the backend being shareable across threads.
+/// The attention kernel a model holds, shared by its blocks.
 pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;
 
 #[cfg(test)]
