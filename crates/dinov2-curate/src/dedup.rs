@@ -2,6 +2,7 @@
 //! with a union-find, one deterministic representative (the smallest row id) per component; and relative dedup
 //! that drops every pool component touching a reference set.
 
+use crate::collective::{gather_row_counts, Collective, SingleProcess};
 use crate::error::{CurateError, Result};
 use crate::ivf::IvfFlat;
 use crate::knn::{exact_knn, KnnResult};
@@ -89,6 +90,14 @@ pub enum Searcher<'a> {
 }
 
 impl Searcher<'_> {
+    /// Number of base rows searched (`d` = dimension).
+    pub fn base_rows(&self, d: usize) -> usize {
+        match self {
+            Searcher::Exact { base } => base.len() / d.max(1),
+            Searcher::Ivf { index, .. } => index.len(),
+        }
+    }
+
     /// k-NN of `queries` (`self_offset`: query `i` is base row `o + i`, excluded).
     pub fn search(
         &self,
@@ -188,15 +197,77 @@ pub fn self_dedup(
     searcher: &Searcher<'_>,
     chunk: usize,
 ) -> Result<DedupResult> {
-    let n = x.len() / d.max(1);
+    self_dedup_sharded(x, d, k, threshold, searcher, chunk, &SingleProcess)
+}
+
+/// [`self_dedup`] with the queries split by rows between the workers of `coll`: `x` holds this worker's
+/// contiguous rows (rank 0 the first ones) and `searcher` covers the whole pool. Each worker searches its own rows;
+/// the above-threshold edges are gathered and every worker builds the same components.
+///
+/// Two workers in one process, holding rows `0` and `1..3` of a 3-row pool:
+///
+/// ```
+/// use dinov2_curate::collective::{Collective, ThreadGroup};
+/// use dinov2_curate::dedup::{self_dedup_sharded, Searcher};
+/// let x = [1.0, 0.0, 0.99, 0.141, 0.0, 1.0];
+/// let searcher = Searcher::Exact { base: &x };
+/// let ranks = ThreadGroup::new(2).unwrap();
+/// let keeps: Vec<Vec<i64>> = std::thread::scope(|s| {
+///     let hs: Vec<_> = ranks
+///         .into_iter()
+///         .map(|r| {
+///             let (x, searcher) = (&x, &searcher);
+///             s.spawn(move || {
+///                 let rows = if r.rank() == 0 { &x[..2] } else { &x[2..] };
+///                 self_dedup_sharded(rows, 2, 64, 0.6, searcher, 1024, &r).unwrap().keep
+///             })
+///         })
+///         .collect();
+///     hs.into_iter().map(|h| h.join().unwrap()).collect()
+/// });
+/// assert_eq!(keeps, vec![vec![0, 2], vec![0, 2]]);
+/// ```
+pub fn self_dedup_sharded(
+    x: &[f32],
+    d: usize,
+    k: usize,
+    threshold: f32,
+    searcher: &Searcher<'_>,
+    chunk: usize,
+    coll: &dyn Collective,
+) -> Result<DedupResult> {
+    if d == 0 || x.len() % d != 0 {
+        return Err(CurateError::Shape(format!(
+            "self-dedup: {} values are not rows of dim {d}",
+            x.len()
+        )));
+    }
+    let n_local = x.len() / d;
+    let counts = gather_row_counts(coll, n_local)?;
+    let offset: usize = counts[..coll.rank()].iter().sum();
+    let n: usize = counts.iter().sum();
+    if searcher.base_rows(d) != n {
+        return Err(CurateError::Shape(format!(
+            "self-dedup: the workers hold {n} rows but the searcher covers {}",
+            searcher.base_rows(d)
+        )));
+    }
     let mut edges = Vec::new();
     let chunk = chunk.max(1);
     let mut s = 0;
-    while s < n {
-        let e = (s + chunk).min(n);
-        let r = searcher.search(&x[s * d..e * d], d, k, Some(s))?;
-        edges.extend(threshold_edges(&r, s, threshold));
+    while s < n_local {
+        let e = (s + chunk).min(n_local);
+        let r = searcher.search(&x[s * d..e * d], d, k, Some(offset + s))?;
+        edges.extend(threshold_edges(&r, offset + s, threshold));
         s = e;
+    }
+    if coll.world_size() > 1 {
+        let flat: Vec<i64> = edges.iter().flat_map(|&(a, b)| [a, b]).collect();
+        edges = coll
+            .all_gather_i64(&flat)?
+            .chunks_exact(2)
+            .map(|p| (p[0], p[1]))
+            .collect();
     }
     self_dedup_from_edges(n, &edges)
 }

@@ -48,6 +48,9 @@ pub enum CurateError {
     /// The embedding model failed.
     #[error("embedder: {0}")]
     Embedder(String),
+    /// Workers of a sharded run could not complete a collective operation.
+    #[error("collective: {0}")]
+    Collective(String),
     /// A resumable stage found state from an incompatible earlier run.
     #[error("cannot resume in {path}: {msg}")]
     Resume {

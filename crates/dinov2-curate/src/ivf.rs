@@ -190,38 +190,48 @@ impl IvfFlat {
                     (counts[l + 1] - counts[l]) * (self.offsets[l + 1] - self.offsets[l]),
                 )
             });
-            order.par_iter().try_for_each(|&l| -> Result<()> {
-                let qids = &by_list[counts[l]..counts[l + 1]];
-                let (a, b) = (self.offsets[l], self.offsets[l + 1]);
-                if qids.is_empty() || a == b {
-                    return Ok(());
-                }
-                let mq = qids.len();
-                let nl = b - a;
-                let mut qbuf = Vec::with_capacity(mq * d);
-                for &qi in qids {
-                    qbuf.extend_from_slice(&qs[qi as usize * d..(qi as usize + 1) * d]);
-                }
-                let mut buf = vec![0f32; mq * nl];
-                matmul_abt(&qbuf, mq, &self.vecs[a * d..b * d], nl, d, &mut buf, false)?;
-                let lid = &self.ids[a..b];
-                for (r, &qi) in qids.iter().enumerate() {
-                    let skip = self_offset
-                        .map(|o| (o + q0 + qi as usize) as i64)
-                        .unwrap_or(-1);
-                    let mut h = heaps[qi as usize]
-                        .lock()
-                        .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
-                    let mut thr = h.threshold();
-                    for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
-                        if s >= thr && id != skip {
-                            h.push(s, id);
-                            thr = h.threshold();
+            // Each list's (queries x list rows) scores are computed in cache-sized tiles, in scratch buffers
+            // reused by each thread.
+            order.par_iter().try_for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(qbuf, buf): &mut (Vec<f32>, Vec<f32>), &l| -> Result<()> {
+                    let qids = &by_list[counts[l]..counts[l + 1]];
+                    let (a, b) = (self.offsets[l], self.offsets[l + 1]);
+                    if qids.is_empty() || a == b {
+                        return Ok(());
+                    }
+                    for qblock in qids.chunks(TILE_QUERIES) {
+                        let mq = qblock.len();
+                        qbuf.clear();
+                        for &qi in qblock {
+                            qbuf.extend_from_slice(&qs[qi as usize * d..(qi as usize + 1) * d]);
+                        }
+                        for r0 in (a..b).step_by(TILE_ROWS) {
+                            let r1 = (r0 + TILE_ROWS).min(b);
+                            let nl = r1 - r0;
+                            buf.resize(mq * nl, 0.0);
+                            matmul_abt(qbuf, mq, &self.vecs[r0 * d..r1 * d], nl, d, buf, false)?;
+                            let lid = &self.ids[r0..r1];
+                            for (r, &qi) in qblock.iter().enumerate() {
+                                let skip = self_offset
+                                    .map(|o| (o + q0 + qi as usize) as i64)
+                                    .unwrap_or(-1);
+                                let mut h = heaps[qi as usize]
+                                    .lock()
+                                    .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
+                                let mut thr = h.threshold();
+                                for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
+                                    if s >= thr && id != skip {
+                                        h.push(s, id);
+                                        thr = h.threshold();
+                                    }
+                                }
+                            }
                         }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                },
+            )?;
             for h in heaps {
                 h.into_inner()
                     .map_err(|_| CurateError::Shape("poisoned heap".into()))?
@@ -231,6 +241,11 @@ impl IvfFlat {
         Ok(res)
     }
 }
+
+/// Queries per score tile of a list scan.
+const TILE_QUERIES: usize = 256;
+/// List rows per score tile (with [`TILE_QUERIES`]: 1 MB of f32 scores).
+const TILE_ROWS: usize = 1024;
 
 /// An approximate search to evaluate: `(queries, self_offset) -> k-NN`.
 pub type SearchFn<'a> = dyn Fn(&[f32], Option<usize>) -> Result<KnnResult> + 'a;

@@ -3,9 +3,11 @@
 //! The DINOv2 data-curation pipeline on precomputed embeddings: an embedding store (memory-mapped `.npy` /
 //! safetensors), exact and IVF k-NN, self and relative deduplication, sample- and cluster-based retrieval,
 //! k-means, hierarchical k-means with resampling and balanced hierarchical sampling, plus the `curate` CLI.
+//! Cross-worker reductions (sharded k-means, sharded dedup) go through one interface, [`collective::Collective`].
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod collective;
 pub mod dedup;
 pub mod embed;
 pub mod error;
