@@ -134,36 +134,42 @@ impl IvfFlat {
         if nq == 0 || k == 0 {
             return Ok(res);
         }
-        const QC: usize = 16384;
         for (ci, (sims_c, ids_c)) in res
             .sims
-            .chunks_mut(QC * k)
-            .zip(res.ids.chunks_mut(QC * k))
+            .chunks_mut(QUERY_CHUNK * k)
+            .zip(res.ids.chunks_mut(QUERY_CHUNK * k))
             .enumerate()
         {
-            let q0 = ci * QC;
+            let q0 = ci * QUERY_CHUNK;
             let m = sims_c.len() / k;
             let qs = &queries[q0 * d..(q0 + m) * d];
-            // Coarse scores 2 q.c - |c|^2 (larger = closer in L2), top nprobe lists per query.
-            let mut sc = vec![0f32; m * nlist];
-            matmul_abt(qs, m, &self.centroids, nlist, d, &mut sc, true)?;
+            // Coarse scores 2 q.c - |c|^2 (larger = closer in L2), top nprobe lists per query; sub-blocks of
+            // queries in parallel, each with its own cache-sized score buffer.
             let mut probe_s = vec![0f32; m * nprobe];
             let mut probe_l = vec![0i64; m * nprobe];
             probe_s
-                .par_chunks_mut(nprobe)
-                .zip(probe_l.par_chunks_mut(nprobe))
+                .par_chunks_mut(COARSE_BLOCK * nprobe)
+                .zip(probe_l.par_chunks_mut(COARSE_BLOCK * nprobe))
                 .enumerate()
-                .for_each(|(qi, (ps, pl))| {
-                    let mut h = TopK::new(ps, pl);
-                    for (j, (&s, &cn)) in sc[qi * nlist..(qi + 1) * nlist]
-                        .iter()
-                        .zip(&self.centroid_norms)
-                        .enumerate()
+                .try_for_each_init(Vec::new, |sc: &mut Vec<f32>, (bi, (ps, pl))| {
+                    let mb = ps.len() / nprobe;
+                    let qb = &qs[bi * COARSE_BLOCK * d..(bi * COARSE_BLOCK + mb) * d];
+                    sc.resize(mb * nlist, 0.0);
+                    matmul_abt(qb, mb, &self.centroids, nlist, d, sc, false)?;
+                    for (qi, (ps, pl)) in
+                        ps.chunks_mut(nprobe).zip(pl.chunks_mut(nprobe)).enumerate()
                     {
-                        h.push(2.0 * s - cn, j as i64);
+                        let mut h = TopK::new(ps, pl);
+                        for (j, (&s, &cn)) in sc[qi * nlist..(qi + 1) * nlist]
+                            .iter()
+                            .zip(&self.centroid_norms)
+                            .enumerate()
+                        {
+                            h.push(2.0 * s - cn, j as i64);
+                        }
                     }
-                });
-            drop(sc);
+                    Ok::<(), CurateError>(())
+                })?;
             // Invert: queries per list.
             let mut counts = vec![0usize; nlist + 1];
             for &l in &probe_l {
@@ -183,48 +189,54 @@ impl IvfFlat {
                 .zip(ids_c.chunks_mut(k))
                 .map(|(s, i)| Mutex::new(TopK::new(s, i)))
                 .collect();
-            let mut order: Vec<usize> = (0..nlist).collect();
-            // Biggest work first for load balance.
-            order.sort_by_key(|&l| {
-                std::cmp::Reverse(
-                    (counts[l + 1] - counts[l]) * (self.offsets[l + 1] - self.offsets[l]),
-                )
+            // Tasks = (list, block of its queries): a list probed by many queries (inverted lists of real data
+            // are unbalanced, and a few lists are probed by most queries) is split over all threads. Biggest
+            // first for load balance.
+            let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+            for l in 0..nlist {
+                if self.offsets[l + 1] == self.offsets[l] {
+                    continue;
+                }
+                let mut a = counts[l];
+                while a < counts[l + 1] {
+                    let b = (a + TILE_QUERIES).min(counts[l + 1]);
+                    tasks.push((l, a, b));
+                    a = b;
+                }
+            }
+            tasks.sort_by_key(|&(l, a, b)| {
+                std::cmp::Reverse((b - a) * (self.offsets[l + 1] - self.offsets[l]))
             });
-            // Each list's (queries x list rows) scores are computed in cache-sized tiles, in scratch buffers
+            // Each task's (queries x list rows) scores are computed in cache-sized tiles, in scratch buffers
             // reused by each thread.
-            order.par_iter().try_for_each_init(
+            tasks.par_iter().try_for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(qbuf, buf): &mut (Vec<f32>, Vec<f32>), &l| -> Result<()> {
-                    let qids = &by_list[counts[l]..counts[l + 1]];
+                |(qbuf, buf): &mut (Vec<f32>, Vec<f32>), &(l, qa, qb)| -> Result<()> {
+                    let qblock = &by_list[qa..qb];
                     let (a, b) = (self.offsets[l], self.offsets[l + 1]);
-                    if qids.is_empty() || a == b {
-                        return Ok(());
+                    let mq = qblock.len();
+                    qbuf.clear();
+                    for &qi in qblock {
+                        qbuf.extend_from_slice(&qs[qi as usize * d..(qi as usize + 1) * d]);
                     }
-                    for qblock in qids.chunks(TILE_QUERIES) {
-                        let mq = qblock.len();
-                        qbuf.clear();
-                        for &qi in qblock {
-                            qbuf.extend_from_slice(&qs[qi as usize * d..(qi as usize + 1) * d]);
-                        }
-                        for r0 in (a..b).step_by(TILE_ROWS) {
-                            let r1 = (r0 + TILE_ROWS).min(b);
-                            let nl = r1 - r0;
-                            buf.resize(mq * nl, 0.0);
-                            matmul_abt(qbuf, mq, &self.vecs[r0 * d..r1 * d], nl, d, buf, false)?;
-                            let lid = &self.ids[r0..r1];
-                            for (r, &qi) in qblock.iter().enumerate() {
-                                let skip = self_offset
-                                    .map(|o| (o + q0 + qi as usize) as i64)
-                                    .unwrap_or(-1);
-                                let mut h = heaps[qi as usize]
-                                    .lock()
-                                    .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
-                                let mut thr = h.threshold();
-                                for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
-                                    if s >= thr && id != skip {
-                                        h.push(s, id);
-                                        thr = h.threshold();
-                                    }
+                    for r0 in (a..b).step_by(TILE_ROWS) {
+                        let r1 = (r0 + TILE_ROWS).min(b);
+                        let nl = r1 - r0;
+                        buf.resize(mq * nl, 0.0);
+                        matmul_abt(qbuf, mq, &self.vecs[r0 * d..r1 * d], nl, d, buf, false)?;
+                        let lid = &self.ids[r0..r1];
+                        for (r, &qi) in qblock.iter().enumerate() {
+                            let skip = self_offset
+                                .map(|o| (o + q0 + qi as usize) as i64)
+                                .unwrap_or(-1);
+                            let mut h = heaps[qi as usize]
+                                .lock()
+                                .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
+                            let mut thr = h.threshold();
+                            for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
+                                if s >= thr && id != skip {
+                                    h.push(s, id);
+                                    thr = h.threshold();
                                 }
                             }
                         }
@@ -242,10 +254,14 @@ impl IvfFlat {
     }
 }
 
-/// Queries per score tile of a list scan.
-const TILE_QUERIES: usize = 256;
-/// List rows per score tile (with [`TILE_QUERIES`]: 1 MB of f32 scores).
-const TILE_ROWS: usize = 1024;
+/// Queries searched together (their probes are inverted into per-list query sets).
+const QUERY_CHUNK: usize = 65536;
+/// Queries per coarse-quantiser GEMM.
+const COARSE_BLOCK: usize = 1024;
+/// Queries per score tile of a list scan (and per parallel task).
+const TILE_QUERIES: usize = 512;
+/// List rows per score tile (with [`TILE_QUERIES`]: 4 MB of f32 scores, last-level-cache sized).
+const TILE_ROWS: usize = 2048;
 
 /// An approximate search to evaluate: `(queries, self_offset) -> k-NN`.
 pub type SearchFn<'a> = dyn Fn(&[f32], Option<usize>) -> Result<KnnResult> + 'a;
@@ -406,5 +422,22 @@ mod tests {
         let (r1, r4, r20) = (r(1), r(4), r(20));
         assert!(r1 <= r4 + 1e-9 && r4 <= r20 + 1e-9, "{r1} {r4} {r20}");
         assert!((r20 - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn big_lists_split_into_tasks_and_tiles_stay_exact() {
+        // 2 lists of ~3,000 rows, all 6,000 rows as queries: each list is scanned by ~12 query blocks (tasks),
+        // each in 2 row tiles.
+        let (n, d, k) = (6000, 8, 5);
+        let x = clustered(n, d, 4, 12);
+        let idx = IvfFlat::build(&x, d, &IvfParams::new(2)).unwrap();
+        assert!(idx.list_sizes().iter().any(|&s| s > TILE_ROWS));
+        let ex = exact_knn(&x, &x, d, k, Some(0)).unwrap();
+        let all = idx.search(&x, k, 2, Some(0)).unwrap();
+        for (a, b) in all.sims.iter().zip(&ex.sims) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let same_ids = all.ids.iter().zip(&ex.ids).filter(|(a, b)| a == b).count();
+        assert!(same_ids as f64 >= 0.99 * ex.ids.len() as f64, "{same_ids}");
     }
 }
