@@ -318,14 +318,23 @@ fn gather_rows(
     row_offsets: &[usize],
     coll: &dyn Collective,
 ) -> Result<Vec<f32>> {
-    let me = coll.rank();
-    let (lo, hi) = (row_offsets[me], row_offsets[me + 1]);
-    let mine: Vec<f32> = ids
+    coll.all_gather_f32(&owned_rows(x, d, ids, row_offsets[coll.rank()]))
+}
+
+/// Copies of the rows among global indices `ids` that this worker holds (`x` = its rows, the first being global
+/// row `lo`), in the order of `ids`; copied in parallel.
+fn owned_rows(x: &[f32], d: usize, ids: &[usize], lo: usize) -> Vec<f32> {
+    let hi = lo + x.len() / d.max(1);
+    let local: Vec<usize> = ids
         .iter()
         .filter(|&&i| (lo..hi).contains(&i))
-        .flat_map(|&i| x[(i - lo) * d..(i - lo + 1) * d].iter().copied())
+        .map(|&i| i - lo)
         .collect();
-    coll.all_gather_f32(&mine)
+    let mut rows = vec![0f32; local.len() * d];
+    rows.par_chunks_mut(d.max(1))
+        .zip(&local)
+        .for_each(|(dst, &i)| dst.copy_from_slice(&x[i * d..(i + 1) * d]));
+    rows
 }
 
 /// Exclusive prefix sums: `[0, a0, a0 + a1, ...]` (length `counts.len() + 1`).
@@ -617,17 +626,7 @@ pub fn train_sharded(
         Some(m) if n > k.saturating_mul(m) => {
             let mut idx = sample(&mut rng, n, k * m).into_vec();
             idx.sort_unstable();
-            let (lo, hi) = (offsets[me], offsets[me + 1]);
-            let mine: Vec<usize> = idx
-                .into_iter()
-                .filter(|i| (lo..hi).contains(i))
-                .map(|i| i - lo)
-                .collect();
-            let mut rows = vec![0f32; mine.len() * d];
-            rows.par_chunks_mut(d)
-                .zip(&mine)
-                .for_each(|(dst, &i)| dst.copy_from_slice(&x[i * d..(i + 1) * d]));
-            Some(rows)
+            Some(owned_rows(x, d, &idx, offsets[me]))
         }
         _ => None,
     };
