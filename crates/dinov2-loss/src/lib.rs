@@ -23,6 +23,8 @@ mod ibot;
 mod koleo;
 pub mod ops;
 mod reduce;
+#[cfg(test)]
+mod testutil;
 
 pub use centering::{sinkhorn_knopp, Center};
 pub use combined::{

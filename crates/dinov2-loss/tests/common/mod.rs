@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
+#[path = "../../src/testutil.rs"]
+mod testutil;
+#[allow(unused_imports)] // not every test binary uses them
+pub use testutil::*;
+
 pub struct Fixture {
     pub name: String,
     pub map: HashMap<String, Tensor>,
