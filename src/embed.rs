@@ -186,8 +186,9 @@ impl dinov2_curate::embed::Embedder for ModelEmbedder {
         let x = stack(&images, &self.device).map_err(err)?;
         let cls = self
             .model
-            .forward(&x)
-            .and_then(|t| {
+            .forward_features(&x, None)
+            .and_then(|f| {
+                let t = f.x_norm_clstoken;
                 Ok(t.to_device(&Device::Cpu)?
                     .to_dtype(DType::F32)?
                     .flatten_all()?

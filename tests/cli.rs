@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -50,7 +50,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn embed_pixel_values_matches_the_official_outputs() {
     // The fixture's input through the CLI (batch size 1, so batching is exercised) equals the official outputs.
     let dir = tempfile::tempdir().unwrap();
-    let fixture = root().join("tests/fixtures/model/reg/outputs_70x98.safetensors");
+    let fixture = root().join("crates/dinov2-model/tests/fixtures/reg/outputs_70x98.safetensors");
     let reference = load(&fixture);
     let pv = dir.path().join("pv.safetensors");
     candle_core::safetensors::save(
@@ -59,7 +59,7 @@ fn embed_pixel_values_matches_the_official_outputs() {
     )
     .unwrap();
     let out = dir.path().join("out.safetensors");
-    let model = root().join("tests/fixtures/model/reg/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/reg/hf");
     ok(&dinov2(&[
         "embed",
         "--model",
@@ -94,7 +94,7 @@ fn embed_pixel_values_matches_the_official_outputs() {
 fn embed_images_writes_the_contract_and_is_consistent_with_the_library() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emb.safetensors");
-    let model = root().join("tests/fixtures/model/plain/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/plain/hf");
     let images = root().join("examples/images");
     ok(&dinov2(&[
         "embed",
@@ -153,7 +153,7 @@ fn embed_reports_bad_input_clearly_and_writes_nothing() {
     let bad = dir.path().join("broken.jpg");
     std::fs::write(&bad, b"not a jpeg").unwrap();
     let out = dir.path().join("emb.safetensors");
-    let model = root().join("tests/fixtures/model/plain/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/plain/hf");
     let r = dinov2(&[
         "embed",
         "--model",
@@ -206,7 +206,7 @@ fn embed_reports_bad_input_clearly_and_writes_nothing() {
 fn pca_writes_a_picture_of_the_patch_grid() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pca.png");
-    let model = root().join("tests/fixtures/model/swiglu/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/swiglu/hf");
     let image = root().join("examples/images/circles.png");
     ok(&dinov2(&[
         "pca",
@@ -233,8 +233,8 @@ fn pca_writes_a_picture_of_the_patch_grid() {
 fn convert_round_trips_through_the_transformers_layout() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    let model = root().join("tests/fixtures/model/reg/official.pth");
-    let cfg = root().join("tests/fixtures/model/reg/config.json");
+    let model = root().join("crates/dinov2-model/tests/fixtures/reg/official.pth");
+    let cfg = root().join("crates/dinov2-model/tests/fixtures/reg/config.json");
     ok(&dinov2(&[
         "convert",
         "--model",
@@ -274,7 +274,7 @@ fn curate_embed_then_dedup_runs_end_to_end_with_a_model() {
     .unwrap();
     let emb = dir.path().join("emb");
     let merged = dir.path().join("emb.npy");
-    let model = root().join("tests/fixtures/model/plain/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/plain/hf");
     ok(&dinov2(&[
         "curate",
         "embed",
@@ -316,7 +316,7 @@ fn curate_embed_then_dedup_runs_end_to_end_with_a_model() {
 #[test]
 fn embed_in_reduced_precision_stays_close_to_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let model = root().join("tests/fixtures/model/reg/hf");
+    let model = root().join("crates/dinov2-model/tests/fixtures/reg/hf");
     let images = root().join("examples/images");
     let run = |dtype: &str| {
         let out = dir.path().join(format!("{dtype}.safetensors"));

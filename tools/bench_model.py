@@ -1,29 +1,29 @@
 #!/usr/bin/env python3
 """Backbone forward benchmark: dinov2-model vs timm vs the official DINOv2 code, side by side in one run.
 
-Run from the repository root (Python env with torch + timm; the official code as a checkout; cargo if the Rust
-example is not built yet):
+Run from the repository root, with $PYTHON a Python environment from tools/requirements.txt and $DINOV2_SRC a
+checkout of facebookresearch/dinov2 (cargo builds the Rust benchmark target when needed):
 
-    DINOV2_SRC=/work/dinov2-official /work/pyref/bin/python tools/bench_model.py --markdown /tmp/bench-model.md
+    DINOV2_SRC=$DINOV2_SRC $PYTHON tools/bench_model.py --markdown /tmp/bench-model.md
 
 Smoke test (1 round, 2 timed forwards per process; numbers are not a measurement):
 
-    DINOV2_SRC=/work/dinov2-official /work/pyref/bin/python tools/bench_model.py --quick
+    DINOV2_SRC=$DINOV2_SRC $PYTHON tools/bench_model.py --quick
 
 What it does:
 * Rows (default, `--rows` to choose): ViT-S/14 at 224 batch 1, ViT-S/14 at 224 batch 16, ViT-S/14 at 518 batch 1,
   ViT-B/14 at 224 batch 16. Spelled `arch:size:batch`, e.g. `--rows s:224:1,b:224:16`.
 * Three implementations, each in its own fresh process, f32 on the CPU, random weights (no downloads), 2 threads:
-    - `ours`: `crates/dinov2-model/examples/bench_forward.rs` (official architecture, random weights,
-      `forward_features`), built with `cargo build --profile bench-release -p dinov2-model --example bench_forward`
-      into `--target-dir` (default: the repository's `target/`) unless `--bin PATH` is given or the binary already
-      exists (`--build` forces the cargo call, which is a no-op when it is up to date). `RAYON_NUM_THREADS=2`.
+    - `ours`: `crates/dinov2-model/benches/bench_forward.rs` (official architecture, random weights,
+      `forward_features`), built with `cargo build --profile bench-release -p dinov2-model --bench bench_forward`
+      into `--target-dir` (default: the repository's `target/`; a no-op when up to date) unless `--bin PATH` is
+      given. `RAYON_NUM_THREADS=2`.
     - `timm`: `timm.create_model("vit_{small,base}_patch14_dinov2", pretrained=False, img_size=<size>)`,
       `forward_features` (its position embedding is made for <size>: no interpolation at run time).
     - `official`: `dinov2.models.vision_transformer.vit_{small,base}(patch_size=14, img_size=518, init_values=1.0,
       block_chunks=0)`, `forward_features` (interpolates its 37x37 position embedding on every call when the
       grid differs; ours caches the interpolated table per grid). Imported from `--dinov2-src` / `$DINOV2_SRC`,
-      else the `dinov2` package, else `/work/dinov2-official` if it exists; `XFORMERS_DISABLED=1` (plain PyTorch
+      else the installed `dinov2` package; `XFORMERS_DISABLED=1` (plain PyTorch
       attention via SDPA).
   PyTorch workers: `torch.set_num_threads(2)`, `OMP_NUM_THREADS=MKL_NUM_THREADS=2`, `eval()`, `inference_mode`.
   Every process runs `warmup` untimed forwards then N timed ones, each timed forward ending with a scalar read of
@@ -60,7 +60,6 @@ REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("ours", "timm", "official")
 DEFAULT_ROWS = "s:224:1,s:224:16,s:518:1,b:224:16"
 ARCH_NAMES = {"s": "ViT-S/14", "b": "ViT-B/14"}
-FALLBACK_DINOV2_SRC = "/work/dinov2-official"
 
 
 class BenchError(Exception):
@@ -148,17 +147,25 @@ def ensure_binary(args) -> Path:
             raise BenchError(f"--bin {b} does not exist")
         return b
     target = Path(args.target_dir)
-    b = target / "bench-release" / "examples" / "bench_forward"
-    if args.build or not b.is_file():
-        cmd = ["cargo", "build", "--profile", "bench-release", "-p", "dinov2-model", "--example", "bench_forward"]
-        print(f"building ours: CARGO_TARGET_DIR={target} {' '.join(cmd)} (fat LTO: takes minutes)", flush=True)
-        env = dict(os.environ, CARGO_TARGET_DIR=str(target))
-        r = subprocess.run(cmd, cwd=REPO, env=env)
-        if r.returncode != 0:
-            raise BenchError(f"cargo build failed (exit {r.returncode})")
-        if not b.is_file():
-            raise BenchError(f"cargo build succeeded but {b} is missing")
-    return b
+    # Benchmark targets get a hashed file name: ask cargo where it put the executable (a no-op when up to date).
+    cmd = ["cargo", "build", "--profile", "bench-release", "-p", "dinov2-model", "--bench", "bench_forward",
+           "--message-format=json"]
+    print(f"building ours: CARGO_TARGET_DIR={target} {' '.join(cmd)} (fat LTO: takes minutes)", flush=True)
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target))
+    r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise BenchError(f"cargo build failed (exit {r.returncode})")
+    exe = None
+    for line in r.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "bench_forward":
+            exe = msg.get("executable") or exe
+    if not exe or not Path(exe).is_file():
+        raise BenchError("cargo build succeeded but reported no bench_forward executable")
+    return Path(exe)
 
 
 def resolve_dinov2_src(arg):
@@ -174,9 +181,6 @@ def resolve_dinov2_src(arg):
             return None
     except (ImportError, ValueError):
         pass
-    if (Path(FALLBACK_DINOV2_SRC) / "dinov2" / "models" / "vision_transformer.py").is_file():
-        print(f"note: no --dinov2-src / DINOV2_SRC and no `dinov2` package: using {FALLBACK_DINOV2_SRC}", flush=True)
-        return FALLBACK_DINOV2_SRC
     raise BenchError("the official dinov2 code is not importable: pass --dinov2-src PATH or set DINOV2_SRC")
 
 
@@ -320,7 +324,6 @@ def main() -> int:
     ap.add_argument("--impls", default=",".join(IMPLS), help="subset of ours,timm,official")
     ap.add_argument("--bin", help="prebuilt bench_forward binary (default: build/use the one in --target-dir)")
     ap.add_argument("--target-dir", default=str(REPO / "target"), help="cargo target dir (default: repo target/)")
-    ap.add_argument("--build", action="store_true", help="run cargo build even if the binary exists")
     ap.add_argument("--dinov2-src", default=os.environ.get("DINOV2_SRC"),
                     help="checkout of facebookresearch/dinov2 (default $DINOV2_SRC)")
     ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"],

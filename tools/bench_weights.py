@@ -3,7 +3,7 @@
 
 Run from the repository root (needs the Python env with torch + safetensors, and cargo):
 
-    RAYON_NUM_THREADS=2 /work/pyref/bin/python tools/bench_weights.py --arch b --reps 5
+    RAYON_NUM_THREADS=2 $PYTHON tools/bench_weights.py --arch b --reps 5
 
 What it does, in ONE run:
 1. Writes random weights of an official architecture (`--arch s|b|l`, ViT-B by default: 86 M parameters,
@@ -11,7 +11,7 @@ What it does, in ONE run:
    `.safetensors`, and a `transformers` directory (`config.json` + `model.safetensors`, Hub key names).
 2. Builds a tiny driver program (source embedded below) against `crates/dinov2-model` in a scratch Cargo project
    (dev profile, dependencies at opt-level 3 as in the workspace; all the work is in std/candle/safetensors/zip code).
-   `--target-dir` (default `$CARGO_TARGET_DIR` or `/work/targets/weights`) is reused so candle is not rebuilt.
+   `--target-dir` (default `$CARGO_TARGET_DIR` or the repository's `target/`) is reused so candle is not rebuilt.
 3. Interleaves, `--reps` times: the Rust loader on each layout and the Python reference on the same file, each in
    a fresh process that times only the load itself (start-up and imports excluded; both pay the first-touch page
    faults of new memory, as a real program loading its weights once does):
@@ -189,7 +189,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="b", choices=sorted(ARCHS))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", "/work/targets/weights"))
+    ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(REPO / "target")))
     ap.add_argument("--ref-case", help=argparse.SUPPRESS)
     ap.add_argument("--ref-path", help=argparse.SUPPRESS)
     args = ap.parse_args()

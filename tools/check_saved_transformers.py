@@ -6,7 +6,7 @@ Run (from the repository root):
     # 1. let the Rust fixture test export what it writes (one sub-directory per fixture family)
     DINOV2_WEIGHTS_EXPORT_DIR=/tmp/wexport cargo test -p dinov2-model --test weights_fixtures
     # 2. load those files with transformers and the official code and compare with the committed fixtures
-    PYTHONPATH=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python \
+    PYTHONPATH=$DINOV2_SRC XFORMERS_DISABLED=1 $PYTHON \
         tools/check_saved_transformers.py /tmp/wexport
 
 (`--dinov2-src PATH` or env `DINOV2_SRC` instead of PYTHONPATH also works; without the official code the
@@ -15,7 +15,7 @@ Run (from the repository root):
 Per family (plain, reg, swiglu) it checks, and exits non-zero on any failure:
 * `<export>/<family>/hf`: `AutoModel.from_pretrained` gives the class of the fixture (`Dinov2Model` /
   `Dinov2WithRegistersModel`) with no missing, unexpected or mismatched keys, and `last_hidden_state` equal (max abs
-  diff 0) to the model loaded from the committed `tests/fixtures/model/<family>/hf` on the same random input at 56x56
+  diff 0) to the model loaded from the committed `crates/dinov2-model/tests/fixtures/<family>/hf` on the same random input at 56x56
   and at 28x28.
 * `<export>/<family>/official.safetensors`: loads strictly into the official `DinoVisionTransformer` built from the
   family's `config.json`, and `forward_features` equals the one of the model loaded from the committed
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures" / "model"
+FIXTURES = REPO / "crates" / "dinov2-model" / "tests" / "fixtures"
 
 
 def check_hf(family: str, saved: Path) -> list:

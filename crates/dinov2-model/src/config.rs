@@ -160,42 +160,53 @@ impl VitConfig {
 
     /// Checks that the numbers describe a buildable model.
     pub fn validate(&self) -> Result<()> {
-        let fail = |m: String| Err(Error::Config(m));
-        if self.patch_size == 0 || self.embed_dim == 0 || self.depth == 0 || self.num_heads == 0 {
-            return fail(format!(
-                "patch_size, embed_dim, depth and num_heads must be positive (got {}, {}, {}, {})",
-                self.patch_size, self.embed_dim, self.depth, self.num_heads
-            ));
+        let fail = |field: &'static str, reason: String| Err(Error::config(field, reason));
+        for (field, v) in [
+            ("patch_size", self.patch_size),
+            ("embed_dim", self.embed_dim),
+            ("depth", self.depth),
+            ("num_heads", self.num_heads),
+            ("in_chans", self.in_chans),
+        ] {
+            if v == 0 {
+                return fail(field, "must be positive (got 0)".into());
+            }
         }
         if self.embed_dim % self.num_heads != 0 {
-            return fail(format!(
-                "embed_dim {} is not divisible by num_heads {}",
-                self.embed_dim, self.num_heads
-            ));
+            return fail(
+                "num_heads",
+                format!(
+                    "{} does not divide embed_dim {}",
+                    self.num_heads, self.embed_dim
+                ),
+            );
         }
         if self.img_size < self.patch_size {
-            return fail(format!(
-                "img_size {} is smaller than patch_size {}",
-                self.img_size, self.patch_size
-            ));
-        }
-        if self.in_chans == 0 {
-            return fail("in_chans must be positive".into());
+            return fail(
+                "img_size",
+                format!(
+                    "{} is smaller than patch_size {}",
+                    self.img_size, self.patch_size
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return fail(format!(
-                "drop_path_rate {} is outside [0, 1)",
-                self.drop_path_rate
-            ));
+            return fail(
+                "drop_path_rate",
+                format!("{} is outside [0, 1)", self.drop_path_rate),
+            );
         }
         if self.ffn_hidden_dim() == 0 {
-            return fail("the FFN hidden size rounds to zero".into());
+            return fail(
+                "mlp_ratio",
+                format!("{} makes the FFN hidden size round to zero", self.mlp_ratio),
+            );
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return fail(format!(
-                "layer_norm_eps must be positive (got {})",
-                self.layer_norm_eps
-            ));
+            return fail(
+                "layer_norm_eps",
+                format!("must be positive (got {})", self.layer_norm_eps),
+            );
         }
         Ok(())
     }
@@ -339,7 +350,9 @@ impl std::str::FromStr for OfficialModel {
                     || lower == m.hf_repo()
                     || (m.registers && lower == format!("dinov2_vit{}14_reg4", m.arch.letter()))
             })
-            .ok_or_else(|| Error::UnknownModel(s.to_string()))
+            .ok_or_else(|| Error::UnknownModel {
+                spec: s.to_string(),
+            })
     }
 }
 
@@ -385,7 +398,7 @@ mod tests {
         }
         assert!(matches!(
             "vit_tiny".parse::<OfficialModel>(),
-            Err(Error::UnknownModel(_))
+            Err(Error::UnknownModel { .. })
         ));
         assert_eq!(
             OfficialModel {
@@ -411,6 +424,6 @@ mod tests {
     fn invalid_configs_are_rejected() {
         let mut c = VitConfig::vit_small();
         c.num_heads = 5;
-        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig { .. })));
     }
 }

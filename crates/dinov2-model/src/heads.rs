@@ -7,7 +7,8 @@
 //!
 //! Registers never enter the patch mean.
 
-use candle_core::{Tensor, D};
+use candle_core::{Module, Tensor, D};
+use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::layers::Linear;
@@ -15,6 +16,19 @@ use crate::state_dict::StateDict;
 use crate::vit::{BlockSelection, DinoVisionTransformer, IntermediateOptions};
 
 /// A linear classifier on top of a DINOv2 backbone.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::{LinearClassifier, StateDict};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let (d, classes) = (384, 10);
+/// let mut sd = StateDict::new();
+/// sd.insert("weight", Tensor::zeros((classes, 2 * d), DType::F32, &Device::Cpu)?);
+/// sd.insert("bias", Tensor::zeros(classes, DType::F32, &Device::Cpu)?);
+/// let head = LinearClassifier::from_state_dict(&sd, "", 1, d)?;
+/// assert_eq!((head.layers(), head.num_classes()), (1, 10));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LinearClassifier {
     layers: usize,
@@ -22,53 +36,56 @@ pub struct LinearClassifier {
 }
 
 impl LinearClassifier {
-    /// From the head's `weight` `[classes, (layers+1)·D]` and `bias` `[classes]` (official head files hold
-    /// exactly these two keys; for a Hugging Face classifier pass `classifier.weight`/`classifier.bias`, layers 1).
-    pub fn new(layers: usize, weight: Tensor, bias: Tensor, embed_dim: usize) -> Result<Self> {
+    /// A head reading the class tokens of the last `layers` blocks of a `embed_dim`-wide backbone into
+    /// `num_classes` logits, from `vb` (`weight` `[classes, (layers+1)·D]`, `bias` `[classes]`; official head
+    /// files hold exactly these two keys, a Hugging Face classifier has them under `classifier`).
+    pub fn new(
+        layers: usize,
+        embed_dim: usize,
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if layers == 0 {
-            return Err(Error::invalid("a linear head needs at least one layer"));
-        }
-        let (classes, width) = weight.dims2()?;
-        if width != (layers + 1) * embed_dim {
-            return Err(Error::ShapeMismatch {
-                key: "weight".into(),
-                expected: vec![classes, (layers + 1) * embed_dim],
-                actual: weight.dims().to_vec(),
-            });
-        }
-        if bias.dims() != [classes] {
-            return Err(Error::ShapeMismatch {
-                key: "bias".into(),
-                expected: vec![classes],
-                actual: bias.dims().to_vec(),
-            });
+            return Err(Error::invalid(
+                "layers",
+                "a linear head reads at least one block",
+            ));
         }
         Ok(LinearClassifier {
             layers,
-            linear: Linear {
-                weight,
-                bias: Some(bias),
-            },
+            linear: Linear::new((layers + 1) * embed_dim, num_classes, true, vb)?,
         })
     }
 
     /// From a state dict holding `{prefix}weight` and `{prefix}bias` (prefix `""` for official head files,
-    /// `"classifier."` for Hugging Face checkpoints).
+    /// `"classifier."` for Hugging Face checkpoints); the number of classes is read off the weight.
     pub fn from_state_dict(
         sd: &StateDict,
         prefix: &str,
         layers: usize,
         embed_dim: usize,
     ) -> Result<Self> {
-        let get = |k: &str| {
-            sd.get(&format!("{prefix}{k}"))
-                .cloned()
-                .ok_or_else(|| Error::MissingKey {
-                    key: format!("{prefix}{k}"),
-                    expected: vec![],
-                })
+        let key = format!("{prefix}weight");
+        let width = (layers + 1) * embed_dim;
+        let weight = sd.get(&key).ok_or_else(|| Error::MissingKey {
+            key: key.clone(),
+            expected: vec![0, width],
+        })?;
+        let classes = weight.dims().first().copied().unwrap_or(0);
+        sd.get_shaped(&key, &[classes, width])?;
+        sd.get_shaped(&format!("{prefix}bias"), &[classes])?;
+        let vb = sd.var_builder(weight.dtype(), weight.device());
+        let vb = match prefix.strip_suffix('.') {
+            Some(p) => vb.pp(p),
+            None if prefix.is_empty() => vb,
+            None => {
+                return Err(Error::invalid(
+                    "prefix",
+                    format!("`{prefix}` must be empty or end with `.`"),
+                ))
+            }
         };
-        Self::new(layers, get("weight")?, get("bias")?, embed_dim)
+        Self::new(layers, embed_dim, classes, vb)
     }
 
     /// Number of backbone blocks whose class tokens feed the head.
@@ -78,7 +95,7 @@ impl LinearClassifier {
 
     /// Number of classes.
     pub fn num_classes(&self) -> usize {
-        self.linear.weight.dim(0).unwrap_or(0)
+        self.linear.weight().dim(0).unwrap_or(0)
     }
 
     /// The head's input for images `x`.
@@ -100,7 +117,7 @@ impl LinearClassifier {
         let mut parts: Vec<Tensor> = outs.iter().filter_map(|o| o.class_token.clone()).collect();
         let last = outs
             .last()
-            .ok_or_else(|| Error::invalid("no intermediate layers"))?;
+            .ok_or_else(|| Error::invalid("layers", "no intermediate layers were returned"))?;
         parts.push(last.patch_tokens.mean(1)?);
         Ok(Tensor::cat(&parts, D::Minus1)?)
     }
@@ -108,7 +125,8 @@ impl LinearClassifier {
     /// Logits `[B, classes]`.
     pub fn forward(&self, model: &DinoVisionTransformer, x: &Tensor) -> Result<Tensor> {
         let f = self.features(model, x)?;
-        self.linear
-            .forward(&f.to_dtype(self.linear.weight.dtype())?)
+        Ok(self
+            .linear
+            .forward(&f.to_dtype(self.linear.weight().dtype())?)?)
     }
 }

@@ -170,7 +170,9 @@ pub fn hub_repo_id(repo_or_name: &str) -> Result<String> {
     };
     match s.split_once('/') {
         Some((org, name)) if part_ok(org) && part_ok(name) => Ok(s.to_string()),
-        _ => Err(Error::UnknownModel(repo_or_name.to_string())),
+        _ => Err(Error::UnknownModel {
+            spec: repo_or_name.to_string(),
+        }),
     }
 }
 
@@ -250,13 +252,16 @@ pub fn download(repo_or_name: &str, opts: &HubOptions) -> Result<PathBuf> {
             .copied()
             .filter(|f| !cached_file(&repo, opts, f))
             .collect();
-        return Err(Error::Hub(format!(
-            "`{repo}` (revision `{}`) is not in the cache {} (missing: {}) and offline mode is on \
-             (HF_HUB_OFFLINE); download it once with network access or unset HF_HUB_OFFLINE",
-            opts.revision,
-            opts.cache_dir.display(),
-            missing.join(", ")
-        )));
+        return Err(Error::Hub {
+            reason: format!(
+                "revision `{}` is not in the cache {} (missing: {}) and offline mode is on \
+                 (HF_HUB_OFFLINE); download it once with network access or unset HF_HUB_OFFLINE",
+                opts.revision,
+                opts.cache_dir.display(),
+                missing.join(", ")
+            ),
+            repo,
+        });
     }
     let run = || -> Result<PathBuf> {
         let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
@@ -265,7 +270,10 @@ pub fn download(repo_or_name: &str, opts: &HubOptions) -> Result<PathBuf> {
             .with_progress(opts.progress)
             .with_retries(3)
             .build()
-            .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+            .map_err(|e| Error::Hub {
+                repo: repo.clone(),
+                reason: format!("cannot set up the Hub client: {e}"),
+            })?;
         let api_repo = api.repo(Repo::with_revision(
             repo.clone(),
             RepoType::Model,
@@ -286,26 +294,33 @@ pub fn download(repo_or_name: &str, opts: &HubOptions) -> Result<PathBuf> {
                     } else {
                         ""
                     };
-                    Error::Hub(format!(
-                        "cannot download `{file}` of `{repo}` (revision `{}`) from {}: {msg}{hint}",
-                        opts.revision, opts.endpoint
-                    ))
+                    Error::Hub {
+                        repo: repo.clone(),
+                        reason: format!(
+                            "cannot download `{file}` (revision `{}`) from {}: {msg}{hint}",
+                            opts.revision, opts.endpoint
+                        ),
+                    }
                 })?;
             }
             if let Some(dir) = cached_snapshot(&repo, opts) {
                 return Ok(dir);
             }
         }
-        Err(Error::Hub(format!(
-            "`{repo}` changed on the Hub during the download (revision `{}`); try again",
-            opts.revision
-        )))
+        Err(Error::Hub {
+            repo: repo.clone(),
+            reason: format!(
+                "changed on the Hub during the download (revision `{}`); try again",
+                opts.revision
+            ),
+        })
     };
     // hf-hub asserts on a few impossible states; never let that unwind through the caller.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| {
-        Err(Error::Hub(format!(
-            "the Hub client failed unexpectedly while downloading `{repo}`"
-        )))
+        Err(Error::Hub {
+            repo: repo.clone(),
+            reason: "the Hub client failed unexpectedly during the download".into(),
+        })
     })
 }
 
@@ -336,6 +351,8 @@ pub fn resolve_weights(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
             path: p.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         }),
-        _ => Err(Error::UnknownModel(spec.to_string())),
+        _ => Err(Error::UnknownModel {
+            spec: spec.to_string(),
+        }),
     }
 }

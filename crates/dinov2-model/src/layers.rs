@@ -1,104 +1,228 @@
 //! Transformer building blocks with the official parameter names and semantics
 //! (`dinov2/layers/{patch_embed,attention,mlp,swiglu_ffn,layer_scale,block}.py`).
 //!
-//! Token tensors are packed `[rows, D]` matrices; a [`SeqLayout`] tells attention which rows form one image.
+//! Every layer is built from a [`VarBuilder`] positioned at its official module path (`vb.pp("blocks").pp(3)`
+//! for block 3) and implements candle's [`Module`] (inference). The
+//! names each `new` asks its builder for are the only place the official parameter names are written; the
+//! init hints are the official initialisation (see [`crate::init`]). Training forwards (stochastic depth)
+//! take the caller's generator explicitly ([`Block::forward_packed`]): candle's blanket
+//! [`ModuleT`](candle_core::ModuleT)
+//! implementation of a [`Module`] type is its eval forward.
+//!
+//! Blocks work on packed `[rows, D]` token matrices: a [`Packing`] says which rows form one image (the
+//! [`Module`] implementations take the usual `[B, T, D]` batch).
+//!
+//! A custom ViT, block by block (random weights from a `VarMap`; any `VarBuilder` works):
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use dinov2_model::layers::{Block, LayerNorm, PatchEmbed};
+//! use dinov2_model::VitConfig;
+//! # fn main() -> dinov2_model::Result<()> {
+//! let mut cfg = VitConfig::vit_small();
+//! (cfg.embed_dim, cfg.num_heads) = (32, 2);
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let patch_embed = PatchEmbed::new(&cfg, vb.pp("patch_embed"))?;
+//! let blocks = (0..2)
+//!     .map(|i| Block::new(&cfg, 0.0, vb.pp("blocks").pp(i)))
+//!     .collect::<dinov2_model::Result<Vec<_>>>()?;
+//! let norm = LayerNorm::new(cfg.embed_dim, cfg.layer_norm_eps, vb.pp("norm"))?;
+//!
+//! let image = Tensor::zeros((1, 3, 28, 42), DType::F32, &Device::Cpu)?;
+//! let mut x = patch_embed.forward(&image)?; // [1, 6, 32]: a 2 x 3 patch grid
+//! for block in &blocks {
+//!     x = block.forward(&x)?;
+//! }
+//! let x = norm.forward(&x)?;
+//! assert_eq!(x.dims(), &[1, 6, 32]);
+//! assert!(varmap.data().lock().unwrap().contains_key("blocks.1.mlp.fc2.weight"));
+//! # Ok(()) }
+//! ```
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use candle_core::{Tensor, D};
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use rand::RngCore;
 
 use crate::config::{FfnKind, VitConfig};
 use crate::error::{Error, Result};
-use crate::ops::{self, AttentionBackend, SeqLayout};
-use crate::state_dict::StateDict;
+use crate::init::{ONES, TRUNC_NORMAL_002, ZEROS};
+use crate::ops::{self, AttentionBackend, CpuFusedAttention, SeqLayout};
 
-/// Fetches `prefix.name` with the expected shape.
-pub(crate) fn param(sd: &StateDict, key: &str, shape: &[usize]) -> Result<Tensor> {
-    Ok(sd.get_shaped(key, shape)?.clone())
-}
+/// The attention kernel a layer holds.
+pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;
 
-/// A linear layer `y = x Wᵀ + b` (weights `[out, in]`).
+/// A linear layer `y = x Wᵀ + b` (`weight` `[out, in]`, `bias` `[out]`).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let vm = VarMap::new();
+/// let fc = dinov2_model::layers::Linear::new(4, 3, true, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let y = fc.forward(&Tensor::ones((2, 4), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[2, 3]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub(crate) fn load(
-        sd: &StateDict,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        Ok(Linear {
-            weight: param(sd, &format!("{prefix}.weight"), &[out, inp])?,
-            bias: if bias {
-                Some(param(sd, &format!("{prefix}.bias"), &[out])?)
-            } else {
-                None
-            },
-        })
+    /// `in_dim → out_dim` from `vb` (`weight`, and `bias` when `bias` is set), initialised as the official
+    /// `init_weights_vit_timm` (trunc-normal 0.02 weight, zero bias).
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_002)?;
+        let bias = bias
+            .then(|| vb.get_with_hints(out_dim, "bias", ZEROS))
+            .transpose()?;
+        Ok(Linear { weight, bias })
     }
-    /// Applies the layer to `[.., in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+
+    /// From tensors: `weight` `[out, in]`, `bias` `[out]`.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
     }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        if let Some(b) = &self.bias {
-            out.push((format!("{prefix}.bias"), b.clone()));
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn detached(&self) -> Self {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
         }
     }
 }
 
-/// LayerNorm with affine parameters (differentiable fused kernel).
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// LayerNorm with affine parameters (`weight`, `bias`) over the last dimension, on a differentiable fused
+/// kernel (candle-nn's fused LayerNorm has no backward).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let vm = VarMap::new();
+/// let ln = dinov2_model::layers::LayerNorm::new(3, 1e-6, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let y = ln.forward(&Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?)?;
+/// assert!((y.to_vec2::<f32>()?[0][2] - 1.2247).abs() < 1e-3);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) eps: f64,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
-    pub(crate) fn load(sd: &StateDict, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    /// A `dim`-wide LayerNorm from `vb` (`weight` ones, `bias` zeros at initialisation).
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(LayerNorm {
-            weight: param(sd, &format!("{prefix}.weight"), &[dim])?,
-            bias: param(sd, &format!("{prefix}.bias"), &[dim])?,
+            weight: vb.get_with_hints(dim, "weight", ONES)?,
+            bias: vb.get_with_hints(dim, "bias", ZEROS)?,
             eps,
         })
     }
-    /// Normalises the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
+
+    pub(crate) fn detached(&self) -> Self {
+        LayerNorm {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
     }
 }
 
-/// Non-overlapping `p × p` patches projected to D (a stride-p convolution, computed as patchify + GEMM).
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// LayerScale: a learned per-channel scale `gamma` (official `ls1` / `ls2`).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let vm = VarMap::new();
+/// let ls = dinov2_model::layers::LayerScale::new(2, 0.5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// assert_eq!(ls.forward(&Tensor::new(&[[2f32, 4.]], &Device::Cpu)?)?.to_vec2::<f32>()?, [[1.0, 2.0]]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LayerScale {
+    gamma: Tensor,
+}
+
+impl LayerScale {
+    /// A `dim`-wide LayerScale from `vb` (`gamma`, initialised to `init_value`).
+    pub fn new(dim: usize, init_value: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerScale {
+            gamma: vb.get_with_hints(dim, "gamma", Init::Const(init_value))?,
+        })
+    }
+
+    /// The scale `[D]`.
+    pub fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+}
+
+impl Module for LayerScale {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(&self.gamma)
+    }
+}
+
+/// Non-overlapping `p × p` patches projected to D (official `patch_embed.proj`, a stride-p convolution
+/// computed as patchify + GEMM). [`Module::forward`] maps `[B, C, H, W]` to tokens `[B, h·w, D]`.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) patch: usize,
+    weight: Tensor,
+    bias: Tensor,
+    patch: usize,
 }
 
 impl PatchEmbed {
-    pub(crate) fn load(sd: &StateDict, cfg: &VitConfig) -> Result<Self> {
+    /// From `vb` at `patch_embed`: `proj.weight` `[D, C, p, p]` and `proj.bias` `[D]` (PyTorch's default
+    /// convolution init, U(±1/√(C·p²))).
+    pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, c, p) = (cfg.embed_dim, cfg.in_chans, cfg.patch_size);
+        let bound = 1.0 / ((c * p * p) as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let vb = vb.pp("proj");
         Ok(PatchEmbed {
-            weight: param(sd, "patch_embed.proj.weight", &[d, c, p, p])?,
-            bias: param(sd, "patch_embed.proj.bias", &[d])?,
+            weight: vb.get_with_hints((d, c, p, p), "weight", init)?,
+            bias: vb.get_with_hints(d, "bias", init)?,
             patch: p,
         })
     }
 
     /// `[B, C, H, W]` → `[B, h·w, D]` tokens in row-major patch order, and the grid `(h, w)`.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
+    pub fn forward_grid(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let (b, c, hp, wp) = x.dims4()?;
         let p = self.patch;
         if hp % p != 0 || wp % p != 0 || hp == 0 || wp == 0 {
@@ -110,9 +234,10 @@ impl PatchEmbed {
         }
         let (expected_c, d) = (self.weight.dim(1)?, self.weight.dim(0)?);
         if c != expected_c {
-            return Err(Error::invalid(format!(
-                "input has {c} channels, the model expects {expected_c}"
-            )));
+            return Err(Error::ChannelMismatch {
+                expected: expected_c,
+                actual: c,
+            });
         }
         let (h, w) = (hp / p, wp / p);
         let patches = x
@@ -123,41 +248,77 @@ impl PatchEmbed {
         let t = ops::linear(&patches, &weight, Some(&self.bias))?;
         Ok((t.reshape((b, h * w, d))?, (h, w)))
     }
+
+    pub(crate) fn detached(&self) -> Self {
+        PatchEmbed {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            patch: self.patch,
+        }
+    }
 }
 
-/// Multi-head self-attention (`attn.qkv`, `attn.proj`).
+impl Module for PatchEmbed {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_grid(x)
+            .map(|(t, _)| t)
+            .map_err(Error::into_candle)
+    }
+}
+
+/// Multi-head self-attention (`qkv`, `proj`) on a pluggable kernel ([`AttentionBackend`]).
+/// [`Module::forward`] maps `[B, T, D]` to `[B, T, D]`.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub(crate) qkv: Linear,
-    pub(crate) proj: Linear,
-    pub(crate) num_heads: usize,
-    pub(crate) scale: f64,
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+    backend: SharedBackend,
 }
 
 impl Attention {
-    pub(crate) fn load(sd: &StateDict, prefix: &str, cfg: &VitConfig) -> Result<Self> {
+    /// From `vb` at `attn`: `qkv` (`D → 3D`) and `proj` (`D → D`), with the configuration's biases, on the
+    /// default kernel ([`CpuFusedAttention`], which defers to candle ops off the CPU).
+    pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.embed_dim;
         Ok(Attention {
-            qkv: Linear::load(sd, &format!("{prefix}.qkv"), 3 * d, d, cfg.qkv_bias)?,
-            proj: Linear::load(sd, &format!("{prefix}.proj"), d, d, cfg.proj_bias)?,
+            qkv: Linear::new(d, 3 * d, cfg.qkv_bias, vb.pp("qkv"))?,
+            proj: Linear::new(d, d, cfg.proj_bias, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
             scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
+            backend: Arc::new(CpuFusedAttention),
         })
     }
 
-    /// `[rows, D]` → `[rows, D]`, attending within each segment of `layout`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        layout: &SeqLayout,
-        backend: &dyn AttentionBackend,
-    ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
-        let o = backend.attention(&qkv, layout, self.num_heads, self.scale)?;
-        self.proj.forward(&o)
+    /// Replaces the attention kernel (a CUDA varlen kernel, say).
+    pub fn set_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
+        self.backend = backend;
     }
 
-    /// Attention probabilities `[B, heads, T, T]` for a uniform batch of `batch` sequences.
+    /// The fused `qkv` projection.
+    pub fn qkv(&self) -> &Linear {
+        &self.qkv
+    }
+
+    /// The output projection.
+    pub fn proj(&self) -> &Linear {
+        &self.proj
+    }
+
+    /// `[rows, D]` → `[rows, D]`, attending within each segment of `layout`.
+    pub fn forward_packed(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        let o = self.attend(&self.qkv.forward(x)?, layout)?;
+        Ok(self.proj.forward(&o)?)
+    }
+
+    fn attend(&self, qkv: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        Ok(self
+            .backend
+            .attention(qkv, layout, self.num_heads, self.scale)?)
+    }
+
+    /// Attention probabilities `[B, heads, T, T]` for a uniform batch of `batch` sequences in `x` `[B·T, D]`.
     pub fn probabilities(&self, x: &Tensor, batch: usize) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
         Ok(ops::attention_probs(
@@ -167,65 +328,111 @@ impl Attention {
             self.scale,
         )?)
     }
+
+    fn detached(&self) -> Self {
+        Attention {
+            qkv: self.qkv.detached(),
+            proj: self.proj.detached(),
+            backend: self.backend.clone(),
+            ..*self
+        }
+    }
 }
 
-/// Feed-forward network: `Mlp` (fc1 → GELU → fc2) or packed `SwiGLU` (w12 → silu(x1)·x2 → w3).
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        on_rows(x, |rows, layout| self.forward_packed(rows, layout))
+    }
+}
+
+/// Applies a packed-rows function to a `[B, T, D]` batch.
+fn on_rows(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor, &SeqLayout) -> Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let rows = x.reshape((b * t, d))?;
+    f(&rows, &SeqLayout::uniform(b, t))
+        .and_then(|y| Ok(y.reshape((b, t, d))?))
+        .map_err(Error::into_candle)
+}
+
+/// Feed-forward network: `Mlp` (`fc1` → exact GELU → `fc2`) or packed `SwiGLU` (`w12` → silu(x1)·x2 → `w3`).
 #[derive(Debug, Clone)]
 pub enum Ffn {
     /// `mlp.fc1`, `mlp.fc2`.
-    Mlp { fc1: Linear, fc2: Linear },
+    Mlp {
+        /// `D → hidden`.
+        fc1: Linear,
+        /// `hidden → D`.
+        fc2: Linear,
+    },
     /// `mlp.w12` (packed gate and value), `mlp.w3`.
     Swiglu {
+        /// `D → 2·hidden` (gate rows first).
         w12: Linear,
+        /// `hidden → D`.
         w3: Linear,
+        /// The hidden width.
         hidden: usize,
     },
 }
 
 impl Ffn {
-    pub(crate) fn load(sd: &StateDict, prefix: &str, cfg: &VitConfig) -> Result<Self> {
+    /// From `vb` at `mlp`, of the configuration's kind, hidden width and bias.
+    pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, h, bias) = (cfg.embed_dim, cfg.ffn_hidden_dim(), cfg.ffn_bias);
         Ok(match cfg.ffn {
             FfnKind::Mlp => Ffn::Mlp {
-                fc1: Linear::load(sd, &format!("{prefix}.fc1"), h, d, bias)?,
-                fc2: Linear::load(sd, &format!("{prefix}.fc2"), d, h, bias)?,
+                fc1: Linear::new(d, h, bias, vb.pp("fc1"))?,
+                fc2: Linear::new(h, d, bias, vb.pp("fc2"))?,
             },
             FfnKind::Swiglu => Ffn::Swiglu {
-                w12: Linear::load(sd, &format!("{prefix}.w12"), 2 * h, d, bias)?,
-                w3: Linear::load(sd, &format!("{prefix}.w3"), d, h, bias)?,
+                w12: Linear::new(d, 2 * h, bias, vb.pp("w12"))?,
+                w3: Linear::new(h, d, bias, vb.pp("w3"))?,
                 hidden: h,
             },
         })
     }
 
-    /// Applies the FFN row-wise.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The hidden activations (before the output layer).
+    fn hidden(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Ffn::Mlp { fc1, fc2 } => {
-                // The untracked CPU inference path (bias + GELU fused into the GEMM) is `Block::forward_inference`.
-                let h = ops::gelu_erf(&fc1.forward(x)?)?;
-                fc2.forward(&h)
-            }
-            Ffn::Swiglu { w12, w3, hidden } => {
-                let h = w12.forward(x)?;
-                let x1 = h.narrow(D::Minus1, 0, *hidden)?;
-                let x2 = h.narrow(D::Minus1, *hidden, *hidden)?;
-                w3.forward(&(x1.silu()? * x2)?)
-            }
+            Ffn::Mlp { fc1, .. } => ops::gelu_erf(&fc1.forward(x)?),
+            Ffn::Swiglu { w12, hidden, .. } => swiglu(&w12.forward(x)?, *hidden),
         }
     }
 
-    pub(crate) fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+    /// The output layer (`fc2` or `w3`).
+    fn output(&self) -> &Linear {
         match self {
-            Ffn::Mlp { fc1, fc2 } => {
-                fc1.named(&format!("{prefix}.fc1"), out);
-                fc2.named(&format!("{prefix}.fc2"), out);
-            }
-            Ffn::Swiglu { w12, w3, .. } => {
-                w12.named(&format!("{prefix}.w12"), out);
-                w3.named(&format!("{prefix}.w3"), out);
-            }
+            Ffn::Mlp { fc2, .. } => fc2,
+            Ffn::Swiglu { w3, .. } => w3,
         }
+    }
+
+    fn detached(&self) -> Self {
+        match self {
+            Ffn::Mlp { fc1, fc2 } => Ffn::Mlp {
+                fc1: fc1.detached(),
+                fc2: fc2.detached(),
+            },
+            Ffn::Swiglu { w12, w3, hidden } => Ffn::Swiglu {
+                w12: w12.detached(),
+                w3: w3.detached(),
+                hidden: *hidden,
+            },
+        }
+    }
+}
+
+fn swiglu(h: &Tensor, hidden: usize) -> candle_core::Result<Tensor> {
+    h.narrow(D::Minus1, 0, hidden)?.silu()? * h.narrow(D::Minus1, hidden, hidden)?
+}
+
+impl Module for Ffn {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.output().forward(&self.hidden(x)?)
     }
 }
 
@@ -240,6 +447,14 @@ pub struct Packing {
 }
 
 impl Packing {
+    /// One uniform group of `batch` images of `tokens` tokens.
+    pub fn uniform(batch: usize, tokens: usize) -> Self {
+        Packing {
+            groups: vec![(batch, tokens)],
+            is_list: false,
+        }
+    }
+
     /// One attention segment per image.
     pub fn layout(&self) -> SeqLayout {
         let lengths: Vec<usize> = self
@@ -251,23 +466,20 @@ impl Packing {
     }
 }
 
-/// Training-time randomness handed to blocks.
-pub(crate) struct TrainContext<'a> {
-    pub rng: &'a mut dyn rand::RngCore,
-}
-
-/// One pre-norm transformer block.
+/// One pre-norm transformer block (`norm1`, `attn`, `ls1`, `norm2`, `mlp`, `ls2`) with stochastic depth.
+///
+/// [`Module::forward`] is the eval forward of a `[B, T, D]` batch (and so is candle's blanket
+/// [`ModuleT`](candle_core::ModuleT) implementation, whatever its flag); the training forward, with stochastic depth, is
+/// [`Block::forward_packed`] with the caller's generator (reproducible, checkpointable).
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub(crate) norm1: LayerNorm,
-    pub(crate) attn: Attention,
-    pub(crate) ls1: Option<Tensor>,
-    pub(crate) norm2: LayerNorm,
-    pub(crate) mlp: Ffn,
-    pub(crate) ls2: Option<Tensor>,
-    pub(crate) drop_path: f64,
-    /// Inference-only weights with LayerScale folded in (computed on first inference use).
-    pub(crate) folded: OnceLock<FoldedOutputs>,
+    norm1: LayerNorm,
+    attn: Attention,
+    ls1: Option<LayerScale>,
+    norm2: LayerNorm,
+    mlp: Ffn,
+    ls2: Option<LayerScale>,
+    drop_path: f64,
 }
 
 /// `proj` and the FFN output layer with LayerScale folded in: `γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b`.
@@ -279,11 +491,11 @@ pub(crate) struct FoldedOutputs {
     out_b: Option<Arc<Vec<f32>>>,
 }
 
-fn fold(lin: &Linear, gamma: Option<&Tensor>) -> Result<(Tensor, Option<Arc<Vec<f32>>>)> {
-    let (w, b) = match gamma {
-        Some(g) => (
-            lin.weight.broadcast_mul(&g.unsqueeze(1)?)?,
-            lin.bias.as_ref().map(|b| b * g).transpose()?,
+fn fold(lin: &Linear, ls: Option<&LayerScale>) -> Result<(Tensor, Option<Arc<Vec<f32>>>)> {
+    let (w, b) = match ls {
+        Some(ls) => (
+            lin.weight.broadcast_mul(&ls.gamma.unsqueeze(1)?)?,
+            lin.bias.as_ref().map(|b| b * &ls.gamma).transpose()?,
         ),
         None => (lin.weight.clone(), lin.bias.clone()),
     };
@@ -292,103 +504,124 @@ fn fold(lin: &Linear, gamma: Option<&Tensor>) -> Result<(Tensor, Option<Arc<Vec<
 }
 
 impl Block {
-    pub(crate) fn load(sd: &StateDict, i: usize, cfg: &VitConfig) -> Result<Self> {
-        let p = format!("blocks.{i}");
+    /// From `vb` at `blocks.{i}`, with stochastic-depth rate `drop_path` (see
+    /// [`VitConfig::drop_path_rate_of_block`]).
+    pub fn new(cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Self> {
         let d = cfg.embed_dim;
-        let ls = |n: &str| -> Result<Option<Tensor>> {
+        let ls = |name: &str| -> Result<Option<LayerScale>> {
             cfg.layer_scale_init
-                .map(|_| param(sd, &format!("{p}.{n}.gamma"), &[d]))
+                .map(|v| LayerScale::new(d, v, vb.pp(name)))
                 .transpose()
         };
         Ok(Block {
-            norm1: LayerNorm::load(sd, &format!("{p}.norm1"), d, cfg.layer_norm_eps)?,
-            attn: Attention::load(sd, &format!("{p}.attn"), cfg)?,
+            norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
             ls1: ls("ls1")?,
-            norm2: LayerNorm::load(sd, &format!("{p}.norm2"), d, cfg.layer_norm_eps)?,
-            mlp: Ffn::load(sd, &format!("{p}.mlp"), cfg)?,
+            norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            mlp: Ffn::new(cfg, vb.pp("mlp"))?,
             ls2: ls("ls2")?,
-            drop_path: cfg.drop_path_rate_of_block(i),
-            folded: OnceLock::new(),
+            drop_path,
         })
     }
 
-    fn attn_branch(
-        &self,
-        x: &Tensor,
-        layout: &SeqLayout,
-        be: &dyn AttentionBackend,
-    ) -> Result<Tensor> {
-        self.attn.forward(&self.norm1.forward(x)?, layout, be)
+    /// The attention layer.
+    pub fn attn(&self) -> &Attention {
+        &self.attn
+    }
+
+    /// The first LayerNorm (before attention).
+    pub fn norm1(&self) -> &LayerNorm {
+        &self.norm1
+    }
+
+    /// Replaces the attention kernel.
+    pub fn set_attention_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
+        self.attn.set_backend(backend);
+    }
+
+    /// Whether any weight tracks gradients (a `Var`).
+    fn tracks(&self) -> bool {
+        self.attn.qkv.weight.track_op()
+    }
+
+    fn attn_branch(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        self.attn.forward_packed(&self.norm1.forward(x)?, layout)
     }
 
     fn ffn_branch(&self, x: &Tensor) -> Result<Tensor> {
-        self.mlp.forward(&self.norm2.forward(x)?)
+        Ok(self.mlp.forward(&self.norm2.forward(x)?)?)
     }
 
-    /// `x + ls(branch(x))` in eval mode, or with stochastic depth in training.
-    pub(crate) fn forward(
+    /// `x + ls(branch(x))` over packed rows `[rows, D]`: in eval mode when `drop_path_rng` is `None`, with
+    /// stochastic depth drawn from it otherwise (both official forms: per-sample at rates ≤ 0.1, batch
+    /// subsets above 0.1 and for list inputs).
+    pub fn forward_packed(
         &self,
         x: &Tensor,
         packing: &Packing,
-        be: &dyn AttentionBackend,
-        train: Option<&mut TrainContext<'_>>,
+        drop_path_rng: Option<&mut dyn RngCore>,
+    ) -> Result<Tensor> {
+        self.forward_rows(x, packing, drop_path_rng, None)
+    }
+
+    /// [`Self::forward_packed`] with the model's folded inference weights when it has them.
+    pub(crate) fn forward_rows(
+        &self,
+        x: &Tensor,
+        packing: &Packing,
+        drop_path_rng: Option<&mut dyn RngCore>,
+        folded: Option<&FoldedOutputs>,
     ) -> Result<Tensor> {
         let layout = packing.layout();
-        match train {
-            Some(ctx) if self.drop_path > 0.0 => {
+        match drop_path_rng {
+            Some(rng) if self.drop_path > 0.0 => {
                 let r = self.drop_path;
-                let attn = |x: &Tensor, l: &SeqLayout| self.attn_branch(x, l, be);
+                let attn = |x: &Tensor, l: &SeqLayout| self.attn_branch(x, l);
                 let ffn = |x: &Tensor, _: &SeqLayout| self.ffn_branch(x);
+                let (ls1, ls2) = (self.ls1.as_ref(), self.ls2.as_ref());
                 if packing.is_list || r > 0.1 {
-                    let x = drop_add_residual_subset(x, packing, r, &attn, self.ls1.as_ref(), ctx)?;
-                    drop_add_residual_subset(&x, packing, r, &ffn, self.ls2.as_ref(), ctx)
+                    let x = drop_add_residual_subset(x, packing, r, &attn, ls1, rng)?;
+                    drop_add_residual_subset(&x, packing, r, &ffn, ls2, rng)
                 } else {
-                    let y = scale(&attn(x, &layout)?, self.ls1.as_ref())?;
-                    let x = (x + drop_path_per_sample(&y, packing, r, ctx)?)?;
-                    let y = scale(&ffn(&x, &layout)?, self.ls2.as_ref())?;
-                    Ok((&x + drop_path_per_sample(&y, packing, r, ctx)?)?)
+                    let y = scale(&attn(x, &layout)?, ls1)?;
+                    let x = (x + drop_path_per_sample(&y, packing, r, rng)?)?;
+                    let y = scale(&ffn(&x, &layout)?, ls2)?;
+                    Ok((&x + drop_path_per_sample(&y, packing, r, rng)?)?)
                 }
             }
-            _ if ops::use_cpu_kernel(x) && !x.track_op() && !self.attn.qkv.weight.track_op() => {
-                self.forward_inference(x, &layout, be)
-            }
+            _ if ops::use_cpu_kernel(x) && !x.track_op() && !self.tracks() => match folded {
+                Some(f) => self.forward_inference(x, &layout, f),
+                None => self.forward_inference(x, &layout, &self.fold()?),
+            },
             _ => {
-                let x = (x + scale(&self.attn_branch(x, &layout, be)?, self.ls1.as_ref())?)?;
+                let x = (x + scale(&self.attn_branch(x, &layout)?, self.ls1.as_ref())?)?;
                 Ok((&x + scale(&self.ffn_branch(&x)?, self.ls2.as_ref())?)?)
             }
         }
     }
 
+    /// The output projections with LayerScale folded in, from the current weights.
+    pub(crate) fn fold(&self) -> Result<FoldedOutputs> {
+        let (proj_w, proj_b) = fold(&self.attn.proj, self.ls1.as_ref())?;
+        let (out_w, out_b) = fold(self.mlp.output(), self.ls2.as_ref())?;
+        Ok(FoldedOutputs {
+            proj_w,
+            proj_b,
+            out_w,
+            out_b,
+        })
+    }
+
     /// Inference on CPU f32 without gradient tracking: LayerScale folded into the output projections, whose
-    /// GEMMs accumulate straight into the residual stream.
+    /// GEMMs accumulate straight into the residual stream; bias + GELU fused into `fc1`'s GEMM.
     fn forward_inference(
         &self,
         x: &Tensor,
         layout: &SeqLayout,
-        be: &dyn AttentionBackend,
+        f: &FoldedOutputs,
     ) -> Result<Tensor> {
-        let f = match self.folded.get() {
-            Some(f) => f,
-            None => {
-                let (proj_w, proj_b) = fold(&self.attn.proj, self.ls1.as_ref())?;
-                let out = match &self.mlp {
-                    Ffn::Mlp { fc2, .. } => fc2,
-                    Ffn::Swiglu { w3, .. } => w3,
-                };
-                let (out_w, out_b) = fold(out, self.ls2.as_ref())?;
-                let _ = self.folded.set(FoldedOutputs {
-                    proj_w,
-                    proj_b,
-                    out_w,
-                    out_b,
-                });
-                self.folded
-                    .get()
-                    .ok_or_else(|| Error::invalid("folded weights unavailable"))?
-            }
-        };
         let qkv = self.attn.qkv.forward(&self.norm1.forward(x)?)?;
-        let o = be.attention(&qkv, layout, self.attn.num_heads, self.attn.scale)?;
+        let o = self.attn.attend(&qkv, layout)?;
         let x = ops::linear_residual_inference(x, &o, &f.proj_w, f.proj_b.clone())?;
         let h = self.norm2.forward(&x)?;
         let hidden = match &self.mlp {
@@ -396,11 +629,7 @@ impl Block {
                 Some(b) => ops::linear_gelu_inference(&h, &fc1.weight, b)?,
                 None => ops::gelu_erf(&fc1.forward(&h)?)?,
             },
-            Ffn::Swiglu { w12, hidden, .. } => {
-                let g = w12.forward(&h)?;
-                (g.narrow(D::Minus1, 0, *hidden)?.silu()?
-                    * g.narrow(D::Minus1, *hidden, *hidden)?)?
-            }
+            Ffn::Swiglu { w12, hidden, .. } => swiglu(&w12.forward(&h)?, *hidden)?,
         };
         Ok(ops::linear_residual_inference(
             &x,
@@ -410,25 +639,37 @@ impl Block {
         )?)
     }
 
-    pub(crate) fn named(&self, i: usize, out: &mut Vec<(String, Tensor)>) {
-        let p = format!("blocks.{i}");
-        self.norm1.named(&format!("{p}.norm1"), out);
-        self.attn.qkv.named(&format!("{p}.attn.qkv"), out);
-        self.attn.proj.named(&format!("{p}.attn.proj"), out);
-        if let Some(g) = &self.ls1 {
-            out.push((format!("{p}.ls1.gamma"), g.clone()));
-        }
-        self.norm2.named(&format!("{p}.norm2"), out);
-        self.mlp.named(&format!("{p}.mlp"), out);
-        if let Some(g) = &self.ls2 {
-            out.push((format!("{p}.ls2.gamma"), g.clone()));
+    /// The block with every weight detached (sharing storage): forwards record no gradient graph.
+    pub(crate) fn detached(&self) -> Self {
+        let ls = |l: &Option<LayerScale>| {
+            l.as_ref().map(|l| LayerScale {
+                gamma: l.gamma.detach(),
+            })
+        };
+        Block {
+            norm1: self.norm1.detached(),
+            attn: self.attn.detached(),
+            ls1: ls(&self.ls1),
+            norm2: self.norm2.detached(),
+            mlp: self.mlp.detached(),
+            ls2: ls(&self.ls2),
+            drop_path: self.drop_path,
         }
     }
 }
 
-fn scale(y: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match gamma {
-        Some(g) => y.broadcast_mul(g)?,
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        on_rows(x, |rows, _| {
+            self.forward_packed(rows, &Packing::uniform(b, t), None)
+        })
+    }
+}
+
+fn scale(y: &Tensor, ls: Option<&LayerScale>) -> Result<Tensor> {
+    Ok(match ls {
+        Some(ls) => ls.forward(y)?,
         None => y.clone(),
     })
 }
@@ -438,14 +679,14 @@ fn drop_path_per_sample(
     y: &Tensor,
     packing: &Packing,
     rate: f64,
-    ctx: &mut TrainContext<'_>,
+    rng: &mut dyn RngCore,
 ) -> Result<Tensor> {
     use rand::Rng;
     let keep = 1.0 - rate;
     let mut scale_rows = Vec::with_capacity(y.dim(0)?);
     for &(b, t) in &packing.groups {
         for _ in 0..b {
-            let kept = ctx.rng.random_bool(keep);
+            let kept = rng.random_bool(keep);
             let s = if kept { (1.0 / keep) as f32 } else { 0.0 };
             scale_rows.extend(std::iter::repeat_n(s, t));
         }
@@ -462,8 +703,8 @@ fn drop_add_residual_subset(
     packing: &Packing,
     rate: f64,
     branch: &dyn Fn(&Tensor, &SeqLayout) -> Result<Tensor>,
-    gamma: Option<&Tensor>,
-    ctx: &mut TrainContext<'_>,
+    ls: Option<&LayerScale>,
+    rng: &mut dyn RngCore,
 ) -> Result<Tensor> {
     use rand::seq::SliceRandom;
     let mut rows = Vec::new();
@@ -473,7 +714,7 @@ fn drop_add_residual_subset(
     for &(b, t) in &packing.groups {
         let subset = ((b as f64 * (1.0 - rate)) as usize).max(1).min(b);
         let mut perm: Vec<usize> = (0..b).collect();
-        perm.shuffle(ctx.rng);
+        perm.shuffle(rng);
         let factor = b as f32 / subset as f32;
         for &img in &perm[..subset] {
             let start = offset + img * t;
@@ -491,13 +732,10 @@ fn drop_add_residual_subset(
         groups: sub_groups,
         is_list: packing.is_list,
     };
-    let y = scale(&branch(&x_sub, &sub.layout())?, gamma)?;
+    let y = scale(&branch(&x_sub, &sub.layout())?, ls)?;
     let s = Tensor::from_vec(row_scale, (n, 1), dev)?.to_dtype(y.dtype())?;
     Ok(x.index_add(&idx, &y.broadcast_mul(&s)?, 0)?)
 }
-
-/// The attention kernel a model holds, shared by its blocks.
-pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;
 
 #[cfg(test)]
 mod tests {
@@ -519,12 +757,11 @@ mod tests {
         };
         let x = Tensor::ones((5 * 3 + 2 * 4, 2), DType::F32, &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let mut ctx = TrainContext { rng: &mut rng };
         let identity = |x: &Tensor, l: &SeqLayout| -> Result<Tensor> {
             assert_eq!(l.total_rows(), x.dim(0)?);
             Ok(x.clone())
         };
-        let out = drop_add_residual_subset(&x, &packing, 0.4, &identity, None, &mut ctx).unwrap();
+        let out = drop_add_residual_subset(&x, &packing, 0.4, &identity, None, &mut rng).unwrap();
         let v = values(&out);
         let first: Vec<f32> = v[..30].to_vec();
         let second: Vec<f32> = v[30..].to_vec();
@@ -545,16 +782,13 @@ mod tests {
 
     #[test]
     fn per_sample_drop_path_keeps_with_probability_one_minus_rate() {
-        let packing = Packing {
-            groups: vec![(1000, 2)],
-            is_list: false,
-        };
+        let packing = Packing::uniform(1000, 2);
         let y = Tensor::ones((2000, 1), DType::F32, &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let mut ctx = TrainContext { rng: &mut rng };
-        let v = values(&drop_path_per_sample(&y, &packing, 0.1, &mut ctx).unwrap());
+        let v = values(&drop_path_per_sample(&y, &packing, 0.1, &mut rng).unwrap());
         assert!(v.iter().all(|&a| a == 0.0 || (a - 1.0 / 0.9).abs() < 1e-6));
         assert!(v.chunks(2).all(|c| c[0] == c[1]), "one draw per image");
+        // Seeded: the kept count is a fixed number; 3 sigma of Binomial(1000, 0.9) is 28.5 images.
         let kept = v.iter().filter(|&&a| a > 0.0).count() as f64 / 2000.0;
         assert!((kept - 0.9).abs() < 0.03, "kept fraction {kept}");
     }

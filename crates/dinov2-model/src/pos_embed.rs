@@ -153,9 +153,10 @@ impl GridResampler {
     /// The resampling the official code applies to an `m × m` table for an `h × w` patch grid.
     pub fn new(m: usize, h: usize, w: usize, mode: PosEmbedInterpolation) -> Result<Self> {
         if m == 0 || h == 0 || w == 0 {
-            return Err(Error::invalid(format!(
-                "cannot resample a {m}x{m} position grid to {h}x{w}"
-            )));
+            return Err(Error::invalid(
+                "grid",
+                format!("cannot resample a {m}x{m} position grid to {h}x{w}"),
+            ));
         }
         let (rows, cols) = if mode.offset != 0.0 {
             let sh = (h as f64 + mode.offset) / m as f64;
@@ -166,10 +167,13 @@ impl GridResampler {
                 (m as f64 * sw).floor() as usize,
             );
             if (oh, ow) != (h, w) {
-                return Err(Error::invalid(format!(
-                    "interpolate_offset {} gives a {oh}x{ow} grid instead of {h}x{w}",
-                    mode.offset
-                )));
+                return Err(Error::config(
+                    "interpolation",
+                    format!(
+                        "interpolate_offset {} gives a {oh}x{ow} grid instead of {h}x{w}",
+                        mode.offset
+                    ),
+                ));
             }
             if mode.antialias {
                 // scale_factor + antialias: the AA kernel with the given scale (not used by released models).
@@ -194,7 +198,13 @@ impl GridResampler {
     }
 
     /// Resamples `grid` (`[in_h · in_w, D]`, row-major over the grid) to `[out_h · out_w, D]`. Differentiable.
+    ///
+    /// Computed in f32 as the official code (`pos_embed.float()`), except for f64 tables, which stay f64 (a
+    /// more exact resampling for f64 models, whose use is gradient checking).
     pub fn apply(self: &Arc<Self>, grid: &Tensor) -> Result<Tensor> {
+        if grid.dtype() == DType::F64 {
+            return self.apply_matrices(grid);
+        }
         let grid = grid.to_dtype(DType::F32)?;
         if crate::ops::use_cpu_kernel(&grid) {
             Ok(grid
@@ -205,16 +215,16 @@ impl GridResampler {
         }
     }
 
-    fn matrices(&self, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    fn matrices(&self, device: &candle_core::Device, dtype: DType) -> Result<(Tensor, Tensor)> {
         let ay = Tensor::from_vec(self.rows.matrix(self.in_h), (self.out_h, self.in_h), device)?;
         let ax = Tensor::from_vec(self.cols.matrix(self.in_w), (self.out_w, self.in_w), device)?;
-        Ok((ay, ax))
+        Ok((ay.to_dtype(dtype)?, ax.to_dtype(dtype)?))
     }
 
     /// The same linear map as two matrix products (any device; also the backward).
     fn apply_matrices(&self, grid: &Tensor) -> Result<Tensor> {
         let d = grid.dim(1)?;
-        let (ay, ax) = self.matrices(grid.device())?;
+        let (ay, ax) = self.matrices(grid.device(), grid.dtype())?;
         let g = grid.reshape((self.in_h, self.in_w, d))?;
         let t = ax
             .unsqueeze(0)?
@@ -227,7 +237,7 @@ impl GridResampler {
     /// Transposed map, `[out_h · out_w, D]` → `[in_h · in_w, D]`.
     fn apply_transposed(&self, g: &Tensor) -> Result<Tensor> {
         let d = g.dim(1)?;
-        let (ay, ax) = self.matrices(g.device())?;
+        let (ay, ax) = self.matrices(g.device(), g.dtype())?;
         let t = ay
             .t()?
             .matmul(&g.reshape((self.out_h, self.out_w * d))?)?
@@ -445,10 +455,10 @@ pub fn interpolate_pos_embed(
     let (one, rows, _) = pos_embed.dims3()?;
     let m = ((rows.saturating_sub(1)) as f64).sqrt() as usize;
     if one != 1 || m * m + 1 != rows {
-        return Err(Error::invalid(format!(
-            "pos_embed of shape {:?} is not [1, 1 + M², D]",
-            pos_embed.dims()
-        )));
+        return Err(Error::invalid(
+            "pos_embed",
+            format!("shape {:?} is not [1, 1 + M², D]", pos_embed.dims()),
+        ));
     }
     let (h, w) = grid;
     if h * w == m * m && pixels.0 == pixels.1 {
@@ -461,7 +471,7 @@ pub fn interpolate_pos_embed(
     let class_pos = pos_embed.narrow(1, 0, 1)?;
     let table = pos_embed.narrow(1, 1, m * m)?.squeeze(0)?;
     let resampled = resampler.apply(&table)?.unsqueeze(0)?;
-    let out = Tensor::cat(&[&class_pos.to_dtype(DType::F32)?, &resampled], 1)?;
+    let out = Tensor::cat(&[&class_pos.to_dtype(resampled.dtype())?, &resampled], 1)?;
     Ok(out.to_dtype(pos_embed.dtype())?)
 }
 
@@ -500,7 +510,6 @@ impl ResamplerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     const OFFSET: PosEmbedInterpolation = PosEmbedInterpolation {
         offset: 0.1,
@@ -528,17 +537,16 @@ mod tests {
 
     #[test]
     fn cpu_kernel_equals_matrix_form_and_backward_is_its_transpose() -> Result<()> {
-        let dev = Device::Cpu;
         for mode in [OFFSET, AA] {
             for (h, w) in [(16, 16), (5, 9), (40, 30), (1, 1)] {
                 let r = Arc::new(GridResampler::new(6, h, w, mode)?);
-                let grid = Tensor::randn(0f32, 1.0, (36, 3), &dev)?;
+                let grid = crate::testutil::seeded((36, 3), 1);
                 let a = r.apply(&grid)?;
                 let b = r.apply_matrices(&grid)?;
                 let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-5, "{mode:?} {h}x{w}: {diff}");
                 // <A g, c> == <g, Aᵀ c>
-                let c = Tensor::randn(0f32, 1.0, (h * w, 3), &dev)?;
+                let c = crate::testutil::seeded((h * w, 3), 2);
                 let lhs = (b * &c)?.sum_all()?.to_scalar::<f32>()?;
                 let rhs = (grid * r.apply_transposed(&c)?)?
                     .sum_all()?
@@ -555,8 +563,7 @@ mod tests {
     #[test]
     fn dispatched_and_portable_kernels_agree_bitwise() -> Result<()> {
         // The AVX2+FMA build and the portable build must give the same bits (fused steps are exact `mul_add`s).
-        let dev = Device::Cpu;
-        let grid = Tensor::randn(0f32, 1.0, (37 * 37, 5), &dev)?;
+        let grid = crate::testutil::seeded((37 * 37, 5), 3);
         let src = grid.flatten_all()?.to_vec1::<f32>()?;
         for mode in [OFFSET, AA] {
             for (h, w) in [(16, 16), (74, 5), (7, 40)] {
@@ -630,8 +637,7 @@ mod tests {
 
     #[test]
     fn gradient_flows_through_resampling() -> Result<()> {
-        let dev = Device::Cpu;
-        let var = candle_core::Var::randn(0f32, 1.0, (1, 17, 4), &dev)?;
+        let var = candle_core::Var::from_tensor(&crate::testutil::seeded((1, 17, 4), 4))?;
         let out = interpolate_pos_embed(var.as_tensor(), (3, 5), (42, 70), OFFSET, None)?;
         let grads = out.sqr()?.sum_all()?.backward()?;
         let g = grads
@@ -643,7 +649,7 @@ mod tests {
 
     #[test]
     fn square_shortcut_returns_the_table() -> Result<()> {
-        let t = Tensor::randn(0f32, 1.0, (1, 17, 4), &Device::Cpu)?;
+        let t = crate::testutil::seeded((1, 17, 4), 5);
         let out = interpolate_pos_embed(&t, (4, 4), (56, 56), OFFSET, None)?;
         assert_eq!((out - &t)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         // Same patch count but not square: resampled.

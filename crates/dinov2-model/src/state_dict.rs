@@ -5,10 +5,14 @@
 //! `norm.*`) before a model is built from it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
 
 use crate::error::{Error, Result};
+use crate::params::{check_shape, not_found};
 
 /// Named tensors, sorted by name.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +76,113 @@ impl StateDict {
             });
         }
         Ok(t)
+    }
+}
+
+impl StateDict {
+    /// A [`VarBuilder`] over these tensors as constants (converted to `dtype` on `device` when taken; detached
+    /// from any gradient graph, and copied if they are `Var`s, whose storage can change in place), for
+    /// [`DinoVisionTransformer::new`](crate::DinoVisionTransformer::new) and every layer's `new`. A missing
+    /// name or a wrong shape is a candle error naming the key; check the whole dict first with
+    /// [`DinoVisionTransformer::check_state_dict`](crate::DinoVisionTransformer::check_state_dict) for typed errors.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use dinov2_model::layers::LayerNorm;
+    /// use dinov2_model::StateDict;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = StateDict::new();
+    /// sd.insert("norm.weight", Tensor::ones(4, DType::F32, &Device::Cpu)?);
+    /// sd.insert("norm.bias", Tensor::zeros(4, DType::F32, &Device::Cpu)?);
+    /// let norm = LayerNorm::new(4, 1e-6, sd.var_builder(DType::F32, &Device::Cpu).pp("norm"))?;
+    /// let y = norm.forward(&Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu)?)?;
+    /// assert!(y.sum_all()?.to_scalar::<f32>()?.abs() < 1e-5);
+    /// # Ok(()) }
+    /// ```
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(Constants(Arc::new(self.tensors.clone()))),
+            dtype,
+            device.clone(),
+        )
+    }
+
+    /// Puts every tensor into `varmap` as a trainable [`Var`] called `{prefix}{key}` (converted to `dtype` on
+    /// `device`), replacing entries of the same name. A builder over the `VarMap`
+    /// ([`VarBuilder::from_varmap`], [`crate::init::seeded`]) then hands out these `Var`s.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::VarMap;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// sd.insert("cls_token", Tensor::zeros((1, 1, 8), DType::F32, &Device::Cpu)?);
+    /// let varmap = VarMap::new();
+    /// sd.to_var_map(&varmap, "backbone.", DType::F32, &Device::Cpu)?;
+    /// assert!(varmap.data().lock().unwrap().contains_key("backbone.cls_token"));
+    /// # Ok(()) }
+    /// ```
+    pub fn to_var_map(
+        &self,
+        varmap: &VarMap,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let mut vars = Vec::with_capacity(self.len());
+        for (k, t) in self.iter() {
+            // `detach` first: `Var::from_tensor` of a `Var` would share its storage instead of copying it.
+            let t = t.detach().to_device(device)?.to_dtype(dtype)?;
+            vars.push((format!("{prefix}{k}"), Var::from_tensor(&t)?));
+        }
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::invalid("varmap", "its lock is poisoned"))?;
+        data.extend(vars);
+        Ok(())
+    }
+}
+
+/// `t` as a constant: no gradient graph, and never the storage of a `Var` (which can change in place).
+fn constant(t: &Tensor, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    let t = if t.is_variable() {
+        t.detach().copy()?
+    } else {
+        t.detach()
+    };
+    t.to_device(dev)?.to_dtype(dtype)
+}
+
+/// The constant backend of [`StateDict::var_builder`].
+struct Constants(Arc<BTreeMap<String, Tensor>>);
+
+impl Constants {
+    fn find(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.0.get(name).ok_or_else(|| not_found(name))
+    }
+}
+
+impl SimpleBackend for Constants {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.find(name)?;
+        check_shape(name, s, t)?;
+        constant(t, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        constant(self.find(name)?, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_key(name)
     }
 }
 

@@ -3,14 +3,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::RngCore;
 
 use crate::config::VitConfig;
 use crate::error::{Error, Result};
-use crate::layers::{Block, LayerNorm, Packing, PatchEmbed, SharedBackend, TrainContext};
-use crate::ops::{AttentionBackend, CpuFusedAttention};
+use crate::init::{NORMAL_1E6, TRUNC_NORMAL_002, ZEROS};
+use crate::layers::{Block, FoldedOutputs, LayerNorm, Packing, PatchEmbed};
+use crate::ops::AttentionBackend;
+use crate::params::{meta_build, Recorder};
 use crate::pos_embed::{interpolate_pos_embed, ResamplerCache};
 use crate::state_dict::StateDict;
 
@@ -74,19 +76,27 @@ pub struct IntermediateOutput {
 
 /// The DINOv2 vision transformer.
 ///
+/// Built like any candle model, from a [`VarBuilder`] over official names ([`DinoVisionTransformer::new`]);
+/// [`from_state_dict`](Self::from_state_dict) and [`crate::load_model`] build inference models from
+/// checkpoints, strictly checked and fused. The parameters are whatever the builder hands out: constants
+/// from a checkpoint, or `Var`s in a [`candle_nn::VarMap`] for training ([`crate::init::seeded`]).
+///
 /// ```
-/// use candle_core::{DType, Device, Tensor};
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::VarMap;
 /// use dinov2_model::{DinoVisionTransformer, VitConfig};
 /// # fn main() -> dinov2_model::Result<()> {
 /// let mut cfg = VitConfig::vit_small();
 /// (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size) = (32, 2, 2, 56); // tiny for the example
-/// let model = DinoVisionTransformer::new_random(&cfg, &Device::Cpu, DType::F32, 0)?;
+/// let varmap = VarMap::new();
+/// let model = DinoVisionTransformer::new(&cfg, dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu))?;
 /// let x = Tensor::zeros((2, 3, 42, 70), DType::F32, &Device::Cpu)?; // any multiple of 14
 /// let f = model.forward_features(&x, None)?;
 /// assert_eq!(f.x_norm_patchtokens.dims(), &[2, 15, 32]); // 3 x 5 patches
+/// assert_eq!(model.forward(&x)?.dims(), &[2, 32]); // `Module`: the normalised class token
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DinoVisionTransformer {
     cfg: VitConfig,
     patch_embed: PatchEmbed,
@@ -96,138 +106,259 @@ pub struct DinoVisionTransformer {
     mask_token: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
-    backend: SharedBackend,
-    resamplers: ResamplerCache,
-    pos_cache: Mutex<HashMap<(usize, usize, bool), Tensor>>,
-    training: bool,
-    rng: Mutex<StdRng>,
-    vars: Vec<(String, Var)>,
+    /// Every parameter under its official name, in the order the build asked for them.
+    params: Vec<(String, Tensor)>,
+    /// Resampling taps per grid size: a function of shapes only, never stale.
+    resamplers: Arc<ResamplerCache>,
+    /// Inference fusions ([`Self::fuse_for_inference`]); only ever set on immutable weights.
+    fused: Option<Arc<Fused>>,
+    /// Whether the weights can change in place (`Var`s, or a detached view of them).
+    mutable: bool,
+}
+
+/// What [`DinoVisionTransformer::fuse_for_inference`] precomputes from immutable weights.
+#[derive(Debug)]
+struct Fused {
+    /// Per block, the output projections with LayerScale folded in (for the CPU f32 kernels; `None` for other
+    /// devices and dtypes, whose forwards do not use them).
+    folded: Option<Vec<FoldedOutputs>>,
+    /// Interpolated position tables per `(h, w, square input)`.
+    pos: Mutex<HashMap<(usize, usize, bool), Tensor>>,
 }
 
 impl DinoVisionTransformer {
-    /// Builds an inference model from official-named weights, converted to `dtype` on `device`.
+    /// Builds the backbone from `vb` at the model's root: `cls_token`, `pos_embed`, `register_tokens`,
+    /// `mask_token`, `patch_embed.*`, `blocks.{i}.*`, `norm.*` (the official names), with the official
+    /// initialisation as init hints (see [`crate::init`]).
     ///
-    /// Loading is strict, like the official hub code: a missing or wrongly shaped weight and a
-    /// backbone weight the configuration does not use are typed errors naming the key. `mask_token`
-    /// may be absent (timm drops it); it then starts at zero, its official initial value.
+    /// The model is not fused (see [`Self::fuse_for_inference`]); a checkpoint with unexpected keys is not
+    /// detected here (see [`Self::check_state_dict`]).
+    pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (vb, seen) = Recorder::wrap(vb);
+        let (d, r) = (cfg.embed_dim, cfg.num_register_tokens);
+        let cls_token = vb.get_with_hints((1, 1, d), "cls_token", NORMAL_1E6)?;
+        let pos_embed =
+            vb.get_with_hints((1, cfg.num_pos_tokens(), d), "pos_embed", TRUNC_NORMAL_002)?;
+        let register_tokens = (r > 0)
+            .then(|| vb.get_with_hints((1, r, d), "register_tokens", NORMAL_1E6))
+            .transpose()?;
+        let mask_token = vb.get_with_hints((1, d), "mask_token", ZEROS)?;
+        let patch_embed = PatchEmbed::new(cfg, vb.pp("patch_embed"))?;
+        let vb_blocks = vb.pp("blocks");
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, cfg.drop_path_rate_of_block(i), vb_blocks.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("norm"))?;
+        let params = std::mem::take(
+            &mut *seen
+                .lock()
+                .map_err(|_| Error::invalid("vb", "parameter recorder lock poisoned"))?,
+        );
+        let mutable = params.iter().any(|(_, t)| t.is_variable() || t.track_op());
+        Ok(DinoVisionTransformer {
+            cfg: cfg.clone(),
+            patch_embed,
+            cls_token,
+            pos_embed,
+            register_tokens,
+            mask_token,
+            blocks,
+            norm,
+            params,
+            resamplers: Arc::default(),
+            fused: None,
+            mutable,
+        })
+    }
+
+    /// Every parameter a model of configuration `cfg` has, `(official name, shape)` in the official
+    /// state-dict order, read off a build (nothing is allocated).
+    ///
+    /// ```
+    /// let shapes = dinov2_model::DinoVisionTransformer::parameter_shapes(&dinov2_model::VitConfig::vit_small())?;
+    /// assert_eq!(shapes.len(), 175); // the key count of dinov2_vits14_pretrain.pth
+    /// assert_eq!(shapes[1], ("pos_embed".to_string(), vec![1, 1370, 384]));
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
+    pub fn parameter_shapes(cfg: &VitConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        meta_build(|vb| Self::new(cfg, vb))
+    }
+
+    /// Strict check of `sd` against `cfg`, as the official `load_state_dict(strict=True)`: every parameter
+    /// present with its shape ([`Error::MissingKey`], [`Error::ShapeMismatch`]) and no key the model does not
+    /// use ([`Error::UnexpectedKey`]). Each error names the key and the shapes.
+    ///
+    /// ```
+    /// use dinov2_model::{DinoVisionTransformer, Error, VitConfig};
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let mut sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// DinoVisionTransformer::check_state_dict(&cfg, &sd)?;
+    /// sd.remove("norm.bias");
+    /// let err = DinoVisionTransformer::check_state_dict(&cfg, &sd).unwrap_err();
+    /// assert!(matches!(err, Error::MissingKey { ref key, ref expected } if key == "norm.bias" && expected == &[384]));
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
+    pub fn check_state_dict(cfg: &VitConfig, sd: &StateDict) -> Result<()> {
+        let expected = Self::parameter_shapes(cfg)?;
+        for (name, shape) in &expected {
+            sd.get_shaped(name, shape)?;
+        }
+        let names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some((k, t)) = sd.iter().find(|(k, _)| !names.contains(k.as_str())) {
+            return Err(Error::UnexpectedKey {
+                key: k.clone(),
+                shape: t.dims().to_vec(),
+                hint: format!(
+                    "the configuration has depth {}, {} register tokens, a {:?} FFN, biases qkv/proj/ffn \
+                     {}/{}/{}, LayerScale {}",
+                    cfg.depth,
+                    cfg.num_register_tokens,
+                    cfg.ffn,
+                    cfg.qkv_bias,
+                    cfg.proj_bias,
+                    cfg.ffn_bias,
+                    cfg.layer_scale_init.is_some()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// An inference model from official-named weights, converted to `dtype` on `device`: strictly checked
+    /// ([`Self::check_state_dict`]), built through [`StateDict::var_builder`] (constants: `Var`s are
+    /// copied), and fused for inference. The tensors must not be views of `Var`s made with `detach` (the fused
+    /// weights would not follow their in-place updates): take a trainable model's weights with
+    /// [`Self::state_dict`], which copies them.
     pub fn from_state_dict(
         cfg: &VitConfig,
         sd: &StateDict,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        Self::build(cfg, sd, device, dtype, false)
+        Self::check_state_dict(cfg, sd)?;
+        let mut model = Self::new(cfg, sd.var_builder(dtype, device))?;
+        model.fuse_for_inference()?;
+        Ok(model)
     }
 
-    /// Like [`from_state_dict`](Self::from_state_dict), with every parameter a trainable [`Var`].
+    /// A trainable model: strictly checked, every tensor of `sd` copied into `varmap` as a `Var` (under its
+    /// official name, see [`StateDict::to_var_map`]) and the model built on them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let varmap = VarMap::new();
+    /// let model = DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &varmap, &Device::Cpu, DType::F32)?;
+    /// assert_eq!(varmap.all_vars().len(), sd.len());
+    /// assert!(model.named_parameters()[0].1.is_variable());
+    /// # Ok(()) }
+    /// ```
     pub fn from_state_dict_trainable(
         cfg: &VitConfig,
         sd: &StateDict,
+        varmap: &VarMap,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        Self::build(cfg, sd, device, dtype, true)
+        Self::check_state_dict(cfg, sd)?;
+        sd.to_var_map(varmap, "", dtype, device)?;
+        Self::new(cfg, VarBuilder::from_varmap(varmap, dtype, device))
     }
 
-    /// A trainable model with the official initialisation (see [`crate::init`]).
-    pub fn new_random(cfg: &VitConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
-        let sd = crate::init::init_state_dict(cfg, seed)?;
-        let mut m = Self::build(cfg, &sd, device, dtype, true)?;
-        m.set_seed(seed);
-        Ok(m)
-    }
-
-    fn build(
-        cfg: &VitConfig,
-        sd: &StateDict,
-        device: &Device,
-        dtype: DType,
-        trainable: bool,
-    ) -> Result<Self> {
-        cfg.validate()?;
-        let d = cfg.embed_dim;
-        let mut converted = StateDict::new();
-        let mut vars = Vec::new();
-        for (k, t) in sd.iter() {
-            let t = t.to_device(device)?.to_dtype(dtype)?;
-            if trainable {
-                let v = Var::from_tensor(&t)?;
-                converted.insert(k.clone(), v.as_tensor().clone());
-                vars.push((k.clone(), v));
-            } else {
-                converted.insert(k.clone(), t);
-            }
+    /// Precomputes the inference fusions: LayerScale folded into `proj` and the FFN output layer (whose
+    /// GEMMs then accumulate straight into the residual stream), and a cache of interpolated position
+    /// tables. Forwards on the CPU in f32 use them whenever no gradient is recorded.
+    ///
+    /// Only weights that cannot change are fused: a model on `Var`s (or a [`detached`](Self::detached)
+    /// view of one) is refused with [`Error::MutableWeights`]; its gradient-free forwards fold on every
+    /// call instead, so they always see the current weights.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{DinoVisionTransformer, Error, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let mut model = DinoVisionTransformer::new(&cfg, sd.var_builder(DType::F32, &Device::Cpu))?;
+    /// model.fuse_for_inference()?;
+    /// assert!(model.is_fused());
+    /// let varmap = candle_nn::VarMap::new();
+    /// let mut trainable = DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &varmap, &Device::Cpu, DType::F32)?;
+    /// assert!(matches!(trainable.fuse_for_inference(), Err(Error::MutableWeights)));
+    /// # Ok(()) }
+    /// ```
+    pub fn fuse_for_inference(&mut self) -> Result<()> {
+        if self.mutable {
+            return Err(Error::MutableWeights);
         }
-        if !converted.contains("mask_token") {
-            let z = Tensor::zeros((1, d), dtype, device)?;
-            if trainable {
-                let v = Var::from_tensor(&z)?;
-                converted.insert("mask_token", v.as_tensor().clone());
-                vars.push(("mask_token".to_string(), v));
-            } else {
-                converted.insert("mask_token", z);
-            }
-        }
-        let sd = &converted;
-        let r = cfg.num_register_tokens;
-        let model = DinoVisionTransformer {
-            patch_embed: PatchEmbed::load(sd, cfg)?,
-            cls_token: sd.get_shaped("cls_token", &[1, 1, d])?.clone(),
-            pos_embed: sd
-                .get_shaped("pos_embed", &[1, cfg.num_pos_tokens(), d])?
-                .clone(),
-            register_tokens: if r > 0 {
-                Some(sd.get_shaped("register_tokens", &[1, r, d])?.clone())
-            } else {
-                None
-            },
-            mask_token: sd.get_shaped("mask_token", &[1, d])?.clone(),
-            blocks: (0..cfg.depth)
-                .map(|i| Block::load(sd, i, cfg))
-                .collect::<Result<_>>()?,
-            norm: LayerNorm::load(sd, "norm", d, cfg.layer_norm_eps)?,
-            cfg: cfg.clone(),
-            backend: Arc::new(CpuFusedAttention),
-            resamplers: ResamplerCache::default(),
-            pos_cache: Mutex::new(HashMap::new()),
-            training: false,
-            rng: Mutex::new(StdRng::seed_from_u64(0)),
-            vars: Vec::new(),
+        let folded = if crate::ops::use_cpu_kernel(&self.cls_token) {
+            Some(
+                self.blocks
+                    .iter()
+                    .map(Block::fold)
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
         };
-        let used: BTreeSet<String> = model
-            .named_parameters()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        for (k, t) in sd.iter() {
-            if !used.contains(k) {
-                return Err(Error::UnexpectedKey {
-                    key: k.clone(),
-                    shape: t.dims().to_vec(),
-                    hint: format!(
-                        "depth {}, {} registers, ffn {:?}, layer scale {}",
-                        cfg.depth,
-                        cfg.num_register_tokens,
-                        cfg.ffn,
-                        cfg.layer_scale_init.is_some()
-                    ),
-                });
-            }
+        self.fused = Some(Arc::new(Fused {
+            folded,
+            pos: Mutex::default(),
+        }));
+        Ok(())
+    }
+
+    /// Whether [`Self::fuse_for_inference`] has run.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// A view of the model with every weight detached (sharing storage, so in-place `Var` updates show
+    /// through): its forwards record no gradient graph and take the fused CPU inference path, folding
+    /// LayerScale on each call. This is the teacher's forward in self-distillation.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.depth, cfg.img_size) = (1, 28);
+    /// let varmap = VarMap::new();
+    /// let teacher = DinoVisionTransformer::new(&cfg, dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu))?;
+    /// let x = Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu)?;
+    /// assert!(teacher.forward_features(&x, None)?.x_prenorm.track_op()); // graph through the Vars
+    /// assert!(!teacher.detached().forward_features(&x, None)?.x_prenorm.track_op());
+    /// # Ok(()) }
+    /// ```
+    pub fn detached(&self) -> Self {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::detach);
+        DinoVisionTransformer {
+            cfg: self.cfg.clone(),
+            patch_embed: self.patch_embed.detached(),
+            cls_token: self.cls_token.detach(),
+            pos_embed: self.pos_embed.detach(),
+            register_tokens: opt(&self.register_tokens),
+            mask_token: self.mask_token.detach(),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            norm: self.norm.detached(),
+            params: self
+                .params
+                .iter()
+                .map(|(k, t)| (k.clone(), t.detach()))
+                .collect(),
+            resamplers: self.resamplers.clone(),
+            fused: self.fused.clone(),
+            mutable: self.mutable,
         }
-        let mut model = model;
-        if trainable {
-            let order: Vec<String> = model
-                .named_parameters()
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
-            let mut by_name: HashMap<String, Var> = vars.into_iter().collect();
-            model.vars = order
-                .into_iter()
-                .filter_map(|k| by_name.remove(&k).map(|v| (k, v)))
-                .collect();
-        }
-        Ok(model)
     }
 
     /// The configuration.
@@ -240,74 +371,47 @@ impl DinoVisionTransformer {
         self.cfg.embed_dim
     }
 
-    /// Replaces the attention kernel (for example a CUDA varlen kernel).
+    /// The blocks.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Replaces the attention kernel of every block (for example a CUDA varlen kernel).
     pub fn set_attention_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
-        self.backend = backend;
-    }
-
-    /// Training mode enables stochastic depth (the official `model.train()`).
-    pub fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    /// Whether training mode is on.
-    pub fn is_training(&self) -> bool {
-        self.training
-    }
-
-    /// Seeds the drop-path random stream.
-    pub fn set_seed(&mut self, seed: u64) {
-        self.rng = Mutex::new(StdRng::seed_from_u64(seed));
-    }
-
-    /// Parameters in the official state-dict order, under their official names.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![
-            ("cls_token".to_string(), self.cls_token.clone()),
-            ("pos_embed".to_string(), self.pos_embed.clone()),
-        ];
-        if let Some(r) = &self.register_tokens {
-            out.push(("register_tokens".to_string(), r.clone()));
+        for b in &mut self.blocks {
+            b.set_attention_backend(backend.clone());
         }
-        out.push(("mask_token".to_string(), self.mask_token.clone()));
-        out.push((
-            "patch_embed.proj.weight".to_string(),
-            self.patch_embed.weight.clone(),
-        ));
-        out.push((
-            "patch_embed.proj.bias".to_string(),
-            self.patch_embed.bias.clone(),
-        ));
-        for (i, b) in self.blocks.iter().enumerate() {
-            b.named(i, &mut out);
-        }
-        self.norm.named("norm", &mut out);
-        out
     }
 
-    /// The trainable variables (empty for an inference model), in official order.
-    pub fn vars(&self) -> &[(String, Var)] {
-        &self.vars
+    /// Parameters under their official names, in the official state-dict order (as the builder handed them
+    /// out: `Var`s for a trainable model).
+    pub fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.params
     }
 
-    /// The weights as a [`StateDict`] (official names).
-    pub fn state_dict(&self) -> StateDict {
-        self.named_parameters().into_iter().collect()
+    /// The weights as a [`StateDict`] under the official names: a snapshot. For a model on immutable weights
+    /// the tensors share storage with the model's; for a model on `Var`s (or a detached view of one) they are
+    /// copies, detached from the graph, so later in-place updates do not reach them.
+    pub fn state_dict(&self) -> Result<StateDict> {
+        self.params
+            .iter()
+            .map(|(k, t)| {
+                let t = if self.mutable {
+                    t.detach().copy()?
+                } else {
+                    t.clone()
+                };
+                Ok((k.clone(), t))
+            })
+            .collect()
     }
 
-    /// Position table for an `h × w` grid of a `pixels` input, cached for inference models.
+    /// Position table for an `h × w` grid of a `pixels` input (cached when the model is fused).
     fn pos_embed_for(&self, grid: (usize, usize), pixels: (usize, usize)) -> Result<Tensor> {
         let key = (grid.0, grid.1, pixels.0 == pixels.1);
-        let cacheable = !self.pos_embed.track_op();
-        if cacheable {
-            if let Some(t) = self
-                .pos_cache
-                .lock()
-                .ok()
-                .and_then(|c| c.get(&key).cloned())
-            {
-                return Ok(t);
-            }
+        let cache = self.fused.as_ref().map(|f| &f.pos);
+        if let Some(t) = cache.and_then(|c| c.lock().ok().and_then(|c| c.get(&key).cloned())) {
+            return Ok(t);
         }
         let t = interpolate_pos_embed(
             &self.pos_embed,
@@ -316,10 +420,8 @@ impl DinoVisionTransformer {
             self.cfg.interpolation,
             Some(&self.resamplers),
         )?;
-        if cacheable {
-            if let Ok(mut c) = self.pos_cache.lock() {
-                c.insert(key, t.clone());
-            }
+        if let Some(Ok(mut c)) = cache.map(|c| c.lock()) {
+            c.insert(key, t.clone());
         }
         Ok(t)
     }
@@ -332,15 +434,15 @@ impl DinoVisionTransformer {
     ) -> Result<(Tensor, (usize, usize))> {
         let (b, _, hp, wp) = x.dims4()?;
         let x = x.to_dtype(self.cls_token.dtype())?;
-        let (t, grid) = self.patch_embed.forward(&x)?;
+        let (t, grid) = self.patch_embed.forward_grid(&x)?;
         let (_, n, d) = t.dims3()?;
         let t = match masks {
             Some(m) => {
                 if m.dims() != [b, n] {
-                    return Err(Error::invalid(format!(
-                        "masks have shape {:?}, expected [{b}, {n}] (batch, patches)",
-                        m.dims()
-                    )));
+                    return Err(Error::MaskShape {
+                        expected: vec![b, n],
+                        actual: m.dims().to_vec(),
+                    });
                 }
                 let cond = m
                     .to_device(t.device())?
@@ -376,27 +478,24 @@ impl DinoVisionTransformer {
     }
 
     /// Runs the blocks over packed rows, calling `visit(block, rows_before, rows_after)` after each; stops
-    /// after block `until` (inclusive) when given.
+    /// after block `until` (inclusive) when given. Stochastic depth when `drop_path_rng` is given.
     fn run_blocks(
         &self,
         mut rows: Tensor,
         packing: &Packing,
         until: Option<usize>,
+        mut drop_path_rng: Option<&mut dyn RngCore>,
         mut visit: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
-        let mut guard = if self.training {
-            Some(
-                self.rng
-                    .lock()
-                    .map_err(|_| Error::invalid("drop-path RNG poisoned"))?,
-            )
-        } else {
-            None
-        };
-        let mut ctx = guard.as_mut().map(|g| TrainContext { rng: &mut **g });
         let last = until.unwrap_or(self.blocks.len().saturating_sub(1));
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            let next = blk.forward(&rows, packing, self.backend.as_ref(), ctx.as_mut())?;
+            let folded = self
+                .fused
+                .as_ref()
+                .and_then(|f| f.folded.as_ref())
+                .map(|f| &f[i]);
+            let rng = drop_path_rng.as_mut().map(|r| &mut **r as &mut dyn RngCore);
+            let next = blk.forward_rows(&rows, packing, rng, folded)?;
             visit(i, &rows, &next)?;
             rows = next;
         }
@@ -422,43 +521,80 @@ impl DinoVisionTransformer {
         })
     }
 
-    /// The official `forward_features(x, masks)`: `x` is `[B, 3, H, W]` with H and W multiples of the
-    /// patch size; `masks` (optional, `[B, N]`, nonzero = masked) replaces patch tokens by the mask token.
+    /// The official `forward_features(x, masks)` in eval mode: `x` is `[B, 3, H, W]` with H and W multiples
+    /// of the patch size; `masks` (optional, `[B, N]`, nonzero = masked) replaces patch tokens by the mask
+    /// token.
     pub fn forward_features(&self, x: &Tensor, masks: Option<&Tensor>) -> Result<Features> {
+        self.forward_features_t(x, masks, None)
+    }
+
+    /// [`Self::forward_features`] in training mode when `drop_path_rng` is given: stochastic depth (the
+    /// official `model.train()`) drawn from the caller's generator, which a trainer can checkpoint.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{rand::SeedableRng, DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.depth, cfg.img_size, cfg.drop_path_rate, cfg.drop_path_uniform) = (2, 28, 0.5, true);
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// let x = Tensor::randn(0f32, 1.0, (4, 3, 28, 28), &Device::Cpu)?;
+    /// let run = |seed| -> dinov2_model::Result<Vec<f32>> {
+    ///     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    ///     let f = model.forward_features_t(&x, None, Some(&mut rng))?;
+    ///     Ok(f.x_prenorm.flatten_all()?.to_vec1()?)
+    /// };
+    /// assert_eq!(run(1)?, run(1)?); // same generator state, same draw
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_features_t(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        drop_path_rng: Option<&mut dyn RngCore>,
+    ) -> Result<Features> {
         let (tokens, grid) = self.prepare_tokens(x, masks)?;
         let (b, t, d) = tokens.dims3()?;
-        let packing = Packing {
-            groups: vec![(b, t)],
-            is_list: false,
-        };
         let rows = self.run_blocks(
             tokens.reshape((b * t, d))?,
-            &packing,
+            &Packing::uniform(b, t),
             None,
+            drop_path_rng,
             |_, _, _| Ok(()),
         )?;
         self.split_features(rows.reshape((b, t, d))?, masks, grid)
     }
 
-    /// The normalised class token `[B, D]`: what the torch-hub backbones return from `model(x)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_features(x, None)?.x_norm_clstoken)
-    }
-
-    /// The official `forward_features_list`: several crop sets of different sizes (2 × 224 globals and
-    /// 8 × 98 locals, say) in one packed sequence with block-diagonal attention. Equal to calling
-    /// [`forward_features`](Self::forward_features) on each, in one pass over the weights.
+    /// The official `forward_features_list` in eval mode: several crop sets of different sizes (2 × 224
+    /// globals and 8 × 98 locals, say) in one packed sequence with block-diagonal attention. Equal to calling
+    /// [`forward_features`](Self::forward_features) on each, in one pass over the weights. `masks` is empty
+    /// or has one entry per input.
     pub fn forward_features_list(
         &self,
         xs: &[Tensor],
         masks: &[Option<Tensor>],
     ) -> Result<Vec<Features>> {
+        self.forward_features_list_t(xs, masks, None)
+    }
+
+    /// [`Self::forward_features_list`] in training mode when `drop_path_rng` is given (the student's
+    /// forward: batch-subset stochastic depth per crop set, as the official list forward).
+    pub fn forward_features_list_t(
+        &self,
+        xs: &[Tensor],
+        masks: &[Option<Tensor>],
+        drop_path_rng: Option<&mut dyn RngCore>,
+    ) -> Result<Vec<Features>> {
         if !masks.is_empty() && masks.len() != xs.len() {
-            return Err(Error::invalid(format!(
-                "{} inputs but {} mask entries",
-                xs.len(),
-                masks.len()
-            )));
+            return Err(Error::invalid(
+                "masks",
+                format!(
+                    "{} inputs but {} mask entries: give none or one per input",
+                    xs.len(),
+                    masks.len()
+                ),
+            ));
         }
         let mut prepared = Vec::with_capacity(xs.len());
         for (i, x) in xs.iter().enumerate() {
@@ -480,7 +616,13 @@ impl DinoVisionTransformer {
             groups: groups.clone(),
             is_list: true,
         };
-        let out = self.run_blocks(Tensor::cat(&rows, 0)?, &packing, None, |_, _, _| Ok(()))?;
+        let out = self.run_blocks(
+            Tensor::cat(&rows, 0)?,
+            &packing,
+            None,
+            drop_path_rng,
+            |_, _, _| Ok(()),
+        )?;
         let mut offset = 0;
         let mut result = Vec::with_capacity(groups.len());
         for (i, &(b, t)) in groups.iter().enumerate() {
@@ -504,41 +646,43 @@ impl DinoVisionTransformer {
         let wanted: BTreeSet<usize> = match which {
             BlockSelection::Last(n) => {
                 if *n == 0 || *n > depth {
-                    return Err(Error::invalid(format!(
-                        "cannot take the last {n} of {depth} blocks"
-                    )));
+                    return Err(Error::invalid(
+                        "which",
+                        format!("cannot take the last {n} of {depth} blocks"),
+                    ));
                 }
                 (depth - n..depth).collect()
             }
             BlockSelection::Indices(ix) => {
                 let set: BTreeSet<usize> = ix.iter().copied().collect();
                 if set.len() != ix.len() || ix.is_empty() {
-                    return Err(Error::invalid(format!(
-                        "block indices {ix:?} must be distinct and non-empty"
-                    )));
+                    return Err(Error::invalid(
+                        "which",
+                        format!("block indices {ix:?} must be distinct and non-empty"),
+                    ));
                 }
-                if let Some(&bad) = set.iter().find(|&&i| i >= depth) {
-                    return Err(Error::invalid(format!(
-                        "block index {bad} is past the depth {depth}"
-                    )));
+                if let Some(&index) = set.iter().find(|&&i| i >= depth) {
+                    return Err(Error::BlockIndex { index, depth });
                 }
                 set
             }
         };
         let (tokens, (h, w)) = self.prepare_tokens(x, None)?;
         let (b, t, d) = tokens.dims3()?;
-        let packing = Packing {
-            groups: vec![(b, t)],
-            is_list: false,
-        };
         let mut raw = Vec::new();
         let last = wanted.iter().next_back().copied();
-        self.run_blocks(tokens.reshape((b * t, d))?, &packing, last, |i, _, out| {
-            if wanted.contains(&i) {
-                raw.push((i, out.reshape((b, t, d))?));
-            }
-            Ok(())
-        })?;
+        self.run_blocks(
+            tokens.reshape((b * t, d))?,
+            &Packing::uniform(b, t),
+            last,
+            None,
+            |i, _, out| {
+                if wanted.contains(&i) {
+                    raw.push((i, out.reshape((b, t, d))?));
+                }
+                Ok(())
+            },
+        )?;
         let r = self.cfg.num_register_tokens;
         raw.into_iter()
             .map(|(block, out)| {
@@ -572,26 +716,22 @@ impl DinoVisionTransformer {
         blocks: &[usize],
     ) -> Result<(Features, Vec<(usize, Tensor)>)> {
         let depth = self.blocks.len();
-        if let Some(&bad) = blocks.iter().find(|&&i| i >= depth) {
-            return Err(Error::invalid(format!(
-                "block index {bad} is past the depth {depth}"
-            )));
+        if let Some(&index) = blocks.iter().find(|&&i| i >= depth) {
+            return Err(Error::BlockIndex { index, depth });
         }
         let (tokens, grid) = self.prepare_tokens(x, None)?;
         let (b, t, d) = tokens.dims3()?;
-        let packing = Packing {
-            groups: vec![(b, t)],
-            is_list: false,
-        };
         let mut maps = Vec::new();
         let rows = self.run_blocks(
             tokens.reshape((b * t, d))?,
-            &packing,
+            &Packing::uniform(b, t),
+            None,
             None,
             |i, before, _| {
                 if blocks.contains(&i) {
                     let blk = &self.blocks[i];
-                    maps.push((i, blk.attn.probabilities(&blk.norm1.forward(before)?, b)?));
+                    let normed = blk.norm1().forward(before)?;
+                    maps.push((i, blk.attn().probabilities(&normed, b)?));
                 }
                 Ok(())
             },
@@ -600,5 +740,16 @@ impl DinoVisionTransformer {
             self.split_features(rows.reshape((b, t, d))?, None, grid)?,
             maps,
         ))
+    }
+}
+
+/// The normalised class token `[B, D]` of an eval forward: what the torch-hub backbones return from
+/// `model(x)`. (candle's blanket `ModuleT` is the same eval forward; training with stochastic depth is
+/// [`DinoVisionTransformer::forward_features_t`] with the caller's generator.)
+impl Module for DinoVisionTransformer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_features(x, None)
+            .map(|f| f.x_norm_clstoken)
+            .map_err(Error::into_candle)
     }
 }

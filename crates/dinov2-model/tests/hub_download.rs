@@ -12,7 +12,7 @@ use dinov2_model::Error;
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn fixture_hf() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model/plain/hf")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plain/hf")
 }
 
 fn opts(endpoint: &str, cache: &Path) -> HubOptions {
@@ -111,7 +111,8 @@ fn offline_with_an_empty_cache_is_a_clear_error_and_sends_nothing() {
         ..opts(&server.endpoint(), cache.path())
     };
     match download("dinov2_vits14_reg", &o) {
-        Err(Error::Hub(msg)) => {
+        Err(e @ Error::Hub { .. }) => {
+            let msg = e.to_string();
             assert!(
                 msg.contains("facebook/dinov2-with-registers-small"),
                 "{msg}"
@@ -164,7 +165,7 @@ fn missing_repositories_files_and_tokens_are_hub_errors() {
     let o = opts(&server.endpoint(), cache.path());
 
     let err = |r: dinov2_model::Result<PathBuf>| match r {
-        Err(Error::Hub(m)) => m,
+        Err(e @ Error::Hub { .. }) => e.to_string(),
         other => panic!("{other:?}"),
     };
     let m = err(download("facebook/does-not-exist", &o));
@@ -198,7 +199,7 @@ fn missing_repositories_files_and_tokens_are_hub_errors() {
     // A name that is neither an official model nor a Hub id.
     assert!(matches!(
         download("vit_tiny", &o),
-        Err(Error::UnknownModel(_))
+        Err(Error::UnknownModel { .. })
     ));
 }
 
@@ -219,7 +220,7 @@ fn resolve_weights_prefers_existing_paths() {
     ));
     assert!(matches!(
         resolve_weights("dinov2_vitz14", &o),
-        Err(Error::UnknownModel(_))
+        Err(Error::UnknownModel { .. })
     ));
 }
 

@@ -137,7 +137,7 @@ fn names_map_to_hub_repositories() {
         "vit_small",
     ] {
         assert!(
-            matches!(hub_repo_id(bad), Err(Error::UnknownModel(_))),
+            matches!(hub_repo_id(bad), Err(Error::UnknownModel { .. })),
             "{bad}"
         );
     }

@@ -11,7 +11,7 @@ use dinov2_model::{
 };
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn load_st(path: PathBuf) -> std::collections::HashMap<String, Tensor> {

@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use dinov2_model::rand::SeedableRng;
 use dinov2_model::{DinoVisionTransformer, StateDict, VitConfig};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn family(name: &str) -> (VitConfig, StateDict) {
@@ -69,6 +71,25 @@ fn input(b: usize, h: usize, w: usize, seed: u64, dtype: DType) -> Tensor {
     .unwrap()
 }
 
+/// A trainable model on `sd` and its `Var`s by official name, in the official order.
+fn trainable(
+    cfg: &VitConfig,
+    sd: &StateDict,
+    dtype: DType,
+) -> (DinoVisionTransformer, Vec<(String, Var)>) {
+    let varmap = VarMap::new();
+    let model =
+        DinoVisionTransformer::from_state_dict_trainable(cfg, sd, &varmap, &Device::Cpu, dtype)
+            .unwrap();
+    let data = varmap.data().lock().unwrap();
+    let vars = model
+        .named_parameters()
+        .iter()
+        .map(|(k, _)| (k.clone(), data[k].clone()))
+        .collect();
+    (model, vars)
+}
+
 fn masks(b: usize, n: usize) -> Tensor {
     let v: Vec<u8> = (0..b * n).map(|i| ((i * 7 + 3) % 5 < 2) as u8).collect();
     Tensor::from_vec(v, (b, n), &Device::Cpu).unwrap()
@@ -78,15 +99,13 @@ fn masks(b: usize, n: usize) -> Tensor {
 fn every_parameter_of_every_family_gets_a_finite_nonzero_gradient() {
     for name in ["plain", "reg", "swiglu"] {
         let (cfg, sd) = family(name);
-        let model =
-            DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &Device::Cpu, DType::F32)
-                .unwrap();
-        assert_eq!(model.vars().len(), sd.len(), "{name}: one Var per weight");
+        let (model, vars) = trainable(&cfg, &sd, DType::F32);
+        assert_eq!(vars.len(), sd.len(), "{name}: one Var per weight");
         // Rectangular input so pos_embed is resampled (its gradient then flows through the bicubic op).
         let x = input(2, 42, 70, 1, DType::F32);
         let m = masks(2, 15);
         let grads = loss(&model, &x, Some(&m), 7).backward().unwrap();
-        for (k, v) in model.vars() {
+        for (k, v) in &vars {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient for {k}"));
@@ -104,12 +123,8 @@ fn every_parameter_of_every_family_gets_a_finite_nonzero_gradient() {
 fn fused_f32_gradients_equal_the_generic_f64_path() {
     for name in ["plain", "reg", "swiglu"] {
         let (cfg, sd) = family(name);
-        let fused =
-            DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &Device::Cpu, DType::F32)
-                .unwrap();
-        let generic =
-            DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &Device::Cpu, DType::F64)
-                .unwrap();
+        let (fused, fused_vars) = trainable(&cfg, &sd, DType::F32);
+        let (generic, generic_vars) = trainable(&cfg, &sd, DType::F64);
         let m = masks(2, 15);
         let g32 = loss(&fused, &input(2, 42, 70, 2, DType::F32), Some(&m), 3)
             .backward()
@@ -117,7 +132,7 @@ fn fused_f32_gradients_equal_the_generic_f64_path() {
         let g64 = loss(&generic, &input(2, 42, 70, 2, DType::F64), Some(&m), 3)
             .backward()
             .unwrap();
-        for ((k, a), (_, b)) in fused.vars().iter().zip(generic.vars()) {
+        for ((k, a), (_, b)) in fused_vars.iter().zip(&generic_vars) {
             let a = g32
                 .get(a.as_tensor())
                 .unwrap()
@@ -166,14 +181,12 @@ fn gradients_match_finite_differences() {
         };
         sd2.insert(k.clone(), t);
     }
-    let model =
-        DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd2, &Device::Cpu, DType::F64)
-            .unwrap();
+    let (model, vars) = trainable(&cfg, &sd2, DType::F64);
     let x = input(2, 28, 42, 9, DType::F64); // 2x3 grid: pos_embed interpolated
     let m = masks(2, 6);
     let grads = loss(&model, &x, Some(&m), 13).backward().unwrap();
     let eps = 1e-5;
-    for (k, v) in model.vars() {
+    for (k, v) in &vars {
         let g = grads
             .get(v.as_tensor())
             .unwrap()
@@ -198,6 +211,9 @@ fn gradients_match_finite_differences() {
             let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
             v.set(&Tensor::from_vec(base.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap())
                 .unwrap();
+            // Central differences in f64 (every op of an f64 model, the position-table resampling included,
+            // runs in f64): truncation h^2 |f'''| / 6 ~ 1e-11 |f'''| and round-off eps |L| / h ~ 2e-11 |L|
+            // for h = 1e-5, both far below this bound for the O(1) loss and derivatives of this tiny model.
             let tol = 1e-6 + 1e-4 * fd.abs().max(g[idx].abs());
             assert!(
                 (fd - g[idx]).abs() < tol,
@@ -245,47 +261,109 @@ fn packed_list_forward_equals_separate_forwards() {
 }
 
 #[test]
-fn drop_path_is_inactive_in_eval_and_random_but_seeded_in_training() {
+fn drop_path_is_inactive_in_eval_and_drawn_from_the_callers_generator_in_training() {
     for rate in [0.05, 0.4] {
         let mut cfg = VitConfig::vit_small();
         (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size) = (16, 2, 2, 28);
         cfg.drop_path_rate = rate;
         cfg.drop_path_uniform = true;
-        let mut model =
-            DinoVisionTransformer::new_random(&cfg, &Device::Cpu, DType::F32, 1).unwrap();
+        let varmap = VarMap::new();
+        let model = DinoVisionTransformer::new(
+            &cfg,
+            dinov2_model::init::seeded(&varmap, 1, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let x = input(8, 28, 28, 4, DType::F32);
         let eval = model.forward_features(&x, None).unwrap().x_prenorm;
         let eval2 = model.forward_features(&x, None).unwrap().x_prenorm;
         assert_eq!(max_diff(&eval, &eval2), 0.0, "eval mode is deterministic");
-        model.set_training(true);
-        let a = model.forward_features(&x, None).unwrap().x_prenorm;
-        let b = model.forward_features(&x, None).unwrap().x_prenorm;
+        let mut rng = dinov2_model::rand::rngs::StdRng::seed_from_u64(42);
+        let saved = rng.clone(); // a trainer checkpoints the generator
+        let train = |rng: &mut dinov2_model::rand::rngs::StdRng| {
+            model
+                .forward_features_t(&x, None, Some(rng))
+                .unwrap()
+                .x_prenorm
+        };
+        let a = train(&mut rng);
+        let b = train(&mut rng);
         assert!(
             max_diff(&a, &b) > 0.0,
-            "rate {rate}: training forwards differ"
+            "rate {rate}: successive training forwards draw anew"
         );
         assert!(
             max_diff(&a, &eval) > 0.0,
             "rate {rate}: some branch was dropped"
         );
-        // Same seed, same draw.
-        model.set_seed(42);
-        let c = model.forward_features(&x, None).unwrap().x_prenorm;
-        model.set_seed(42);
-        let d = model.forward_features(&x, None).unwrap().x_prenorm;
-        assert_eq!(max_diff(&c, &d), 0.0);
+        // Restoring the generator replays the same draws.
+        let mut restored = saved.clone();
+        assert_eq!(max_diff(&train(&mut restored), &a), 0.0);
+        assert_eq!(max_diff(&train(&mut restored), &b), 0.0);
         // Gradients still reach every parameter in training mode.
-        let grads = loss(&model, &x, None, 5).backward().unwrap();
-        for (k, v) in model.vars() {
-            if k == "mask_token" {
-                continue; // only used with masks
+        let mut rng = saved.clone();
+        let f = model.forward_features_t(&x, None, Some(&mut rng)).unwrap();
+        let w = random_like(&f.x_norm_patchtokens, 5);
+        let grads = (f.x_norm_patchtokens * w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in varmap.all_vars() {
+            if v.dims() == [1, 16] {
+                continue; // the mask token: only used with masks
             }
             assert!(
                 grads.get(v.as_tensor()).is_some(),
-                "rate {rate}: no gradient for {k}"
+                "rate {rate}: no gradient for a {:?} parameter",
+                v.dims()
             );
         }
     }
+}
+
+#[test]
+fn detached_forward_records_no_graph_runs_the_fused_path_and_follows_in_place_updates() {
+    // A teacher on Vars: its gradient-free forward must equal, bit for bit, the fused inference model built
+    // from the same weights (so it runs the same kernels), before and after the Vars are updated in place
+    // (an EMA step). Rectangular input: the position table is resampled, so its cache is exercised too.
+    let (cfg, sd) = family("reg");
+    let (teacher, vars) = trainable(&cfg, &sd, DType::F32);
+    let view = teacher.detached();
+    let x = input(2, 42, 70, 31, DType::F32);
+    let inference = |sd: &StateDict| {
+        DinoVisionTransformer::from_state_dict(&cfg, sd, &Device::Cpu, DType::F32)
+            .unwrap()
+            .forward_features(&x, None)
+            .unwrap()
+            .x_prenorm
+    };
+    let before = view.forward_features(&x, None).unwrap().x_prenorm;
+    assert!(!before.track_op(), "no gradient graph");
+    assert_eq!(max_diff(&before, &inference(&sd)), 0.0);
+    // EMA-like update of every Var in place: w <- 0.9 w + 0.1 r.
+    for (i, (_, v)) in vars.iter().enumerate() {
+        let r = random_like(v.as_tensor(), 100 + i as u64);
+        let next = ((v.as_tensor() * 0.9).unwrap() + (r * 0.1).unwrap()).unwrap();
+        v.set(&next).unwrap();
+    }
+    let updated: StateDict = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    let after = view.forward_features(&x, None).unwrap().x_prenorm;
+    assert!(max_diff(&before, &after) > 1e-3, "the update is visible");
+    assert_eq!(max_diff(&after, &inference(&updated)), 0.0);
+    // A view made after the update and the trainable model itself agree too.
+    let fresh_view = teacher
+        .detached()
+        .forward_features(&x, None)
+        .unwrap()
+        .x_prenorm;
+    assert_eq!(max_diff(&fresh_view, &after), 0.0);
+    let graph = teacher.forward_features(&x, None).unwrap().x_prenorm;
+    assert!(graph.track_op());
+    assert!(max_diff(&graph, &after) < 1e-5);
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -302,17 +380,22 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn trainable_weights_round_trip_through_the_state_dict() {
     let (cfg, sd) = family("swiglu");
-    let model =
-        DinoVisionTransformer::from_state_dict_trainable(&cfg, &sd, &Device::Cpu, DType::F32)
-            .unwrap();
-    let out = model.state_dict();
+    let (model, vars) = trainable(&cfg, &sd, DType::F32);
+    let out = model.state_dict().unwrap();
     assert_eq!(out.len(), sd.len());
     for (k, t) in sd.iter() {
         assert_eq!(max_diff(out.get(k).unwrap(), t), 0.0, "{k}");
     }
-    // Var updates are visible to the model (training writes through Var::set).
-    let (_, v) = &model.vars()[0];
+    // The Vars are copies: updating one leaves the state dict it came from alone, and is visible to the model
+    // (training writes through Var::set).
+    let (k, v) = &vars[0];
     v.set(&v.as_tensor().zeros_like().unwrap()).unwrap();
+    assert!(
+        max_diff(
+            sd.get(k).unwrap(),
+            &sd.get(k).unwrap().zeros_like().unwrap()
+        ) > 0.0
+    );
     assert_eq!(
         model.named_parameters()[0]
             .1

@@ -10,7 +10,7 @@ use dinov2_model::{DinoVisionTransformer, VitConfig};
 
 fn fam(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/model")
+        .join("tests/fixtures")
         .join(name)
 }
 

@@ -170,7 +170,7 @@ where
     };
     let name = path
         .file_name()
-        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+        .ok_or_else(|| Error::invalid("path", format!("{} is not a file path", path.display())))?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())

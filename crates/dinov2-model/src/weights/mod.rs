@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{Arch, FfnKind, PosEmbedInterpolation, VitConfig};
 use crate::error::{Error, Result};
 use crate::state_dict::StateDict;
+use crate::vit::DinoVisionTransformer;
 
 use io::{format_err, io_err, Container};
 
@@ -87,10 +88,7 @@ pub struct LoadOptions {
 /// let mut cfg = VitConfig::vit_small();
 /// cfg.depth = 1;
 /// cfg.img_size = 28;
-/// let mut sd = StateDict::new();
-/// for (name, shape) in dinov2_model::weights::backbone_shapes(&cfg) {
-///     sd.insert(name, candle_core::Tensor::randn(0f32, 1.0, shape, &candle_core::Device::Cpu)?);
-/// }
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
 /// let path = std::env::temp_dir().join(format!("doc-load-{}.safetensors", std::process::id()));
 /// save_safetensors(&sd, &path)?;
 /// let loaded = load_weights(&path)?;
@@ -161,7 +159,16 @@ pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeight
             infer_config(&canon, hf)?
         }
     };
-    check_state_dict(&canon, &config)?;
+    let mut canon = canon;
+    if !canon.contains("mask_token") {
+        // timm drops the mask token; it starts at zero in the official model (its initial value).
+        let d = config.embed_dim;
+        canon.insert(
+            "mask_token",
+            Tensor::zeros((1, d), DType::F32, &Device::Cpu)?,
+        );
+    }
+    DinoVisionTransformer::check_state_dict(&config, &canon)?;
     let state_dict = to_f32(canon)?;
     let extra = to_f32(extra)?;
     Ok(LoadedWeights {
@@ -678,12 +685,12 @@ fn dims_of<'a>(sd: &'a StateDict, key: &str) -> Option<&'a [usize]> {
 /// register models (R > 0) get the size path with antialias, the others the `+0.1` scale-factor path.
 ///
 /// ```
-/// use dinov2_model::weights::{backbone_shapes, infer_config};
-/// use dinov2_model::{StateDict, VitConfig};
+/// use dinov2_model::weights::infer_config;
+/// use dinov2_model::{DinoVisionTransformer, StateDict, VitConfig};
 /// # fn main() -> dinov2_model::Result<()> {
 /// let cfg = VitConfig::vit_base().with_registers(4);
 /// let mut sd = StateDict::new();
-/// for (name, shape) in backbone_shapes(&cfg) {
+/// for (name, shape) in DinoVisionTransformer::parameter_shapes(&cfg)? {
 ///     sd.insert(name, candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu)?);
 /// }
 /// assert_eq!(infer_config(&sd, None)?, cfg);
@@ -691,25 +698,25 @@ fn dims_of<'a>(sd: &'a StateDict, key: &str) -> Option<&'a [usize]> {
 /// # }
 /// ```
 pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Result<VitConfig> {
-    let cfg_err = |m: String| Error::Config(m);
-    let d = match (
-        dims_of(sd, "cls_token"),
-        dims_of(sd, "patch_embed.proj.weight"),
-    ) {
-        (Some([1, 1, d]), _) => *d,
-        (Some(other), _) => {
-            return Err(Error::ShapeMismatch {
-                key: "cls_token".into(),
-                expected: vec![1, 1, other.last().copied().unwrap_or(0)],
-                actual: other.to_vec(),
-            })
-        }
-        (None, Some([d, ..])) => *d,
-        (None, _) => return Err(cfg_err(
-            "cannot infer the width: neither `cls_token` nor `patch_embed.proj.weight` is present"
-                .into(),
-        )),
-    };
+    let d =
+        match (
+            dims_of(sd, "cls_token"),
+            dims_of(sd, "patch_embed.proj.weight"),
+        ) {
+            (Some([1, 1, d]), _) => *d,
+            (Some(other), _) => {
+                return Err(Error::ShapeMismatch {
+                    key: "cls_token".into(),
+                    expected: vec![1, 1, other.last().copied().unwrap_or(0)],
+                    actual: other.to_vec(),
+                })
+            }
+            (None, Some([d, ..])) => *d,
+            (None, _) => return Err(Error::config(
+                "embed_dim",
+                "cannot be inferred: neither `cls_token` nor `patch_embed.proj.weight` is present",
+            )),
+        };
     let (in_chans, patch) = match dims_of(sd, "patch_embed.proj.weight") {
         Some([_, c, p, q]) if p == q => (*c, *p),
         Some(other) => {
@@ -728,9 +735,10 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
     };
     let grid = match dims_of(sd, "pos_embed") {
         Some([1, rows, _]) if *rows >= 2 => isqrt_exact(rows - 1).ok_or_else(|| {
-            cfg_err(format!(
-                "`pos_embed` has {rows} rows, which is not 1 + a square grid"
-            ))
+            Error::config(
+                "img_size",
+                format!("cannot be inferred: `pos_embed` has {rows} rows, which is not 1 + a square grid"),
+            )
         })?,
         Some(other) => {
             return Err(Error::ShapeMismatch {
@@ -770,8 +778,8 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
         });
     }
     if let Some(missing) = (0..depth).find(|i| !idx.contains(i)) {
-        return Err(cfg_err(format!(
-            "transformer block indices are not contiguous: block {missing} is missing but block {} exists",
+        return Err(Error::config("depth", format!(
+            "cannot be inferred: transformer block indices are not contiguous: block {missing} is missing but block {} exists",
             idx.iter().next_back().copied().unwrap_or(0)
         )));
     }
@@ -796,7 +804,7 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
         let mut probe = VitConfig::vit_giant2();
         probe.embed_dim = d;
         if probe.ffn_hidden_dim() != hidden {
-            return Err(cfg_err(format!(
+            return Err(Error::config("mlp_ratio", format!(
                 "SwiGLU hidden size {hidden} is not what mlp_ratio 4 gives for width {d} ({}); pass an explicit configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`)",
                 probe.ffn_hidden_dim()
             )));
@@ -838,7 +846,7 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
         None => match Arch::from_embed_dim(d) {
             Some(a) => a.config().num_heads,
             None => {
-                return Err(cfg_err(format!(
+                return Err(Error::config("num_heads", format!(
                     "cannot infer the number of attention heads for width {d} (not a released size and no \
                      transformers config.json); pass an explicit configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`)"
                 )))
@@ -853,9 +861,10 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
     ] {
         if let Some(v) = hf_usize(field) {
             if v != have {
-                return Err(cfg_err(format!(
-                    "config.json says {field} = {v} but the weights have {have}"
-                )));
+                return Err(Error::config(
+                    field,
+                    format!("config.json says {field} = {v} but the weights have {have}"),
+                ));
             }
         }
     }
@@ -866,17 +875,19 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
     ] {
         if let Some(v) = hf_bool(field) {
             if v != have {
-                return Err(cfg_err(format!(
-                    "config.json says {field} = {v} but the weights say {have}"
-                )));
+                return Err(Error::config(
+                    field,
+                    format!("config.json says {field} = {v} but the weights say {have}"),
+                ));
             }
         }
     }
     if let Some(r) = hf_usize("num_register_tokens") {
         if r != regs {
-            return Err(cfg_err(format!(
-                "config.json says num_register_tokens = {r} but the weights have {regs}"
-            )));
+            return Err(Error::config(
+                "num_register_tokens",
+                format!("config.json says num_register_tokens = {r} but the weights have {regs}"),
+            ));
         }
     }
     let layer_scale = sd
@@ -916,115 +927,6 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
     Ok(cfg)
 }
 
-/// Every backbone tensor a model of configuration `cfg` has, with its shape, in the official naming
-/// (`mask_token` included; it is optional when loading).
-///
-/// ```
-/// let names: Vec<_> = dinov2_model::weights::backbone_shapes(&dinov2_model::VitConfig::vit_small())
-///     .into_iter().map(|(n, _)| n).collect();
-/// assert_eq!(names.len(), 175); // the key count of dinov2_vits14_pretrain.pth
-/// ```
-pub fn backbone_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
-    let d = cfg.embed_dim;
-    let h = cfg.ffn_hidden_dim();
-    let mut v: Vec<(String, Vec<usize>)> = vec![
-        ("cls_token".into(), vec![1, 1, d]),
-        ("pos_embed".into(), vec![1, cfg.num_pos_tokens(), d]),
-    ];
-    if cfg.num_register_tokens > 0 {
-        v.push((
-            "register_tokens".into(),
-            vec![1, cfg.num_register_tokens, d],
-        ));
-    }
-    v.push(("mask_token".into(), vec![1, d]));
-    v.push((
-        "patch_embed.proj.weight".into(),
-        vec![d, cfg.in_chans, cfg.patch_size, cfg.patch_size],
-    ));
-    v.push(("patch_embed.proj.bias".into(), vec![d]));
-    for i in 0..cfg.depth {
-        let mut b = |s: &str, shape: Vec<usize>| v.push((format!("blocks.{i}.{s}"), shape));
-        b("norm1.weight", vec![d]);
-        b("norm1.bias", vec![d]);
-        b("attn.qkv.weight", vec![3 * d, d]);
-        if cfg.qkv_bias {
-            b("attn.qkv.bias", vec![3 * d]);
-        }
-        b("attn.proj.weight", vec![d, d]);
-        if cfg.proj_bias {
-            b("attn.proj.bias", vec![d]);
-        }
-        if cfg.layer_scale_init.is_some() {
-            b("ls1.gamma", vec![d]);
-        }
-        b("norm2.weight", vec![d]);
-        b("norm2.bias", vec![d]);
-        let (n1, n2, rows1) = match cfg.ffn {
-            FfnKind::Mlp => ("fc1", "fc2", h),
-            FfnKind::Swiglu => ("w12", "w3", 2 * h),
-        };
-        b(&format!("mlp.{n1}.weight"), vec![rows1, d]);
-        if cfg.ffn_bias {
-            b(&format!("mlp.{n1}.bias"), vec![rows1]);
-        }
-        b(&format!("mlp.{n2}.weight"), vec![d, h]);
-        if cfg.ffn_bias {
-            b(&format!("mlp.{n2}.bias"), vec![d]);
-        }
-        if cfg.layer_scale_init.is_some() {
-            b("ls2.gamma", vec![d]);
-        }
-    }
-    v.push(("norm.weight".into(), vec![d]));
-    v.push(("norm.bias".into(), vec![d]));
-    v
-}
-
-/// Checks a canonical state dict against `cfg`, like the official strict loading: every tensor present with
-/// its shape ([`Error::MissingKey`], [`Error::ShapeMismatch`]; `mask_token` may be absent), and no backbone
-/// tensor the configuration does not use ([`Error::UnexpectedKey`]). Keys outside the backbone naming are
-/// ignored.
-pub fn check_state_dict(sd: &StateDict, cfg: &VitConfig) -> Result<()> {
-    let expected = backbone_shapes(cfg);
-    for (name, shape) in &expected {
-        if name == "mask_token" && !sd.contains(name) {
-            continue;
-        }
-        sd.get_shaped(name, shape)?;
-    }
-    let names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some((k, t)) = sd
-        .iter()
-        .find(|(k, _)| is_backbone_name(k) && !names.contains(k.as_str()))
-    {
-        let hint = if k == "register_tokens" {
-            format!(
-                "the configuration has {} register tokens",
-                cfg.num_register_tokens
-            )
-        } else if k.starts_with("blocks.") {
-            format!(
-                "depth {}, {:?} FFN, biases qkv/proj/ffn {}/{}/{}, LayerScale {}",
-                cfg.depth,
-                cfg.ffn,
-                cfg.qkv_bias,
-                cfg.proj_bias,
-                cfg.ffn_bias,
-                cfg.layer_scale_init.is_some()
-            )
-        } else {
-            "not a parameter of this configuration".to_string()
-        };
-        return Err(Error::UnexpectedKey {
-            key: k.clone(),
-            shape: t.dims().to_vec(),
-            hint,
-        });
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Saving.
 
@@ -1037,10 +939,7 @@ pub fn check_state_dict(sd: &StateDict, cfg: &VitConfig) -> Result<()> {
 /// use dinov2_model::weights::{load_weights_with, save_safetensors, LoadOptions};
 /// # fn main() -> dinov2_model::Result<()> {
 /// # let cfg = { let mut c = dinov2_model::VitConfig::vit_small(); c.depth = 1; c.img_size = 28; c };
-/// # let mut sd = dinov2_model::StateDict::new();
-/// # for (n, s) in dinov2_model::weights::backbone_shapes(&cfg) {
-/// #     sd.insert(n, candle_core::Tensor::ones(s, candle_core::DType::F32, &candle_core::Device::Cpu)?);
-/// # }
+/// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
 /// let path = std::env::temp_dir().join(format!("doc-save-{}.safetensors", std::process::id()));
 /// save_safetensors(&sd, &path)?;
 /// let back = load_weights_with(&path, &LoadOptions { config: Some(cfg.clone()), checkpoint_key: None })?;
@@ -1084,7 +983,7 @@ pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<
             Tensor::zeros((1, cfg.embed_dim), DType::F32, &Device::Cpu)?,
         );
     }
-    check_state_dict(&checked, cfg)?;
+    DinoVisionTransformer::check_state_dict(cfg, &checked)?;
     let d = cfg.embed_dim;
     let get = |k: &str| -> Result<Tensor> {
         checked.get(k).cloned().ok_or_else(|| Error::MissingKey {
@@ -1188,7 +1087,7 @@ pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<
     }
     let config = transformers_config(cfg);
     let text = serde_json::to_string_pretty(&config)
-        .map_err(|e| Error::invalid(format!("cannot serialise config.json: {e}")))?;
+        .map_err(|e| Error::invalid("cfg", format!("cannot serialise config.json: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     io::write_safetensors(&dir.join("model.safetensors"), out)?;
     io::atomic_write_bytes(&dir.join("config.json"), format!("{text}\n").as_bytes())

@@ -13,11 +13,16 @@ fn tiny(ffn: FfnKind, regs: usize) -> VitConfig {
     c
 }
 
-/// Random tensors (distinct per key) with the shapes of `cfg`.
+fn backbone_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+    DinoVisionTransformer::parameter_shapes(cfg).unwrap()
+}
+
+/// Seeded random tensors (distinct per key) with the shapes of `cfg`.
 fn random_sd(cfg: &VitConfig) -> StateDict {
     backbone_shapes(cfg)
         .into_iter()
-        .map(|(k, s)| (k, Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()))
+        .enumerate()
+        .map(|(i, (k, s))| (k, crate::testutil::seeded(s, i as u64)))
         .collect()
 }
 
@@ -108,7 +113,10 @@ fn infer_config_mlp_ratio_reproduces_odd_hidden_sizes() {
 fn unknown_width_needs_heads() {
     let sd = random_sd(&tiny(FfnKind::Mlp, 0));
     match infer_config(&sd, None) {
-        Err(Error::Config(m)) => assert!(m.contains("heads"), "{m}"),
+        Err(Error::InvalidConfig { field, reason }) => {
+            assert_eq!(field, "num_heads");
+            assert!(reason.contains("heads"), "{reason}");
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -126,18 +134,26 @@ fn non_contiguous_blocks_are_rejected() {
         sd.remove(&k);
     }
     match infer_config(&sd, None) {
-        Err(Error::Config(m)) => assert!(m.contains("block 0 is missing"), "{m}"),
+        Err(Error::InvalidConfig { field, reason }) => {
+            assert_eq!(field, "depth");
+            assert!(reason.contains("block 0 is missing"), "{reason}");
+        }
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn check_state_dict_reports_missing_wrong_and_unexpected_keys() {
+    let check_state_dict =
+        |sd: &StateDict, c: &VitConfig| DinoVisionTransformer::check_state_dict(c, sd);
     let c = tiny(FfnKind::Mlp, 0);
-    let mut sd = random_sd(&c);
+    let sd = random_sd(&c);
     check_state_dict(&sd, &c).unwrap();
-    sd.remove("mask_token");
-    check_state_dict(&sd, &c).unwrap();
+    let mut no_mask = sd.clone();
+    no_mask.remove("mask_token");
+    assert!(
+        matches!(check_state_dict(&no_mask, &c), Err(Error::MissingKey { key, .. }) if key == "mask_token")
+    );
     let mut missing = sd.clone();
     missing.remove("blocks.1.attn.proj.bias");
     match check_state_dict(&missing, &c) {
@@ -613,7 +629,9 @@ fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
     )
     .unwrap();
     for p in [dir.clone(), dir.join("model.safetensors")] {
-        assert!(matches!(load_weights(&p), Err(Error::Config(m)) if m.contains("heads")));
+        assert!(
+            matches!(load_weights(&p), Err(Error::InvalidConfig { reason, .. }) if reason.contains("heads"))
+        );
     }
     // A transformers DINOv2 config is used (and cross-checked) even for official-named tensors.
     std::fs::write(
@@ -629,12 +647,24 @@ fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
         r#"{"model_type": "dinov2", "num_attention_heads": 2, "hidden_size": 32}"#,
     )
     .unwrap();
-    assert!(matches!(load_weights(&dir), Err(Error::Config(m)) if m.contains("hidden_size")));
+    assert!(matches!(
+        load_weights(&dir),
+        Err(Error::InvalidConfig {
+            field: "hidden_size",
+            ..
+        })
+    ));
     std::fs::write(
         dir.join("config.json"),
         r#"{"model_type": "dinov2", "num_attention_heads": 2, "use_swiglu_ffn": true}"#,
     )
     .unwrap();
-    assert!(matches!(load_weights(&dir), Err(Error::Config(m)) if m.contains("use_swiglu_ffn")));
+    assert!(matches!(
+        load_weights(&dir),
+        Err(Error::InvalidConfig {
+            field: "use_swiglu_ffn",
+            ..
+        })
+    ));
     std::fs::remove_dir_all(&dir).ok();
 }
