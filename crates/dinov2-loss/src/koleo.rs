@@ -14,30 +14,76 @@ use crate::ops::{l2_normalize, stat_dtype};
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use dinov2_loss::KoLeoLoss;
-/// let x = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [-1.0, 0.1]], &Device::Cpu).unwrap();
-/// let loss = KoLeoLoss::default().forward(&x).unwrap();
-/// assert!(loss.to_scalar::<f32>().unwrap().is_finite());
-/// assert!(KoLeoLoss::default().forward(&x.narrow(0, 0, 1).unwrap()).is_err());
+/// use dinov2_loss::{Error, KoLeoLoss};
+/// let x = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [-1.0, 0.1]], &Device::Cpu)?;
+/// let loss = KoLeoLoss::default().forward(&x)?;
+/// assert!(loss.to_scalar::<f32>()?.is_finite());
+/// let one_row = KoLeoLoss::default().forward(&x.narrow(0, 0, 1)?).unwrap_err();
+/// assert!(matches!(one_row, Error::DegenerateBatch { rows: 1, needed: 2, .. }));
+/// # Ok::<(), dinov2_loss::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct KoLeoLoss {
-    eps: f64,
+    cfg: KoLeoLossConfig,
 }
 
-impl Default for KoLeoLoss {
+/// Options of [`KoLeoLoss`]; [`Default`] is the official `KoLeoLoss`.
+///
+/// ```
+/// assert_eq!(dinov2_loss::KoLeoLossConfig::default().eps, 1e-8);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KoLeoLossConfig {
+    /// The eps of the L2 normalisation, of the pairwise distance and of the log (official 1e-8).
+    pub eps: f64,
+}
+
+impl Default for KoLeoLossConfig {
     fn default() -> Self {
         Self { eps: 1e-8 }
     }
 }
 
 impl KoLeoLoss {
-    /// KoLeo with a custom eps (normalisation, pairwise-distance and log eps; official 1e-8).
-    pub fn with_eps(eps: f64) -> Self {
-        Self { eps }
+    /// KoLeo with the options `cfg` (`eps` finite and ≥ 0).
+    ///
+    /// ```
+    /// use dinov2_loss::{KoLeoLoss, KoLeoLossConfig};
+    /// let loss = KoLeoLoss::new(KoLeoLossConfig { eps: 1e-6 })?;
+    /// assert_eq!(loss.config().eps, 1e-6);
+    /// assert!(KoLeoLoss::new(KoLeoLossConfig { eps: f64::NAN }).is_err());
+    /// # Ok::<(), dinov2_loss::Error>(())
+    /// ```
+    pub fn new(cfg: KoLeoLossConfig) -> Result<Self> {
+        if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "eps",
+                value: cfg.eps,
+                reason: "must be finite and >= 0",
+            });
+        }
+        Ok(Self { cfg })
+    }
+
+    /// The options.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_loss::KoLeoLoss::default().config().eps, 1e-8);
+    /// ```
+    pub fn config(&self) -> &KoLeoLossConfig {
+        &self.cfg
     }
 
     /// Index of each row's nearest neighbour (largest dot product, diagonal excluded), no gradient.
+    /// `x_normalized` is `[n, D]`, usually L2-normalised rows.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[[1f32, 0.0], [0.8, 0.6], [0.0, 1.0]], &Device::Cpu)?;
+    /// let nn = dinov2_loss::KoLeoLoss::default().nearest_neighbours(&x)?;
+    /// assert_eq!(nn.to_vec1::<u32>()?, [1, 0, 1]);
+    /// # Ok::<(), dinov2_loss::Error>(())
+    /// ```
     pub fn nearest_neighbours(&self, x_normalized: &Tensor) -> Result<Tensor> {
         let x = x_normalized.detach();
         let n = x.dim(0)?;
@@ -49,22 +95,35 @@ impl KoLeoLoss {
     }
 
     /// The loss for `x` `[n, D]` (backbone CLS tokens of one global-crop chunk), a differentiable scalar
-    /// (f32, or f64 for f64 input). Errors if `n < 2`.
+    /// (f32, or f64 for f64 input). [`Error::DegenerateBatch`] if `n < 2` (no neighbour to find).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// // two orthogonal unit vectors: distance √2 (eps aside), loss −ln √2
+    /// let x = Tensor::new(&[[1f64, 0.0], [0.0, 1.0]], &Device::Cpu)?;
+    /// let v = dinov2_loss::KoLeoLoss::default().forward(&x)?.to_scalar::<f64>()?;
+    /// assert!((v + 2f64.sqrt().ln()).abs() < 1e-7);
+    /// # Ok::<(), dinov2_loss::Error>(())
+    /// ```
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, _) = x
-            .dims2()
-            .map_err(|_| Error::Input(format!("KoLeo expects [n, D], got {:?}", x.dims())))?;
+        let n = match *x.dims() {
+            [n, _] => n,
+            _ => return Err(Error::shape("x", "[n, D]", x.dims())),
+        };
         if n < 2 {
-            return Err(Error::DegenerateBatch(format!(
-                "KoLeo needs at least 2 samples per chunk to find a nearest neighbour, got {n}"
-            )));
+            return Err(Error::DegenerateBatch {
+                what: "KoLeo (a nearest neighbour per sample)",
+                rows: n,
+                needed: 2,
+            });
         }
+        let eps = self.cfg.eps;
         let x = x.to_dtype(stat_dtype(x.dtype()))?;
-        let xn = l2_normalize(&x, self.eps)?;
+        let xn = l2_normalize(&x, eps)?;
         let idx = self.nearest_neighbours(&xn)?;
         let nb = xn.index_select(&idx, 0)?;
-        let d = ((xn - nb)? + self.eps)?.sqr()?.sum(D::Minus1)?.sqrt()?;
-        Ok(((d + self.eps)?.log()?.mean_all()?).neg()?)
+        let d = ((xn - nb)? + eps)?.sqr()?.sum(D::Minus1)?.sqrt()?;
+        Ok(((d + eps)?.log()?.mean_all()?).neg()?)
     }
 }
 
@@ -78,12 +137,12 @@ mod tests {
         let x = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(matches!(
             KoLeoLoss::default().forward(&x),
-            Err(Error::DegenerateBatch(_))
+            Err(Error::DegenerateBatch { rows: 1, .. })
         ));
         let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
         assert!(matches!(
             KoLeoLoss::default().forward(&x),
-            Err(Error::Input(_))
+            Err(Error::InputShape { input: "x", .. })
         ));
     }
 

@@ -24,6 +24,14 @@ pub(crate) fn stat_dtype(dt: DType) -> DType {
 /// (where the norm is below `eps` only the direct `x / eps` path carries gradient) and never produces the
 /// `0 · ∞` NaN that differentiating `sqrt` at a zero row would. For f16/bf16 inputs the norm is computed in
 /// f32 (eps² underflows in half precision) and cast back.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[3f32, 4.0], [0.0, 0.0]], &Device::Cpu)?;
+/// let y = dinov2_loss::ops::l2_normalize(&x, 1e-12)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[0.6, 0.8], [0.0, 0.0]]); // a zero row stays zero
+/// # Ok::<(), dinov2_loss::Error>(())
+/// ```
 pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let xs = if matches!(dt, DType::F16 | DType::BF16) {
@@ -42,6 +50,14 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `log_softmax(x, dim=-1)`, differentiable. The max used for stability is detached: log-softmax is
 /// invariant to it, so this only saves backward work.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[0f64, 0.0, 0.0, 0.0]], &Device::Cpu)?;
+/// let y = dinov2_loss::ops::log_softmax_last(&x)?.to_vec2::<f64>()?;
+/// assert!(y[0].iter().all(|v| (v + 4f64.ln()).abs() < 1e-15)); // log(1/4)
+/// # Ok::<(), dinov2_loss::Error>(())
+/// ```
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let diff = x.broadcast_sub(&max)?;
@@ -60,22 +76,35 @@ pub(crate) fn softmax_last_nograd(x: &Tensor) -> Result<Tensor> {
 
 /// Per-row `Σ_k t_k · log_softmax(s / temp)_k` (the official `lossfunc`), differentiable in `s`.
 ///
-/// `t` and `s` must have the same shape `[..., K]`; the result has shape `[...]` and `s`'s compute dtype
-/// (f32 unless `s` is f64; half-precision logits are upcast as in the official fp32 cross-entropy).
+/// `t` and `s` must have the same shape `[..., K]` (K ≥ 1); the result has shape `[...]` and `s`'s compute
+/// dtype (f32 unless `s` is f64; half-precision logits are upcast as in the official fp32 cross-entropy).
+/// On the CPU in f32/f64 this is one fused kernel (forward and backward); elsewhere
+/// [`soft_cross_entropy_composed`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// // a one-hot target and uniform student logits: Σ_k t_k log(1/K) = -ln 4
+/// let t = Tensor::new(&[[1f32, 0.0, 0.0, 0.0]], &Device::Cpu)?;
+/// let s = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// let ce = dinov2_loss::ops::soft_cross_entropy(&t, &s, 0.1)?.to_vec1::<f32>()?;
+/// assert!((ce[0] + 4f32.ln()).abs() < 1e-6);
+/// # Ok::<(), dinov2_loss::Error>(())
+/// ```
 pub fn soft_cross_entropy(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
     if t.dims() != s.dims() {
-        return Err(Error::Input(format!(
-            "teacher {:?} and student {:?} shapes differ",
+        return Err(Error::shape(
+            "teacher targets",
+            format!("{:?} (the student logits' shape)", s.dims()),
             t.dims(),
-            s.dims()
-        )));
+        ));
     }
+    check_temp("temp", temp)?;
     let dt = stat_dtype(s.dtype());
     let s = s.to_dtype(dt)?;
     let t = t.to_dtype(dt)?.detach();
-    let k = last_dim(&s, "student logits")?;
+    let k = s.dims().last().copied().unwrap_or(0);
     if k == 0 {
-        return Err(Error::Input("logits with zero prototypes".into()));
+        return Err(Error::shape("student logits", "[..., K ≥ 1]", s.dims()));
     }
     if crate::fused::fused_ok(&s) {
         let rows = s.elem_count() / k;
@@ -87,26 +116,37 @@ pub fn soft_cross_entropy(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
 }
 
 /// [`soft_cross_entropy`] from primitive candle ops only (any device/dtype; the reference for the fused
-/// CPU kernel).
+/// CPU kernel). No shape checks.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let t = Tensor::new(&[[0.25f64, 0.75]], &Device::Cpu)?;
+/// let s = Tensor::new(&[[0.3f64, -0.1]], &Device::Cpu)?;
+/// let fused = dinov2_loss::ops::soft_cross_entropy(&t, &s, 0.1)?.to_vec1::<f64>()?;
+/// let composed = dinov2_loss::ops::soft_cross_entropy_composed(&t, &s, 0.1)?.to_vec1::<f64>()?;
+/// assert!((fused[0] - composed[0]).abs() < 1e-14);
+/// # Ok::<(), dinov2_loss::Error>(())
+/// ```
 pub fn soft_cross_entropy_composed(t: &Tensor, s: &Tensor, temp: f64) -> Result<Tensor> {
     let dt = stat_dtype(s.dtype());
     let lsm = log_softmax_last(&(s.to_dtype(dt)? / temp)?)?;
     Ok((t.to_dtype(dt)?.detach() * lsm)?.sum(D::Minus1)?)
 }
 
-pub(crate) fn check_temp(name: &str, v: f64) -> Result<()> {
-    if v.is_finite() && v > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "{name} must be finite and > 0, got {v}"
-        )))
-    }
+/// Whether `v` is a usable temperature (or momentum-like positive scale).
+pub(crate) fn finite_positive(v: f64) -> bool {
+    v.is_finite() && v > 0.0
 }
 
-pub(crate) fn last_dim(t: &Tensor, what: &str) -> Result<usize> {
-    t.dims()
-        .last()
-        .copied()
-        .ok_or_else(|| Error::Input(format!("{what} must have at least one dimension")))
+/// A temperature argument: finite and > 0.
+pub(crate) fn check_temp(name: &'static str, value: f64) -> Result<()> {
+    if finite_positive(value) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            name,
+            value,
+            reason: "must be finite and > 0",
+        })
+    }
 }

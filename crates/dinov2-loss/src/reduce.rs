@@ -16,7 +16,35 @@ use crate::error::{Error, Result};
 ///
 /// `all_reduce_sum` is a collective: every rank calls it, in the same order, with tensors of the same shape
 /// and dtype, and every rank gets back the element-wise sum over all ranks. Implementations must not keep a
-/// gradient graph (the statistics reduced here are computed without gradients).
+/// gradient graph (the statistics reduced here are computed without gradients). A multi-process backend
+/// (NCCL, MPI, TCP, ...) implements this trait and is passed to the losses' `with_reducer`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use candle_core::{Device, Tensor};
+/// use dinov2_loss::{DinoLoss, DinoLossConfig, Reducer, Result};
+///
+/// /// A test double: one of `n` ranks that all hold the same batch.
+/// struct Replicated(usize);
+/// impl Reducer for Replicated {
+///     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+///         Ok((t.detach() * self.0 as f64)?)
+///     }
+///     fn world_size(&self) -> usize {
+///         self.0
+///     }
+/// }
+/// // the centre over 4 identical ranks is the centre of one
+/// let t = Tensor::new(&[[1f32, 3.0], [3.0, 1.0]], &Device::Cpu)?;
+/// let mut one = DinoLoss::new(DinoLossConfig::new(2), &Device::Cpu)?;
+/// let mut four = DinoLoss::new(DinoLossConfig::new(2), &Device::Cpu)?.with_reducer(Arc::new(Replicated(4)));
+/// for loss in [&mut one, &mut four] {
+///     loss.update_center(&t)?;
+///     loss.center_mut().apply_pending()?;
+/// }
+/// assert_eq!(one.center().tensor().to_vec2::<f32>()?, four.center().tensor().to_vec2::<f32>()?);
+/// # Ok::<(), dinov2_loss::Error>(())
+/// ```
 pub trait Reducer: Send + Sync {
     /// Element-wise sum of `t` over all ranks (returned on `t`'s device, in `t`'s dtype).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
@@ -28,9 +56,10 @@ pub trait Reducer: Send + Sync {
 ///
 /// ```
 /// use dinov2_loss::{Reducer, SingleProcess};
-/// let t = candle_core::Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap();
+/// let t = candle_core::Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu)?;
 /// assert_eq!(SingleProcess.world_size(), 1);
-/// assert_eq!(SingleProcess.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+/// assert_eq!(SingleProcess.all_reduce_sum(&t)?.to_vec1::<f32>()?, vec![1.0, 2.0]);
+/// # Ok::<(), dinov2_loss::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;
@@ -79,12 +108,22 @@ pub struct ThreadGroup;
 
 impl ThreadGroup {
     /// Creates a group of `n >= 1` ranks and returns their handles, rank 0 first.
+    ///
+    /// ```
+    /// use dinov2_loss::{Error, Reducer, ThreadGroup};
+    /// let ranks = dinov2_loss::ThreadGroup::new(3)?;
+    /// assert_eq!((ranks.len(), ranks[2].rank(), ranks[2].world_size()), (3, 2, 3));
+    /// assert!(matches!(ThreadGroup::new(0), Err(Error::InvalidArgument { name: "n", .. })));
+    /// # Ok::<(), dinov2_loss::Error>(())
+    /// ```
     #[allow(clippy::new_ret_no_self)]
     pub fn new(n: usize) -> Result<Vec<ThreadRank>> {
         if n == 0 {
-            return Err(Error::Config(
-                "a thread group needs at least one rank".into(),
-            ));
+            return Err(Error::InvalidArgument {
+                name: "n",
+                value: 0.0,
+                reason: "a thread group needs at least one rank",
+            });
         }
         let shared = Arc::new(Shared {
             n,
@@ -101,7 +140,7 @@ impl ThreadGroup {
     }
 }
 
-/// One rank of a [`ThreadGroup`].
+/// One rank of a [`ThreadGroup`] (a [`Reducer`]); see [`ThreadGroup`] for an example.
 pub struct ThreadRank {
     shared: Arc<Shared>,
     rank: usize,
@@ -109,6 +148,12 @@ pub struct ThreadRank {
 
 impl ThreadRank {
     /// This handle's rank in `0..world_size`.
+    ///
+    /// ```
+    /// let ranks = dinov2_loss::ThreadGroup::new(2)?;
+    /// assert_eq!(ranks.iter().map(|r| r.rank()).collect::<Vec<_>>(), [0, 1]);
+    /// # Ok::<(), dinov2_loss::Error>(())
+    /// ```
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -125,7 +170,12 @@ impl std::fmt::Debug for ThreadRank {
 
 impl Reducer for ThreadRank {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let poisoned = |_| Error::Reduce("a rank panicked during a collective".into());
+        let rank = self.rank;
+        let failed = |reason: &str| Error::Reduce {
+            rank,
+            reason: reason.to_string(),
+        };
+        let poisoned = |_| failed("another rank panicked during a collective");
         {
             let mut slots = self.shared.slots.lock().map_err(poisoned)?;
             slots[self.rank] = Some(t.detach());
@@ -146,7 +196,7 @@ impl Reducer for ThreadRank {
                         }
                     },
                     (None, _) => {
-                        err = Some(Error::Reduce("a rank did not contribute".into()));
+                        err = Some(failed("a rank did not contribute"));
                         break;
                     }
                 }
@@ -154,7 +204,7 @@ impl Reducer for ThreadRank {
             match (err, acc) {
                 (Some(e), _) => Err(e),
                 (None, Some(a)) => Ok(a),
-                (None, None) => Err(Error::Reduce("empty group".into())),
+                (None, None) => Err(failed("empty group")),
             }
         };
         // Everyone has read every slot before anyone may overwrite its slot in the next collective.

@@ -20,7 +20,7 @@ use std::thread;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, sum_error, SeededRng, U32};
-use dinov2_loss::{DinoLoss, IbotPatchLoss, Reducer, ThreadGroup};
+use dinov2_loss::{DinoLoss, DinoLossConfig, IbotLossConfig, IbotPatchLoss, Reducer, ThreadGroup};
 
 const CPU: Device = Device::Cpu;
 
@@ -62,7 +62,7 @@ fn dino_centre_and_sinkhorn_are_global_batch_statistics() {
         .collect();
 
     // one rank with the whole batch
-    let mut single = DinoLoss::new(k, &CPU).unwrap();
+    let mut single = DinoLoss::new(DinoLossConfig::new(k), &CPU).unwrap();
     let mut single_targets = vec![];
     for t in &steps {
         single_targets.push(single.softmax_center_teacher(t, 0.04).unwrap());
@@ -73,7 +73,9 @@ fn dino_centre_and_sinkhorn_are_global_batch_statistics() {
 
     let steps2 = steps.clone();
     let results = on_two_ranks(move |reducer, rank| {
-        let mut loss = DinoLoss::new(k, &CPU).unwrap().with_reducer(reducer);
+        let mut loss = DinoLoss::new(DinoLossConfig::new(k), &CPU)
+            .unwrap()
+            .with_reducer(reducer);
         let mut targets = vec![];
         for t in &steps2 {
             let local = t.narrow(0, 3 * rank, 3).unwrap();
@@ -104,7 +106,7 @@ fn ibot_sinkhorn_is_global_and_centre_averages_rank_means() {
     let all = grid_logits(&mut rng, &[8, k], 0.5);
     let parts = [(0usize, 2usize), (2, 4)];
 
-    let single = IbotPatchLoss::new(k, &CPU).unwrap();
+    let single = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU).unwrap();
     let six = all.narrow(0, 0, 6).unwrap();
     let single_sk = single.sinkhorn_knopp_teacher(&six, 0.05, 6, 3).unwrap();
 
@@ -112,7 +114,9 @@ fn ibot_sinkhorn_is_global_and_centre_averages_rank_means() {
     let results = on_two_ranks(move |reducer, rank| {
         let (start, len) = parts[rank];
         let local = all2.narrow(0, start, len).unwrap();
-        let mut loss = IbotPatchLoss::new(k, &CPU).unwrap().with_reducer(reducer);
+        let mut loss = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU)
+            .unwrap()
+            .with_reducer(reducer);
         let sk = loss.sinkhorn_knopp_teacher(&local, 0.05, len, 3).unwrap();
         loss.update_center(&local.unsqueeze(0).unwrap()).unwrap();
         loss.center_mut().apply_pending().unwrap();
@@ -133,12 +137,14 @@ fn ibot_sinkhorn_is_global_and_centre_averages_rank_means() {
         assert_close(centre, &expected_centre, 0.0, "ibot centre");
     }
     // with equal counts per rank it is the global patch mean, i.e. the single-rank centre
-    let mut single = IbotPatchLoss::new(k, &CPU).unwrap();
+    let mut single = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU).unwrap();
     single.update_center(&all.unsqueeze(0).unwrap()).unwrap();
     single.center_mut().apply_pending().unwrap();
     let all2 = all.clone();
     let centres = on_two_ranks(move |reducer, rank| {
-        let mut loss = IbotPatchLoss::new(k, &CPU).unwrap().with_reducer(reducer);
+        let mut loss = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU)
+            .unwrap()
+            .with_reducer(reducer);
         let local = all2.narrow(0, 4 * rank, 4).unwrap().unsqueeze(0).unwrap();
         loss.update_center(&local).unwrap();
         loss.center_mut().apply_pending().unwrap();

@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use common::{sum_error, SeededRng, U64};
 use dinov2_loss::{
-    Centering, DinoHead, DinoHeadConfig, DinoLoss, DinoV2Loss, DinoV2LossConfig, IbotPatchLoss,
-    KoLeoLoss, StudentOutputs,
+    DinoHead, DinoHeadConfig, DinoLoss, DinoLossConfig, DinoV2Loss, DinoV2LossConfig,
+    IbotLossConfig, IbotPatchLoss, KoLeoLoss, PackedStudentOutputs, PatchMasks, StateDict,
+    StudentOutputs, TargetMode, TeacherOutputs, TeacherTargets,
 };
 
 const CPU: Device = Device::Cpu;
@@ -116,8 +115,8 @@ fn var(t: Tensor) -> Var {
 
 fn head_check(rng: &mut SeededRng, cfg: DinoHeadConfig, rows: usize) {
     // parameters off their init (non-zero biases, g ≠ 1) in f64
-    let mut tensors = HashMap::new();
-    for (name, shape) in cfg.parameter_shapes() {
+    let mut sd = StateDict::new();
+    for (name, shape) in DinoHead::parameter_shapes(&cfg).unwrap() {
         // weight_g and BatchNorm weights around 1, everything else around 0
         let around_one =
             name.ends_with("weight_g") || (shape.len() == 1 && name.contains(".weight"));
@@ -126,16 +125,10 @@ fn head_check(rng: &mut SeededRng, cfg: DinoHeadConfig, rows: usize) {
         } else {
             rng.normal(&shape, 0.0, 0.5, DType::F64)
         };
-        tensors.insert(name, t);
+        sd.insert(name, t);
     }
     let vm = VarMap::new();
-    {
-        let mut d = vm.data().lock().unwrap();
-        for (k, t) in &tensors {
-            d.insert(k.clone(), var(t.clone()));
-        }
-    }
-    let head = DinoHead::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &CPU)).unwrap();
+    let head = DinoHead::from_state_dict_trainable(&cfg, &sd, "", &vm, &CPU, DType::F64).unwrap();
     let x = var(rng.normal(&[rows, cfg.in_dim], 0.0, 1.0, DType::F64));
     let r = rng.normal(&[rows, cfg.out_dim], 0.0, 1.0, DType::F64);
     let vars_owned: Vec<(String, Var)> = {
@@ -151,7 +144,7 @@ fn head_check(rng: &mut SeededRng, cfg: DinoHeadConfig, rows: usize) {
         &name,
         &vars,
         || {
-            (head.forward_t(x.as_tensor(), true).unwrap() * &r)
+            (head.forward_train(x.as_tensor()).unwrap() * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()
@@ -181,7 +174,7 @@ fn head_gradients() {
 #[test]
 fn dino_loss_gradients() {
     let mut rng = SeededRng::new(2);
-    let loss = DinoLoss::with_params(6, 0.1, 0.9, &CPU).unwrap();
+    let loss = DinoLoss::new(DinoLossConfig::new(6), &CPU).unwrap();
     let s = var(rng.normal(&[6, 6], 0.0, 0.5, DType::F64)); // 3 student chunks of 2 rows
     let teachers = [
         rng.softmax_rows(&[2, 6], DType::F64),
@@ -201,7 +194,11 @@ fn dino_loss_gradients() {
 #[test]
 fn ibot_loss_gradients() {
     let mut rng = SeededRng::new(3);
-    let loss = IbotPatchLoss::with_params(5, 0.2, 0.9, &CPU).unwrap();
+    let cfg = IbotLossConfig {
+        student_temp: 0.2,
+        ..IbotLossConfig::new(5)
+    };
+    let loss = IbotPatchLoss::new(cfg, &CPU).unwrap();
     let masks = Tensor::new(&[[1u8, 0, 1], [0, 0, 0], [0, 1, 1]], &CPU).unwrap();
     let s = var(rng.normal(&[5, 5], 0.0, 0.5, DType::F64)); // 4 masked patches + 1 padding row
     let t = rng.softmax_rows(&[5, 5], DType::F64);
@@ -209,8 +206,8 @@ fn ibot_loss_gradients() {
         "ibot forward_masked",
         &[("s", &s)],
         || {
-            loss.forward_masked(s.as_tensor(), &t, &masks, Some(4), None)
-                .unwrap()
+            let masks = PatchMasks::new(&masks).with_n_masked_patches(4);
+            loss.forward_masked(s.as_tensor(), &t, &masks).unwrap()
         },
         1e-5,
     );
@@ -238,29 +235,44 @@ fn koleo_gradients() {
     }
 }
 
+/// Targets from seeded teacher logits: `two_b` global CLS rows and `m` masked patches.
+fn teacher_targets(
+    loss: &mut DinoV2Loss,
+    rng: &mut SeededRng,
+    two_b: usize,
+    m: usize,
+) -> TeacherTargets {
+    let k = loss.config().dino.out_dim;
+    let t_cls = rng.normal(&[two_b, k], 0.0, 0.5, DType::F64);
+    let t_masked = rng.normal(&[m, k], 0.0, 0.5, DType::F64);
+    let teacher = TeacherOutputs {
+        cls_logits: &t_cls,
+        masked_patch_logits: Some(&t_masked),
+    };
+    loss.teacher_targets(&teacher, 0.07).unwrap()
+}
+
 #[test]
 fn combination_gradients() {
     let mut rng = SeededRng::new(5);
-    for centering in [
-        Centering::Centering,
-        Centering::SinkhornKnopp { n_iterations: 3 },
+    for target_mode in [
+        TargetMode::Centering,
+        TargetMode::SinkhornKnopp { n_iterations: 3 },
     ] {
         let (k, b, d, m) = (5, 2, 3, 3);
         let cfg = DinoV2LossConfig {
-            centering,
-            ..Default::default()
+            target_mode,
+            ..DinoV2LossConfig::new(k, k)
         };
-        let mut loss = DinoV2Loss::new(cfg, k, Some(k), &CPU).unwrap();
+        let mut loss = DinoV2Loss::new(cfg, &CPU).unwrap();
         let masks = Tensor::new(&[[1u8, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]], &CPU).unwrap();
-        let t_cls = rng.normal(&[2 * b, k], 0.0, 0.5, DType::F64);
-        let t_masked = rng.normal(&[m, k], 0.0, 0.5, DType::F64);
-        let targets = loss.teacher_targets(&t_cls, Some(&t_masked), 0.07).unwrap();
+        let targets = teacher_targets(&mut loss, &mut rng, 2 * b, m);
         let global = var(rng.normal(&[2 * b, k], 0.0, 0.5, DType::F64));
         let local = var(rng.normal(&[2 * b, k], 0.0, 0.5, DType::F64)); // 2 local crops
         let masked = var(rng.normal(&[m, k], 0.0, 0.5, DType::F64));
         let cls = var(rng.normal(&[2 * b, d], 0.0, 1.0, DType::F64));
         fd_check(
-            &format!("combination {centering:?}"),
+            &format!("combination {target_mode:?}"),
             &[
                 ("global", &global),
                 ("local", &local),
@@ -268,19 +280,14 @@ fn combination_gradients() {
                 ("cls", &cls),
             ],
             || {
-                loss.forward(
-                    &StudentOutputs {
-                        global_cls_logits: global.as_tensor(),
-                        local_cls_logits: Some(local.as_tensor()),
-                        masked_patch_logits: Some(masked.as_tensor()),
-                        global_cls_tokens: Some(cls.as_tensor()),
-                    },
-                    &targets,
-                    Some(&masks),
-                    None,
-                )
-                .unwrap()
-                .total
+                let student = StudentOutputs {
+                    global_cls_logits: global.as_tensor(),
+                    local_cls_logits: Some(local.as_tensor()),
+                    masked_patch_logits: Some(masked.as_tensor()),
+                    global_cls_tokens: Some(cls.as_tensor()),
+                    masks: Some(PatchMasks::new(&masks)),
+                };
+                loss.forward(&student, &targets).unwrap().total
             },
             1e-5,
         );
@@ -291,27 +298,22 @@ fn combination_gradients() {
 fn packed_combination_gradients() {
     let mut rng = SeededRng::new(6);
     let (k, b, d, m, n_local) = (5, 2, 3, 3, 2);
-    let mut loss = DinoV2Loss::new(DinoV2LossConfig::default(), k, Some(k), &CPU).unwrap();
+    let mut loss = DinoV2Loss::new(DinoV2LossConfig::new(k, k), &CPU).unwrap();
     let masks = Tensor::new(&[[1u8, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]], &CPU).unwrap();
-    let t_cls = rng.normal(&[2 * b, k], 0.0, 0.5, DType::F64);
-    let t_masked = rng.normal(&[m, k], 0.0, 0.5, DType::F64);
-    let targets = loss.teacher_targets(&t_cls, Some(&t_masked), 0.07).unwrap();
+    let targets = teacher_targets(&mut loss, &mut rng, 2 * b, m);
     let packed = var(rng.normal(&[n_local * b + 2 * b + m, k], 0.0, 0.5, DType::F64));
     let cls = var(rng.normal(&[2 * b, d], 0.0, 1.0, DType::F64));
     fd_check(
         "packed combination",
         &[("packed", &packed), ("cls", &cls)],
         || {
-            loss.forward_packed(
-                packed.as_tensor(),
-                n_local,
-                &targets,
-                Some(cls.as_tensor()),
-                Some(&masks),
-                None,
-            )
-            .unwrap()
-            .total
+            let student = PackedStudentOutputs {
+                logits: packed.as_tensor(),
+                n_local_crops: n_local,
+                global_cls_tokens: Some(cls.as_tensor()),
+                masks: Some(PatchMasks::new(&masks)),
+            };
+            loss.forward_packed(&student, &targets).unwrap().total
         },
         1e-5,
     );

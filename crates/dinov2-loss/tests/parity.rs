@@ -3,12 +3,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
-use common::{assert_close, var_tensor, varmap_from, Fixture};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::{assert_close, var_tensor, Fixture};
 use dinov2_loss::{
-    mask_indices, masks_weight, Centering, DinoHead, DinoHeadConfig, DinoLoss, DinoV2Loss,
-    DinoV2LossConfig, IbotPatchLoss, KoLeoLoss, StudentOutputs,
+    mask_indices, masks_weight, DinoHead, DinoHeadConfig, DinoLoss, DinoLossConfig, DinoV2Loss,
+    DinoV2LossConfig, IbotLossConfig, IbotPatchLoss, KoLeoLoss, PackedStudentOutputs, PatchMasks,
+    StateDict, StudentOutputs, TargetMode, TeacherOutputs,
 };
 
 const TOL: f64 = 1e-5;
@@ -26,10 +27,11 @@ fn head_case(f: &Fixture, name: &str) {
         mlp_bias: c[6] == 1,
     };
     let params = f.sub(&format!("{name}.param"));
-    let vm = varmap_from(&params, |k| k.contains("running"));
-    let head = DinoHead::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &CPU)).unwrap();
+    let sd: StateDict = params.clone().into_iter().collect();
+    let vm = VarMap::new();
+    let head = DinoHead::from_state_dict_trainable(&cfg, &sd, "", &vm, &CPU, DType::F32).unwrap();
     let x = Var::from_tensor(&f.get(&format!("{name}.x"))).unwrap();
-    let y = head.forward_t(x.as_tensor(), true).unwrap();
+    let y = head.forward_train(x.as_tensor()).unwrap();
     assert_close(&y, &f.get(&format!("{name}.y")), TOL, &format!("{name} y"));
     let loss = (&y * f.get(&format!("{name}.r")))
         .unwrap()
@@ -80,11 +82,16 @@ fn head_case(f: &Fixture, name: &str) {
         }
         n_param_grads += 1;
     }
-    assert_eq!(n_param_grads, cfg.parameter_shapes().len());
+    assert_eq!(
+        n_param_grads,
+        DinoHead::parameter_shapes(&cfg).unwrap().len()
+    );
+    assert_eq!(n_param_grads, vm.all_vars().len());
     if cfg.use_bn {
-        let sd: std::collections::HashMap<_, _> = head.state_dict().unwrap().into_iter().collect();
+        let sd = head.state_dict().unwrap();
         for (key, expected) in f.sub(&format!("{name}.after")) {
-            assert_close(&sd[&key], &expected, TOL, &format!("{name} {key}"));
+            let got = sd.get(&key).unwrap();
+            assert_close(got, &expected, TOL, &format!("{name} {key}"));
         }
         let y_eval = head.forward(x.as_tensor()).unwrap();
         assert_close(
@@ -127,7 +134,12 @@ fn dino_loss_matches_official() {
         let (k, _b, ns, nt, steps) = (c[0], c[1], c[2], c[3], c[4]);
         let temps = f.f64s(&format!("{name}.temps"));
         let (tt, st, mom) = (temps[0], temps[1], temps[2]);
-        let mut loss = DinoLoss::with_params(k, st, mom, &CPU).unwrap();
+        let cfg = DinoLossConfig {
+            out_dim: k,
+            student_temp: st,
+            center_momentum: mom,
+        };
+        let mut loss = DinoLoss::new(cfg, &CPU).unwrap();
         let mut targets = None;
         for i in 0..steps {
             let p = format!("{name}.step{i}");
@@ -192,7 +204,7 @@ fn dino_loss_matches_official() {
 fn ibot_loss_matches_official() {
     let f = Fixture::load("ibot");
     let k = 64;
-    let mut loss = IbotPatchLoss::new(k, &CPU).unwrap();
+    let mut loss = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU).unwrap();
     let mut targets = None;
     for i in 0..2 {
         let p = format!("i64.step{i}");
@@ -232,14 +244,11 @@ fn ibot_loss_matches_official() {
 
     // padded rows + n_masked_patches truncation, explicit masks_weight
     let s = Var::from_tensor(&f.get("i64.s_pad")).unwrap();
+    let padded = PatchMasks::new(&masks)
+        .with_weights(&mw)
+        .with_n_masked_patches(m);
     let v = loss
-        .forward_masked(
-            s.as_tensor(),
-            &f.get("i64.t_pad"),
-            &masks,
-            Some(m),
-            Some(&mw),
-        )
+        .forward_masked(s.as_tensor(), &f.get("i64.t_pad"), &padded)
         .unwrap();
     assert_close(
         &v.reshape(1).unwrap(),
@@ -258,7 +267,7 @@ fn ibot_loss_matches_official() {
     // masks_weight derived from the masks
     let s2 = Var::from_tensor(&f.get("i64.s_pad").narrow(0, 0, m).unwrap()).unwrap();
     let v = loss
-        .forward_masked(s2.as_tensor(), &targets, &masks, None, None)
+        .forward_masked(s2.as_tensor(), &targets, &PatchMasks::new(&masks))
         .unwrap();
     assert_close(
         &v.reshape(1).unwrap(),
@@ -307,7 +316,7 @@ fn ibot_loss_matches_official() {
     );
 
     // K = 4096
-    let mut loss = IbotPatchLoss::new(4096, &CPU).unwrap();
+    let mut loss = IbotPatchLoss::new(IbotLossConfig::new(4096), &CPU).unwrap();
     let masks = f.get("i4096.masks");
     let t = f.get("i4096.t");
     let tg = loss
@@ -330,14 +339,11 @@ fn ibot_loss_matches_official() {
     let s = Var::from_tensor(&f.get("i4096.s")).unwrap();
     let m = t.dim(0).unwrap();
     let mw = masks_weight(&masks).unwrap();
+    let truncated = PatchMasks::new(&masks)
+        .with_weights(&mw)
+        .with_n_masked_patches(m);
     let v = loss
-        .forward_masked(
-            s.as_tensor(),
-            &f.get("i4096.targets"),
-            &masks,
-            Some(m),
-            Some(&mw),
-        )
+        .forward_masked(s.as_tensor(), &f.get("i4096.targets"), &truncated)
         .unwrap();
     assert_close(
         &v.reshape(1).unwrap(),
@@ -400,28 +406,43 @@ fn dinov2_combination_matches_ssl_meta_arch() {
             bottleneck_dim: 8,
             ..DinoHeadConfig::new(d, out)
         };
-        let vm = varmap_from(&f.sub(&format!("{case}.student")), |_| false);
-        let svb = VarBuilder::from_varmap(&vm, DType::F32, &CPU);
-        let tvb = VarBuilder::from_tensors(f.sub(&format!("{case}.teacher")), DType::F32, &CPU);
-        let s_head = DinoHead::new(&head_cfg(k), svb.pp("dino_head")).unwrap();
-        let t_head = DinoHead::new(&head_cfg(k), tvb.pp("dino_head")).unwrap();
+        // the student's heads trainable in one VarMap, the teacher's constant, from the checkpoint layout
+        let student: StateDict = f.sub(&format!("{case}.student")).into_iter().collect();
+        let teacher: StateDict = f.sub(&format!("{case}.teacher")).into_iter().collect();
+        let vm = VarMap::new();
+        let trainable = |out, prefix| {
+            DinoHead::from_state_dict_trainable(
+                &head_cfg(out),
+                &student,
+                prefix,
+                &vm,
+                &CPU,
+                DType::F32,
+            )
+            .unwrap()
+        };
+        let constant = |out, prefix| {
+            DinoHead::from_state_dict(&head_cfg(out), &teacher, prefix, &CPU, DType::F32).unwrap()
+        };
+        let s_head = trainable(k, "dino_head");
+        let t_head = constant(k, "dino_head");
         let (s_ihead, t_ihead) = if separate {
             (
-                Some(DinoHead::new(&head_cfg(k_ibot), svb.pp("ibot_head")).unwrap()),
-                Some(DinoHead::new(&head_cfg(k_ibot), tvb.pp("ibot_head")).unwrap()),
+                Some(trainable(k_ibot, "ibot_head")),
+                Some(constant(k_ibot, "ibot_head")),
             )
         } else {
             (None, None)
         };
         let cfg = DinoV2LossConfig {
-            centering: if sk {
-                Centering::SinkhornKnopp { n_iterations: 3 }
+            target_mode: if sk {
+                TargetMode::SinkhornKnopp { n_iterations: 3 }
             } else {
-                Centering::Centering
+                TargetMode::Centering
             },
-            ..Default::default()
+            ..DinoV2LossConfig::new(k, k_ibot)
         };
-        let mut loss = DinoV2Loss::new(cfg, k, Some(k_ibot), &CPU).unwrap();
+        let mut loss = DinoV2Loss::new(cfg, &CPU).unwrap();
         for step in 0..steps {
             let p = format!("{case}.step{step}");
             let masks = f.get(&format!("{p}.masks"));
@@ -440,16 +461,18 @@ fn dinov2_combination_matches_ssl_meta_arch() {
                 .unwrap_or(&t_head)
                 .forward(&t_patch)
                 .unwrap();
-            let targets = loss
-                .teacher_targets(&t_logits, Some(&t_masked), 0.05)
-                .unwrap();
+            let teacher_out = TeacherOutputs {
+                cls_logits: &t_logits,
+                masked_patch_logits: Some(&t_masked),
+            };
+            let targets = loss.teacher_targets(&teacher_out, 0.05).unwrap();
             // student
             let g_cls = Var::from_tensor(&f.get(&format!("{p}.g_cls"))).unwrap();
             let g_patch = Var::from_tensor(&f.get(&format!("{p}.g_patch"))).unwrap();
             let l_cls = Var::from_tensor(&f.get(&format!("{p}.l_cls"))).unwrap();
             assert_eq!(l_cls.dim(0).unwrap(), n_local * b);
-            let s_global = s_head.forward_t(g_cls.as_tensor(), true).unwrap();
-            let s_local = s_head.forward_t(l_cls.as_tensor(), true).unwrap();
+            let s_global = s_head.forward_train(g_cls.as_tensor()).unwrap();
+            let s_local = s_head.forward_train(l_cls.as_tensor()).unwrap();
             let s_patch = g_patch
                 .as_tensor()
                 .reshape((2 * b * n_patches, d))
@@ -459,21 +482,16 @@ fn dinov2_combination_matches_ssl_meta_arch() {
             let s_masked = s_ihead
                 .as_ref()
                 .unwrap_or(&s_head)
-                .forward_t(&s_patch, true)
+                .forward_train(&s_patch)
                 .unwrap();
-            let terms = loss
-                .forward(
-                    &StudentOutputs {
-                        global_cls_logits: &s_global,
-                        local_cls_logits: Some(&s_local),
-                        masked_patch_logits: Some(&s_masked),
-                        global_cls_tokens: Some(g_cls.as_tensor()),
-                    },
-                    &targets,
-                    Some(&masks),
-                    None,
-                )
-                .unwrap();
+            let student_out = StudentOutputs {
+                global_cls_logits: &s_global,
+                local_cls_logits: Some(&s_local),
+                masked_patch_logits: Some(&s_masked),
+                global_cls_tokens: Some(g_cls.as_tensor()),
+                masks: Some(PatchMasks::new(&masks)),
+            };
+            let terms = loss.forward(&student_out, &targets).unwrap();
             let check = |terms: &dinov2_loss::LossTerms, how: &str| {
                 let r1 = |t: &Tensor| t.reshape(1).unwrap();
                 let twice = |key: &str| (f.get(key) * 2.0).unwrap();
@@ -526,17 +544,14 @@ fn dinov2_combination_matches_ssl_meta_arch() {
                 // one packed head call + forward_packed, as SSLMetaArch runs it
                 let s_in =
                     Tensor::cat(&[l_cls.as_tensor(), g_cls.as_tensor(), &s_patch], 0).unwrap();
-                let packed = s_head.forward_t(&s_in, true).unwrap();
-                let terms = loss
-                    .forward_packed(
-                        &packed,
-                        n_local,
-                        &targets,
-                        Some(g_cls.as_tensor()),
-                        Some(&masks),
-                        None,
-                    )
-                    .unwrap();
+                let packed = s_head.forward_train(&s_in).unwrap();
+                let packed_out = PackedStudentOutputs {
+                    logits: &packed,
+                    n_local_crops: n_local,
+                    global_cls_tokens: Some(g_cls.as_tensor()),
+                    masks: Some(PatchMasks::new(&masks)),
+                };
+                let terms = loss.forward_packed(&packed_out, &targets).unwrap();
                 check(&terms, "packed");
             }
         }
@@ -562,7 +577,8 @@ fn dinov2_combination_matches_ssl_meta_arch() {
 }
 
 /// A head loaded from a checkpoint in the official trainer's layout (`teacher_checkpoint.pth`:
-/// `{"teacher": {"backbone.*", "dino_head.*"}}`) through candle's `.pth` reader gives the official output.
+/// `{"teacher": {"backbone.*", "dino_head.*"}}`) gives the official output: through candle's `.pth`
+/// builder, and from the checkpoint's state dict (constant, and trainable in one call).
 #[test]
 fn head_loads_from_an_official_checkpoint_layout() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -577,4 +593,17 @@ fn head_loads_from_an_official_checkpoint_layout() {
     let f = Fixture::load("checkpoint");
     let y = head.forward(&f.get("x")).unwrap();
     assert_close(&y, &f.get("y"), TOL, "checkpoint head");
+    let sd: StateDict = candle_core::pickle::read_all_with_key(&path, Some("teacher"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let constant = DinoHead::from_state_dict(&cfg, &sd, "dino_head", &CPU, DType::F32).unwrap();
+    let y = constant.forward(&f.get("x")).unwrap();
+    assert_close(&y, &f.get("y"), TOL, "checkpoint head, state dict");
+    let vm = VarMap::new();
+    let trainable =
+        DinoHead::from_state_dict_trainable(&cfg, &sd, "dino_head", &vm, &CPU, DType::F32).unwrap();
+    let y = trainable.forward_train(&f.get("x")).unwrap();
+    assert_close(&y, &f.get("y"), TOL, "checkpoint head, trainable");
+    assert_eq!(vm.all_vars().len(), 8);
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 #[path = "../../src/testutil.rs"]
@@ -111,20 +111,6 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f64, what: &str) {
     );
     let e = rel_err(actual, expected);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-}
-
-/// A VarMap holding `tensors` as trainable Vars (same names).
-pub fn varmap_from(tensors: &HashMap<String, Tensor>, skip: impl Fn(&str) -> bool) -> VarMap {
-    let vm = VarMap::new();
-    {
-        let mut data = vm.data().lock().unwrap();
-        for (k, t) in tensors {
-            if !skip(k) {
-                data.insert(k.clone(), Var::from_tensor(t).unwrap());
-            }
-        }
-    }
-    vm
 }
 
 pub fn var_tensor(vm: &VarMap, name: &str) -> Tensor {

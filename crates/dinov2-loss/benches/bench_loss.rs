@@ -2,9 +2,10 @@
 //! targets, student head, DINO local/global + KoLeo + iBOT, backward) per `step` line read on stdin.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run --profile release -p dinov2-loss --example bench_loss -- \
+//! RAYON_NUM_THREADS=2 cargo bench -p dinov2-loss --bench bench_loss -- \
 //!     [--k 65536] [--b 4] [--n-local 8] [--d 384] [--patches 256]
 //! ```
+//! (`cargo bench` builds with the `bench` profile, i.e. `release`, and passes `--bench`, which is ignored.)
 //! stdin commands: `step` (prints one JSON line with phase timings in ms), `quit`.
 //! Mask layout: 4 of the 2B global crops masked with 15/25/35/45 % of their patches (as the collate's
 //! `mask_probability 0.5`, `mask_ratio (0.1, 0.5)` for B = 4).
@@ -12,9 +13,12 @@
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
-use dinov2_loss::{mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::VarMap;
+use dinov2_loss::{
+    mask_indices, DinoHead, DinoHeadConfig, DinoV2Loss, DinoV2LossConfig, PackedStudentOutputs,
+    PatchMasks, TeacherOutputs,
+};
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -40,16 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     let cfg = DinoHeadConfig::new(d, k);
     let vm = VarMap::new();
-    let s_head = DinoHead::init(&cfg, &vm, "", 0, DType::F32, &dev)?;
-    let t_head = DinoHead::new(
-        &cfg,
-        VarBuilder::from_tensors(
-            DinoHead::init_tensors(&cfg, 1, DType::F32, &dev)?,
-            DType::F32,
-            &dev,
-        ),
-    )?;
-    let mut loss = DinoV2Loss::new(DinoV2LossConfig::default(), k, Some(k), &dev)?;
+    let s_head = DinoHead::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &dev))?;
+    // the teacher starts as a constant copy of the student, as official
+    let t_head = DinoHead::from_state_dict(&cfg, &s_head.state_dict()?, "", &dev, DType::F32)?;
+    let mut loss = DinoV2Loss::new(DinoV2LossConfig::new(k, k), &dev)?;
 
     // masks: images 0, 2, 4, 6 (of 2B) with 15/25/35/45 % of their patches masked
     let mut mask = vec![0u8; 2 * b * n_patches];
@@ -93,8 +91,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let teacher_head_ms = ms(t0);
         let t1 = Instant::now();
         let targets = loss.teacher_targets(
-            &t_out.narrow(0, 0, 2 * b)?,
-            Some(&t_out.narrow(0, 2 * b, m)?),
+            &TeacherOutputs {
+                cls_logits: &t_out.narrow(0, 0, 2 * b)?,
+                masked_patch_logits: Some(&t_out.narrow(0, 2 * b, m)?),
+            },
             0.07,
         )?;
         let targets_ms = ms(t1);
@@ -108,17 +108,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             0,
         )?;
-        let s_out = s_head.forward_t(&s_in, true)?;
+        let s_out = s_head.forward_train(&s_in)?;
         let student_head_ms = ms(t2);
         let t3 = Instant::now();
         // rows: local CLS, global CLS, masked patches (the official packing)
         let terms = loss.forward_packed(
-            &s_out,
-            n_local,
+            &PackedStudentOutputs {
+                logits: &s_out,
+                n_local_crops: n_local,
+                global_cls_tokens: Some(g_cls.as_tensor()),
+                masks: Some(PatchMasks::new(&masks)),
+            },
             &targets,
-            Some(g_cls.as_tensor()),
-            Some(&masks),
-            None,
         )?;
         let total = terms.total.to_scalar::<f32>()?;
         let loss_ms = ms(t3);
@@ -195,7 +196,11 @@ fn profile(
         let t_cls = Tensor::randn(0f32, 0.3, (2 * b, k), &dev)?;
         let t_m = Tensor::randn(0f32, 0.3, (m, k), &dev)?;
         let t = Instant::now();
-        let targets = loss.teacher_targets(&t_cls, Some(&t_m), 0.07)?;
+        let teacher = TeacherOutputs {
+            cls_logits: &t_cls,
+            masked_patch_logits: Some(&t_m),
+        };
+        let targets = loss.teacher_targets(&teacher, 0.07)?;
         rec.entry("targets (centre+softmax)")
             .or_default()
             .push(ms(t));
@@ -203,12 +208,13 @@ fn profile(
         let cls = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b, d), &dev)?)?;
         let t = Instant::now();
         let terms = loss.forward_packed(
-            s_out.as_tensor(),
-            n_local,
+            &PackedStudentOutputs {
+                logits: s_out.as_tensor(),
+                n_local_crops: n_local,
+                global_cls_tokens: Some(cls.as_tensor()),
+                masks: Some(PatchMasks::new(masks)),
+            },
             &targets,
-            Some(cls.as_tensor()),
-            Some(masks),
-            None,
         )?;
         rec.entry("losses fwd").or_default().push(ms(t));
         let t = Instant::now();
