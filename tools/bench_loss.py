@@ -7,12 +7,16 @@ as SSLMetaArch), DINO local + DINO global + KoLeo + iBOT losses with the officia
 head parameters and the backbone outputs. Defaults: K=65536, ViT-S (D=384), B=4, 2+8 crops, 256 patches per
 global crop, 4 of 8 global crops masked at 15/25/35/45 % (M=305).
 
-Run from the repository root (build first, 2 threads on each side):
+Run from the repository root, with $PYTHON a Python environment from tools/requirements.txt and $DINOV2_SRC a
+checkout of facebookresearch/dinov2 (2 threads on each side):
 
-    export CARGO_TARGET_DIR=/work/targets/loss   # or your target dir
-    cargo build --profile release -p dinov2-loss --example bench_loss
-    DINOV2_SRC=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/bench_loss.py \
-        --rust-bin $CARGO_TARGET_DIR/release/examples/bench_loss --reps 10
+    DINOV2_SRC=$DINOV2_SRC XFORMERS_DISABLED=1 $PYTHON tools/bench_loss.py --reps 10
+
+The Rust side is the benchmark target `crates/dinov2-loss/benches/bench_loss.rs`; the script builds it first with
+`cargo build --profile release -p dinov2-loss --bench bench_loss` (into $CARGO_TARGET_DIR, or target/) and asks
+cargo for the executable; `--rust-bin PATH` runs a given build instead. The same program by hand:
+
+    printf 'step\nstep\nquit\n' | RAYON_NUM_THREADS=2 cargo bench -p dinov2-loss --bench bench_loss -- --k 65536
 
 The two implementations run interleaved in one process tree (the Rust side is a long-lived subprocess driven
 over stdin, one `step` at a time; the order alternates every repetition), after warm-up steps; medians are
@@ -26,6 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = "2"
@@ -126,12 +133,38 @@ class RustStep:
         self.proc.wait(timeout=60)
 
 
+def build_rust(target_dir, profile):
+    """Builds the bench_loss benchmark target and returns its executable (benchmark targets get a hashed
+    file name, so ask cargo where it put it; a no-op build when up to date)."""
+    cmd = ["cargo", "build", "--profile", profile, "-p", "dinov2-loss", "--bench", "bench_loss",
+           "--message-format=json"]
+    print(f"building ours: CARGO_TARGET_DIR={target_dir} {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
+    r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        sys.exit(f"cargo build failed (exit {r.returncode})")
+    exe = None
+    for line in r.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "bench_loss":
+            exe = msg.get("executable") or exe
+    if not exe or not Path(exe).is_file():
+        sys.exit("cargo build succeeded but reported no bench_loss executable")
+    return exe
+
+
 PHASES = ["total_ms", "teacher_head_ms", "targets_ms", "student_head_ms", "loss_ms", "backward_ms"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rust-bin", required=True)
+    ap.add_argument("--rust-bin", help="a built bench_loss executable (default: build it with cargo)")
+    ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(REPO / "target")),
+                    help="cargo target dir for the build (default: $CARGO_TARGET_DIR or target/)")
+    ap.add_argument("--profile", default="release", help="cargo profile of the build (default: release)")
     ap.add_argument("--dinov2-src", default=os.environ.get("DINOV2_SRC"))
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -147,7 +180,7 @@ def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     shape = (args.k, args.b, args.n_local, args.d, args.patches)
-    ours = RustStep(args.rust_bin, *shape)
+    ours = RustStep(args.rust_bin or build_rust(args.target_dir, args.profile), *shape)
     ref = TorchStep(*shape)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; M={ref.m}; "
           f"K={args.k} B={args.b} locals={args.n_local} D={args.d}", flush=True)

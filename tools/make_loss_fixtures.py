@@ -3,7 +3,10 @@
 
 Run (from the repository root; CPU only, a few seconds):
 
-    DINOV2_SRC=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/make_loss_fixtures.py
+    DINOV2_SRC=$DINOV2_SRC XFORMERS_DISABLED=1 $PYTHON tools/make_loss_fixtures.py
+
+with $PYTHON a Python environment from tools/requirements.txt and $DINOV2_SRC a checkout of
+facebookresearch/dinov2.
 
 `DINOV2_SRC` (or `--dinov2-src`) points at a checkout of facebookresearch/dinov2; without it the pip `dinov2`
 package is imported. Output: `crates/dinov2-loss/tests/fixtures/{head,dino,ibot,koleo,ssl,checkpoint}.safetensors`
