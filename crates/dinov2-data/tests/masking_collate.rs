@@ -99,18 +99,20 @@ fn collate_structure_matches_official() {
     assert_eq!(b.n_masked_patches as i64, fx.i64("collate_n_masked").1[0]);
     // upperbound is deterministic given the batch size and the token count
     let mc = MaskCollate::official(224, 14);
-    assert_eq!(mc.upperbound(n_crops), ub[0] as usize);
+    assert_eq!(n_crops % 2, 0, "two global crops per image");
+    assert_eq!(mc.upperbound(n_crops / 2), ub[0] as usize);
+    assert_eq!(mc.upperbound_for_crops(n_crops), ub[0] as usize);
     let (_, bs) = fx.i64("upperbound_batch_sizes");
     let (_, ubs) = fx.i64("upperbound_256_196");
     let mc16 = MaskCollate::official(224, 16);
     for (i, &bsz) in bs.iter().enumerate() {
         assert_eq!(
-            mc.upperbound(2 * bsz as usize) as i64,
+            mc.upperbound(bsz as usize) as i64,
             ubs[2 * i],
             "B={bsz} N=256"
         );
         assert_eq!(
-            mc16.upperbound(2 * bsz as usize) as i64,
+            mc16.upperbound(bsz as usize) as i64,
             ubs[2 * i + 1],
             "B={bsz} N=196"
         );
@@ -169,12 +171,14 @@ fn stratified_ratios_and_shuffled_positions() {
     // over many batches: the i-th stratum gets int(N * U(p_i, p_i+1)) targets; masked crops land on every position
     let mc = MaskCollate::official(224, 14);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
-    let n_crops = 8;
+    let batch_size = 4;
+    let n_crops = 2 * batch_size;
     let mut pos_hits = vec![0usize; n_crops];
     let mut total = 0usize;
     let trials = 2000;
     for _ in 0..trials {
-        let b = mc.sample(n_crops, &mut rng);
+        let b = mc.sample(batch_size, &mut rng);
+        assert_eq!(b.n_crops, n_crops);
         for (hits, row) in pos_hits.iter_mut().zip(b.masks.chunks_exact(256)) {
             let cnt = row.iter().filter(|&&v| v).count();
             if cnt > 0 {

@@ -70,7 +70,7 @@ impl Fixtures {
 }
 
 pub fn load_png(name: &str) -> image::RgbImage {
-    dinov2_data::load_rgb(&fixture(name)).unwrap()
+    dinov2_data::load_rgb(fixture(name)).unwrap()
 }
 
 /// Max absolute difference between two images of the same size (panics on a size mismatch).
