@@ -68,6 +68,9 @@ fn pipeline() -> Arc<DinoPipeline> {
     })
 }
 
+/// The first `batches` batches, and the number of bad samples skipped to make them. The count comes from the
+/// stream positions (draws - good samples), not from `Loader::bad_data`: the producer runs ahead of the consumer by
+/// up to `prefetch` batches, so the report at a given moment depends on timing.
 fn run(ds: Arc<dyn Dataset>, threads: usize, batches: usize, quiet: bool) -> (Vec<Batch>, usize) {
     let sampler = ShardedInfiniteSampler::new(ds.len(), 3, 0, 1, true).unwrap();
     let cfg = LoaderConfig {
@@ -78,15 +81,12 @@ fn run(ds: Arc<dyn Dataset>, threads: usize, batches: usize, quiet: bool) -> (Ve
         warn: !quiet,
         ..Default::default()
     };
-    let loader = Loader::new(ds, sampler, pipeline(), cfg).unwrap();
-    let mut loader = loader;
-    let out: Vec<Batch> = loader
-        .by_ref()
-        .take(batches)
-        .map(|b| b.unwrap().batch)
-        .collect();
-    let skipped = loader.bad_data().skipped;
-    (out, skipped)
+    let mut loader = Loader::new(ds, sampler, pipeline(), cfg).unwrap();
+    let loaded: Vec<_> = loader.by_ref().take(batches).map(|b| b.unwrap()).collect();
+    let draws = loaded.last().map_or(0, |l| l.next_position) as usize;
+    let good: usize = loaded.iter().map(|l| l.batch.indices.len()).sum();
+    assert!(loader.bad_data().skipped >= draws - good);
+    (loaded.into_iter().map(|l| l.batch).collect(), draws - good)
 }
 
 #[test]
