@@ -43,26 +43,25 @@ impl Fixtures {
     pub fn u8(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
         self.raw(name, safetensors::Dtype::U8)
     }
-    pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let (shape, b) = self.raw(name, safetensors::Dtype::F32);
-        let v = b
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+    /// Little-endian numbers of width `W` decoded with `from_le`.
+    fn numbers<const W: usize, T>(
+        &self,
+        name: &str,
+        dtype: safetensors::Dtype,
+        from_le: fn([u8; W]) -> T,
+    ) -> (Vec<usize>, Vec<T>) {
+        let (shape, b) = self.raw(name, dtype);
+        let v = b.chunks_exact(W).map(|b| from_le(b.try_into().unwrap()));
         (shape, v.collect())
+    }
+    pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        self.numbers(name, safetensors::Dtype::F32, f32::from_le_bytes)
     }
     pub fn f64(&self, name: &str) -> (Vec<usize>, Vec<f64>) {
-        let (shape, b) = self.raw(name, safetensors::Dtype::F64);
-        let v = b
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()));
-        (shape, v.collect())
+        self.numbers(name, safetensors::Dtype::F64, f64::from_le_bytes)
     }
     pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
-        let (shape, b) = self.raw(name, safetensors::Dtype::I64);
-        let v = b
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()));
-        (shape, v.collect())
+        self.numbers(name, safetensors::Dtype::I64, i64::from_le_bytes)
     }
     pub fn rgb(&self, name: &str) -> image::RgbImage {
         let (shape, data) = self.u8(name);
