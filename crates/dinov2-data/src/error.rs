@@ -250,3 +250,19 @@ impl Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_is_send_sync_static_and_names_its_path() {
+        fn boxed(e: Error) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            Box::new(e)
+        }
+        let e = Error::io("data/x.png", std::io::Error::other("boom"));
+        assert_eq!(boxed(e).to_string(), "cannot read data/x.png: boom");
+        let e = Error::config("batch_size", "must be positive");
+        assert_eq!(e.to_string(), "invalid batch_size: must be positive");
+    }
+}
