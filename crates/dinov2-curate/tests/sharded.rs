@@ -144,7 +144,13 @@ fn sharded_inputs_that_do_not_fit_are_errors_on_every_worker() {
     for res in on_workers(&x, &ranges, |r, local| {
         self_dedup_sharded(local, D, 4, 0.9, &half, 16, r).map(|_| ())
     }) {
-        assert!(res.unwrap_err().to_string().contains("searcher covers 30"));
+        match res {
+            Err(dinov2_curate::Error::Shape { op, reason }) => {
+                assert_eq!(op, "self-dedup");
+                assert!(reason.contains("searcher covers 30"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
     // k larger than the whole pool.
     for res in on_workers(&x, &ranges, |r, local| {
@@ -159,6 +165,11 @@ fn sharded_inputs_that_do_not_fit_are_errors_on_every_worker() {
         )
         .map(|_| r.world_size())
     }) {
-        assert!(res.unwrap_err().to_string().contains("k=61, n=60"));
+        match res {
+            Err(e @ dinov2_curate::Error::InvalidArgument { name: "k", .. }) => {
+                assert!(e.to_string().contains("k = 61, n = 60"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
