@@ -6,7 +6,8 @@
 //! cargo bench -p dinov2-curate --bench bench_ops -- kmeans <data.npy> <k> <iters> <seed> [random|kmeans++]
 //! ```
 //! Inputs are used as stored (the benchmark script writes them L2-normalised). Only the operation is timed.
-//! The `--bench` flag `cargo bench` appends is ignored.
+//! The `--bench` flag `cargo bench` appends is ignored. `cargo bench` runs it in `crates/dinov2-curate/`: give absolute
+//! paths.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,7 +28,17 @@ fn arg<T: std::str::FromStr>(a: &[String], i: usize) -> Result<T> {
         })
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let a: Vec<String> = std::env::args().filter(|s| s != "--bench").collect();
     let op: String = arg(&a, 1)?;
     let threads = rayon::current_num_threads();
