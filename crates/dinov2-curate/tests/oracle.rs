@@ -430,3 +430,53 @@ fn pipeline_kmeans_hkmeans_sample_retrieve_knn() {
         before
     );
 }
+
+/// The dedup tests above compare keep lists and components exactly. That is sound whatever the summation order of
+/// the f32 dot products (thread count, AVX2 or AVX-512 kernels, exact or IVF tiles) only if no similarity that
+/// decides an edge lies within rounding of the threshold, and no above-threshold neighbour sits on the k-th rank
+/// boundary. The rounding of a d-dimensional dot product of unit vectors is at most about `d * 2^-24`, plus a few
+/// units of the normalisation; the fixture keeps 5x that away (checked in f64).
+#[test]
+fn fixture_similarities_keep_clear_of_the_dedup_thresholds() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap().into_normalized();
+    let r = Embeddings::open(&fx("reference.npy"))
+        .unwrap()
+        .into_normalized();
+    let (d, e) = (x.dim(), expected());
+    let bound = (d + 4) as f64 * f64::from(f32::EPSILON) / 2.0;
+    let k = e["dedup_k"].as_u64().unwrap() as usize;
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum()
+    };
+    let pool: Vec<&[f32]> = (0..x.rows()).map(|i| x.row(i)).collect();
+    let refs: Vec<&[f32]> = (0..r.rows()).map(|i| r.row(i)).collect();
+    for (th, with_refs) in [
+        (e["dedup_threshold"].as_f64().unwrap(), false),
+        (e["relative_threshold"].as_f64().unwrap(), true),
+    ] {
+        let queries = pool
+            .iter()
+            .chain(if with_refs { &refs[..] } else { &[] })
+            .enumerate();
+        for (qi, q) in queries {
+            // The query's k nearest pool rows (itself excluded) decide its edges.
+            let mut s: Vec<f64> = (0..pool.len())
+                .filter(|&j| j != qi)
+                .map(|j| dot(q, pool[j]))
+                .collect();
+            s.sort_by(|a, b| b.total_cmp(a));
+            for &v in &s[..k] {
+                assert!((v - th).abs() > 5.0 * bound, "query {qi}: {v} vs {th}");
+            }
+            assert!(s[k - 1] < th || s[k - 1] - s[k] > 5.0 * bound, "query {qi}");
+            if with_refs && qi < pool.len() {
+                for b in &refs {
+                    assert!((dot(q, b) - th).abs() > 5.0 * bound, "query {qi}");
+                }
+            }
+        }
+    }
+}
