@@ -17,7 +17,7 @@
 //!
 //! Resumability: a stage whose `summary.json` exists is done; it is skipped ([`Outcome::Skipped`]) unless `force`
 //! is set. `dedup` checkpoints its neighbour edges per query chunk (valid only for the same parameters, recorded in
-//! `params.json`: other parameters are an [`Error::ParamsChanged`](crate::Error::ParamsChanged) without `force`),
+//! `params.json`: other parameters are an [`Error::ParamsChanged`] without `force`),
 //! `kmeans` its centroids every `checkpoint_every` iterations (a checkpoint of other parameters is ignored), and
 //! `hkmeans` each finished level; `embed` skips finished shards. An interrupted stage therefore continues where it
 //! stopped, with the same result as an uninterrupted run.
