@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum FfnKind {
     /// `fc1` → exact (erf) GELU → `fc2` (ViT-S/B/L).
     Mlp,
@@ -329,6 +330,7 @@ impl VitConfig {
 /// assert_eq!(arch.config().depth, 12);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Arch {
     /// ViT-S/14, 21 M parameters.
     Small,

@@ -608,6 +608,7 @@ fn on_rows(
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Ffn {
     /// `mlp.fc1`, `mlp.fc2`.
     Mlp {
@@ -641,7 +642,7 @@ impl Ffn {
     /// match Ffn::new(&cfg, vb.pp("mlp"))? {
     ///     // hidden: int(128 · 2/3) = 85, rounded up to a multiple of 8
     ///     Ffn::Swiglu { w12, hidden, .. } => assert_eq!((w12.weight().dims(), hidden), (&[176, 32][..], 88)),
-    ///     Ffn::Mlp { .. } => unreachable!(),
+    ///     _ => unreachable!("a SwiGLU configuration"),
     /// }
     /// assert!(vm.data().lock().unwrap().contains_key("mlp.w3.weight"));
     /// # Ok(()) }

@@ -72,6 +72,7 @@ pub struct Features {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockSelection {
     /// The last `n` blocks (official `n: int`).
     Last(usize),

@@ -231,7 +231,6 @@ impl AttentionBackend for GenericAttention {
         num_heads: usize,
         scale: f64,
     ) -> Result<Tensor> {
-        check_qkv(qkv, layout, num_heads)?;
         attention_generic(qkv, layout, num_heads, scale)
     }
 }
@@ -326,6 +325,7 @@ pub fn attention_generic(
     num_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    check_qkv(qkv, layout, num_heads)?;
     let d = qkv.dim(1)? / 3;
     let mut outs = Vec::new();
     let segs = layout.segments();

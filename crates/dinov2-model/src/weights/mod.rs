@@ -50,6 +50,7 @@ type NamedTensors = Vec<(String, Tensor)>;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum WeightFormat {
     /// Official names in a PyTorch (zip) file, e.g. `dinov2_vits14_pretrain.pth`.
     OfficialPth,
@@ -152,7 +153,7 @@ pub struct LoadOptions {
 /// # Ok(())
 /// # }
 /// ```
-pub fn load_weights(path: &Path) -> Result<LoadedWeights> {
+pub fn load_weights(path: impl AsRef<Path>) -> Result<LoadedWeights> {
     load_weights_with(path, &LoadOptions::default())
 }
 
@@ -181,12 +182,13 @@ pub fn load_weights(path: &Path) -> Result<LoadedWeights> {
 /// use dinov2_model::weights::{load_weights_with, LoadOptions};
 /// # fn main() -> dinov2_model::Result<()> {
 /// let opts = LoadOptions { config: None, checkpoint_key: Some("student".into()) };
-/// let w = load_weights_with("eval/training_12499/teacher_checkpoint.pth".as_ref(), &opts)?;
+/// let w = load_weights_with("eval/training_12499/teacher_checkpoint.pth", &opts)?;
 /// println!("{} blocks, extra heads: {:?}", w.config.depth, w.extra.keys().collect::<Vec<_>>());
 /// # Ok(())
 /// # }
 /// ```
-pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeights> {
+pub fn load_weights_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedWeights> {
+    let path = path.as_ref();
     let raw = read_raw(path, opts)?;
     let (canon, extra, format) = canonicalize(raw.tensors, raw.container, raw.key_used, opts)
         .map_err(|e| match e {
@@ -1021,7 +1023,8 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
 /// # Ok(())
 /// # }
 /// ```
-pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
+pub fn save_safetensors(sd: &StateDict, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
     io::write_safetensors(
         path,
         sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
@@ -1041,8 +1044,8 @@ pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
 /// ```no_run
 /// use dinov2_model::weights::{load_weights, save_transformers};
 /// # fn main() -> dinov2_model::Result<()> {
-/// let w = load_weights("dinov2_vits14_pretrain.pth".as_ref())?;
-/// save_transformers(&w.state_dict, &w.config, "dinov2-small-hf".as_ref())?;
+/// let w = load_weights("dinov2_vits14_pretrain.pth")?;
+/// save_transformers(&w.state_dict, &w.config, "dinov2-small-hf")?;
 /// // Python: transformers.Dinov2Model.from_pretrained("dinov2-small-hf")
 /// # Ok(())
 /// # }
@@ -1067,7 +1070,8 @@ pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
 /// }
 /// # Ok(()) }
 /// ```
-pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<()> {
+pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
     cfg.validate()?;
     let mut checked = sd.clone();
     if !checked.contains("mask_token") {
