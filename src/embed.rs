@@ -177,7 +177,7 @@ impl dinov2_curate::embed::Embedder for ModelEmbedder {
     }
 
     fn embed(&mut self, paths: &[PathBuf]) -> dinov2_curate::Result<Vec<f32>> {
-        let err = |e: anyhow::Error| dinov2_curate::CurateError::Embedder(format!("{e:#}"));
+        let err = dinov2_curate::Error::embedder;
         let images = paths
             .iter()
             .map(|p| load_image(p, &self.preprocess))
@@ -194,7 +194,7 @@ impl dinov2_curate::embed::Embedder for ModelEmbedder {
                     .flatten_all()?
                     .to_vec1::<f32>()?)
             })
-            .map_err(|e| dinov2_curate::CurateError::Embedder(e.to_string()))?;
+            .map_err(dinov2_curate::Error::embedder)?;
         Ok(cls)
     }
 }

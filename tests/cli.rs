@@ -350,3 +350,210 @@ fn embed_in_reduced_precision_stays_close_to_f32() {
         }
     }
 }
+
+/// `n` pseudo-random rows of dimension 8 (splitmix64 of the index), every 6th an exact copy of the row before.
+fn curate_pool(path: &Path, n: usize) {
+    let d = 8;
+    let hash = |i: u64| {
+        let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut x = Vec::with_capacity(n * d);
+    for i in 0..n {
+        for p in 0..d {
+            let v = if i % 6 == 5 {
+                x[(i - 1) * d + p]
+            } else {
+                hash((i * d + p) as u64)
+            };
+            x.push(v);
+        }
+    }
+    dinov2::curate::npy::write_f32(path, &x, &[n, d]).unwrap();
+}
+
+fn read_ids(path: &Path) -> Vec<i64> {
+    dinov2::curate::npy::read_i64(path).unwrap().0
+}
+
+fn summary(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn curate_stages_keep_their_command_line_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    curate_pool(&dir.path().join("x.npy"), 120);
+    let (x, dd) = (p("x.npy"), p("dd"));
+    let dedup = |threshold: &str, extra: &[&str]| {
+        let mut a = vec![
+            "curate",
+            "dedup",
+            "--embeddings",
+            &x,
+            "--k",
+            "8",
+            "--threshold",
+            threshold,
+            "--chunk",
+            "50",
+            "--output",
+            &dd,
+        ];
+        a.extend_from_slice(extra);
+        dinov2(&a)
+    };
+    let out = dedup("0.999", &[]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dedup: kept 100 of 120 rows"), "{err}");
+    let keep = read_ids(&dir.path().join("dd/keep.npy"));
+    assert_eq!(keep.len(), 100);
+    assert!(keep.windows(2).all(|w| w[0] < w[1]));
+    assert!(dir.path().join("dd/edges/chunk_0000000050.npy").exists());
+    let s = summary(&dir.path().join("dd"));
+    assert_eq!(s["mode"], "self");
+    assert_eq!(s["result"]["n_kept"], 100);
+    assert_eq!(s["index"]["kind"], "exact");
+    assert_eq!(s["params"]["index"]["index"], "Auto");
+    assert!(s["recall_at_k"].is_null() && s["seconds"].is_f64());
+    // Done: skipped, exit 0.
+    let out = dedup("0.999", &[]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("stage already done (use --force to recompute)"));
+    // Checkpoints of other parameters: refused (exit 1), then recomputed with --force.
+    std::fs::remove_file(dir.path().join("dd/summary.json")).unwrap();
+    let out = dedup("0.99", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("params.json differs; use --force"));
+    ok(&dedup("0.99", &["--force"]));
+
+    // k-means, hierarchical k-means and balanced sampling on the kept rows.
+    let keep_path = p("dd/keep.npy");
+    let km = p("km");
+    let out = dinov2(&[
+        "curate",
+        "kmeans",
+        "--embeddings",
+        &x,
+        "--rows",
+        &keep_path,
+        "--k",
+        "5",
+        "--iters",
+        "4",
+        "--init",
+        "random",
+        "--checkpoint-every",
+        "2",
+        "--output",
+        &km,
+    ]);
+    ok(&out);
+    let s = summary(Path::new(&km));
+    assert_eq!((s["k"].as_u64(), s["n"].as_u64()), (Some(5), Some(100)));
+    assert_eq!(s["config"]["init"], "Random");
+    assert!(s["resumed_from_iteration"].is_null());
+    assert_eq!(read_ids(&dir.path().join("km/rows.npy")), keep);
+    assert!(dir.path().join("km/checkpoint/state.json").exists());
+    let hk = p("hk");
+    ok(&dinov2(&[
+        "curate",
+        "hkmeans",
+        "--embeddings",
+        &x,
+        "--k",
+        "10,3",
+        "--iters",
+        "5",
+        "--resampling-steps",
+        "1",
+        "--sample-size",
+        "3,2",
+        "--output",
+        &hk,
+    ]));
+    assert_eq!(summary(Path::new(&hk))["k"], serde_json::json!([10, 3]));
+    assert!(dir.path().join("hk/level2/sorted_members.npy").exists());
+    let sel = p("sel");
+    ok(&dinov2(&[
+        "curate",
+        "sample",
+        "--clustering",
+        &hk,
+        "--target",
+        "30",
+        "--strategy",
+        "c",
+        "--output",
+        &sel,
+    ]));
+    let s = summary(Path::new(&sel));
+    assert_eq!(
+        (s["selected"].as_u64(), s["strategy"].as_str()),
+        (Some(30), Some("c"))
+    );
+    assert_eq!(read_ids(&dir.path().join("sel/selection.npy")).len(), 30);
+    // A bad pick strategy is a clear error.
+    let out = dinov2(&[
+        "curate",
+        "sample",
+        "--clustering",
+        &hk,
+        "--target",
+        "3",
+        "--strategy",
+        "x",
+        "--output",
+        &p("bad"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use r (random) or c (closest)"));
+
+    // k-NN (CSR with a threshold) and retrieval.
+    ok(&dinov2(&[
+        "curate",
+        "knn",
+        "--embeddings",
+        &x,
+        "--threshold",
+        "0.999",
+        "--output",
+        &p("range"),
+    ]));
+    assert_eq!(
+        summary(&dir.path().join("range"))["pairs"],
+        40,
+        "20 copies, both ways"
+    );
+    assert_eq!(read_ids(&dir.path().join("range/offsets.npy")).len(), 121);
+    ok(&dinov2(&[
+        "curate",
+        "retrieve",
+        "--embeddings",
+        &x,
+        "--queries",
+        &x,
+        "--k",
+        "2",
+        "--unique",
+        "--index",
+        "ivf",
+        "--nlist",
+        "4",
+        "--nprobe",
+        "4",
+        "--output",
+        &p("ret"),
+    ]));
+    let s = summary(&dir.path().join("ret"));
+    assert_eq!(s["result"]["n_queries"], 120);
+    assert_eq!(
+        read_ids(&dir.path().join("ret/retrieved.npy")).len() as u64,
+        s["result"]["n_unique"].as_u64().unwrap()
+    );
+}

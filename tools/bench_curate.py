@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark dinov2-curate against faiss-cpu in ONE run, interleaved, on the same threads.
 
-Run from the repository root (builds nothing; build the Rust side first):
+Run from the repository root; `$PYTHON` is a Python with numpy and faiss-cpu 1.15.x:
 
-    export CARGO_TARGET_DIR=/work/targets/curate   # or leave unset: target/
-    cargo build --release -p dinov2-curate --examples
-    /work/pyref/bin/python tools/bench_curate.py --bin $CARGO_TARGET_DIR/release/examples \
+    cargo build --release --bin dinov2                       # for the dedup row (`dinov2 curate dedup`)
+    cargo bench -p dinov2-curate --bench bench_ops --no-run  # optional: the script runs it through `cargo bench`
+    $PYTHON tools/bench_curate.py --bin ${CARGO_TARGET_DIR:-target}/release \
         --workdir /tmp/curate_bench --threads 2 --reps 3 --n-big 1000000 --dedup-n 1000000
 
 Operations (768-d synthetic clustered rows: 2,000 Gaussian centres + noise, 5 % planted near-duplicates,
@@ -16,7 +16,8 @@ L2-normalised; generated in chunks straight into `.npy` files, at most one copy 
             (faiss.Kmeans with the same settings); objective of the final centroids on all rows is compared;
 - `dedup`:  self-dedup end to end, k = 64, cosine > 0.6: ours = `curate dedup --index ivf`, faiss = IVF-Flat
             (same nlist/nprobe, inner product) search + threshold + numpy connected components.
-Ours runs as a subprocess (`bench_ops` / `curate` examples; only the operation is timed), faiss in-process.
+Ours runs as a subprocess (`cargo bench -p dinov2-curate --bench bench_ops -- <op> ...` and `dinov2 curate dedup`;
+only the operation is timed), faiss in-process.
 Threads: RAYON_NUM_THREADS / OMP_NUM_THREADS / MKL / OpenBLAS = --threads, faiss.omp_set_num_threads(--threads).
 Prints per-repetition timings, then medians and ratios (JSON and a markdown table).
 """
@@ -29,7 +30,7 @@ import tempfile
 import time
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--bin", required=True, help="directory holding the bench_ops and curate example binaries")
+ap.add_argument("--bin", required=True, help="directory holding the release `dinov2` binary (e.g. target/release)")
 ap.add_argument("--workdir", default="/tmp/curate_bench")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--reps", type=int, default=3)
@@ -42,6 +43,7 @@ ap.add_argument("--kmeans-reps", type=int, default=None, help="default: --reps")
 ap.add_argument("--nprobe", type=int, default=16)
 ap.add_argument("--ops", default="knn,assign,kmeans,dedup")
 args = ap.parse_args()
+args.workdir = os.path.abspath(args.workdir)  # `cargo bench` runs bench_ops in crates/dinov2-curate/
 
 T = str(args.threads)
 for v in ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"]:
@@ -82,7 +84,11 @@ def gen(path, n, seed, centres):
 
 def ours(exe, *a):
     env = dict(os.environ, RAYON_NUM_THREADS=T)
-    r = subprocess.run([os.path.join(args.bin, exe), *map(str, a)], capture_output=True, text=True, env=env)
+    if exe == "bench_ops":
+        cmd = ["cargo", "bench", "-q", "-p", "dinov2-curate", "--bench", "bench_ops", "--"]
+    else:
+        cmd = [os.path.join(args.bin, exe)]
+    r = subprocess.run([*cmd, *map(str, a)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"{exe} {a} failed: {r.stderr}")
     return r.stdout
@@ -218,7 +224,7 @@ if "dedup" in ops:
         fs.append(time.perf_counter() - t)
         del index, quant
         with tempfile.TemporaryDirectory(dir=args.workdir) as od:
-            ours("curate", "dedup", "--embeddings", dp, "--k", 64, "--threshold", 0.6, "--output", od, "--index", "ivf",
+            ours("dinov2", "curate", "dedup", "--embeddings", dp, "--k", 64, "--threshold", 0.6, "--output", od, "--index", "ivf",
                  "--nlist", nlist, "--nprobe", args.nprobe, "--recall-sample", 200)
             s = json.load(open(os.path.join(od, "summary.json")))
             os_.append(s["seconds"])

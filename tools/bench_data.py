@@ -3,20 +3,25 @@
 ours (Rust, rayon, 2 threads) vs the official DataAugmentationDINO (PIL + torchvision) in a torch DataLoader with 2
 worker processes, on the same JPEG files, interleaved and repeated in one run; reports medians and the ratio.
 
-Build the Rust side first (release-like code generation), then run, from the repository root:
+Run from the repository root, with $PYTHON a Python that has torch, torchvision and Pillow, and $DINOV2_SRC a
+checkout of facebookresearch/dinov2 (or an installed `dinov2` package):
 
-    CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build -p dinov2-data --example bench_augment
-    PYTHONPATH=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/bench_data.py \
-        --bin $CARGO_TARGET_DIR/debug/examples/bench_augment
+    DINOV2_SRC=$DINOV2_SRC XFORMERS_DISABLED=1 $PYTHON tools/bench_data.py
+
+Ours runs through `cargo bench -p dinov2-data --bench bench_augment -- <dir> 2 <passes>` (the benchmark profile:
+release + thin LTO; cargo builds it on the first call, and the program times itself, so cargo's start-up is not
+measured). --bin runs an already built benchmark executable instead (the path `cargo bench -p dinov2-data --bench
+bench_augment --no-run` prints).
 
 Options: --images N (64), --reps R (5), --passes P (2 passes over the images per measurement), --dir (JPEG folder,
-generated if missing). DINOV2_SRC may point at a dinov2 checkout instead of PYTHONPATH.
+generated if missing; default dinov2_bench_jpegs in the system temporary folder), --bin (see above).
 """
 import argparse
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
@@ -65,8 +70,8 @@ class Files(torch.utils.data.Dataset):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--dir", default="/tmp/dinov2_bench_jpegs")
+    ap.add_argument("--bin", help="a built bench_augment executable (default: run it through cargo bench)")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "dinov2_bench_jpegs"))
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--passes", type=int, default=2)
@@ -80,11 +85,12 @@ def main():
                                          collate_fn=lambda x: x)
     for _ in loader:  # warm-up: start the workers, fill caches
         pass
-    subprocess.run([a.bin, a.dir, "2", "1"], check=True, capture_output=True)  # warm-up (page cache)
+    ours_cmd = [a.bin] if a.bin else ["cargo", "bench", "-q", "-p", "dinov2-data", "--bench", "bench_augment", "--"]
+    subprocess.run(ours_cmd + [a.dir, "2", "1"], check=True, capture_output=True)  # build, warm-up (page cache)
 
     ours, ref = [], []
     for rep in range(a.reps):
-        out = subprocess.run([a.bin, a.dir, "2", str(a.passes)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(ours_cmd + [a.dir, "2", str(a.passes)], check=True, capture_output=True, text=True).stdout
         r = float(out.split("images_per_s=")[1].split()[0])
         t0 = time.perf_counter()
         n = 0

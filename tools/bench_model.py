@@ -57,7 +57,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-IMPLS = ("ours", "timm", "official")
+IMPLS = ("ours", "timm", "official", "base")
+DEFAULT_IMPLS = "ours,timm,official"
 DEFAULT_ROWS = "s:224:1,s:224:16,s:518:1,b:224:16"
 ARCH_NAMES = {"s": "ViT-S/14", "b": "ViT-B/14"}
 
@@ -244,8 +245,9 @@ def run_process(cmd, env, timeout: float, label: str):
 
 
 def build_command(impl, arch, size, batch, iters, warmup, args, binary, dinov2_src):
-    if impl == "ours":
-        return [str(binary), arch, str(size), str(batch), str(iters), str(warmup)]
+    if impl in ("ours", "base"):
+        exe = binary if impl == "ours" else args.base_bin
+        return [str(exe), arch, str(size), str(batch), str(iters), str(warmup)]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--arch", arch, "--size", str(size),
            "--batch", str(batch), "--iters", str(iters), "--warmup", str(warmup), "--threads", str(args.threads)]
     if impl == "official" and dinov2_src:
@@ -321,7 +323,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per process before it is killed")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, 1 warmup + 1 timed forward")
-    ap.add_argument("--impls", default=",".join(IMPLS), help="subset of ours,timm,official")
+    ap.add_argument("--impls", help=f"subset of {','.join(IMPLS)} (default {DEFAULT_IMPLS}, plus base with --base-bin)")
+    ap.add_argument("--base-bin", help="a bench_forward binary of another build (e.g. the previous commit), run as "
+                                       "the `base` implementation: ours/base compares two versions of ours")
     ap.add_argument("--bin", help="prebuilt bench_forward binary (default: build/use the one in --target-dir)")
     ap.add_argument("--target-dir", default=str(REPO / "target"), help="cargo target dir (default: repo target/)")
     ap.add_argument("--dinov2-src", default=os.environ.get("DINOV2_SRC"),
@@ -355,14 +359,18 @@ def drive(args) -> int:
     if args.rounds < 1 or (args.iters is not None and args.iters < 1) or args.min_iters < 1 \
             or args.max_iters < args.min_iters or args.warmup < 0 or args.threads < 1:
         raise BenchError("need rounds >= 1, iters >= 1, 1 <= min-iters <= max-iters, warmup >= 0, threads >= 1")
+    if args.impls is None:
+        args.impls = DEFAULT_IMPLS + (",base" if args.base_bin else "")
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if not impls or any(i not in IMPLS for i in impls) or len(set(impls)) != len(impls):
         raise BenchError(f"--impls must be a subset of {','.join(IMPLS)}")
+    if "base" in impls and not (args.base_bin and Path(args.base_bin).is_file()):
+        raise BenchError("the base implementation needs --base-bin PATH to an existing bench_forward binary")
     rows = parse_rows(args.rows)
     binary = ensure_binary(args) if "ours" in impls else None
     dinov2_src = resolve_dinov2_src(args.dinov2_src) if "official" in impls else None
     env = child_env(args.threads, args.omp_wait_policy)
-    torch_v, timm_v = versions()
+    torch_v, timm_v = versions() if {"timm", "official"} & set(impls) else ("not run", "not run")
 
     load_start = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -370,7 +378,8 @@ def drive(args) -> int:
         f"started {started}; load average (1/5/15 min) at start: {fmt_load(load_start)}; "
         f"{os.cpu_count()} logical CPUs ({cpu_name()})",
         f"dinov2-rs {git_head()}; ours: {binary or 'not run'}"
-        + (f" (built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(binary.stat().st_mtime))})" if binary else ""),
+        + (f" (built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(binary.stat().st_mtime))})" if binary else "")
+        + (f"; base: {args.base_bin}" if "base" in impls else ""),
         f"torch {torch_v}, timm {timm_v}, official code: {official_src_desc(impls, dinov2_src)}; "
         f"{args.threads} threads each; rounds {args.rounds}; warmup {args.warmup}; "
         f"N {'= ' + str(args.iters) if args.iters else 'automatic'}; "

@@ -3,7 +3,7 @@
 
 Run from the repository root:
 
-    /work/pyref/bin/python tools/make_curate_fixtures.py [--out tests/fixtures/curate]
+    $PYTHON tools/make_curate_fixtures.py [--out crates/dinov2-curate/tests/fixtures]
 
 Needs numpy and faiss-cpu (1.15.x). Writes small `.npy` arrays and `expected.json` into the output directory:
 
@@ -90,7 +90,7 @@ def water_fill_base(caps, budget):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures/curate")
+    ap.add_argument("--out", default="crates/dinov2-curate/tests/fixtures")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import faiss

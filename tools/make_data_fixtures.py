@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Golden fixtures for crates/dinov2-data (pixel parity of transforms, decoding, masking, collate).
 
-Run (from the repository root):
+Run (from the repository root), with $PYTHON a Python that has torch, torchvision, Pillow, numpy and safetensors:
 
-    PYTHONPATH=/work/dinov2-official XFORMERS_DISABLED=1 /work/pyref/bin/python tools/make_data_fixtures.py [parts]
+    DINOV2_SRC=$DINOV2_SRC XFORMERS_DISABLED=1 $PYTHON tools/make_data_fixtures.py [parts]
 
 where parts is any of `transforms decode masking` (default: all three; `masking` needs the official dinov2 code and
 takes about a minute).
 
-Optional: DINOV2_SRC=/path/to/dinov2 (a checkout of facebookresearch/dinov2, put on sys.path) instead of an
-installed `dinov2` package. Output: crates/dinov2-data/tests/fixtures/ (small, committed; CI never runs this).
+DINOV2_SRC is a checkout of facebookresearch/dinov2 (put on sys.path); leave it unset when the `dinov2` package is
+installed. Output: crates/dinov2-data/tests/fixtures/ (small, committed; CI never runs this).
 References: PIL + torchvision (the libraries the official DataAugmentationDINO uses) and the official
 dinov2.data.{masking,collate} modules. Everything is seeded, so re-running gives the same files.
 """

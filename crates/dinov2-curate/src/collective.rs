@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::error::{CurateError, Result};
+use crate::error::{invalid, Error, Result};
 
 /// Collective operations of a group of workers.
 ///
@@ -39,12 +39,14 @@ pub trait Collective: Send + Sync {
         }
         let all = self.all_gather_f64(buf)?;
         if all.len() != buf.len() * world {
-            return Err(CurateError::Collective(format!(
-                "all-reduce of {} values on rank {}, but the workers sent {} in total",
-                buf.len(),
-                self.rank(),
-                all.len()
-            )));
+            return Err(Error::Collective {
+                rank: self.rank(),
+                reason: format!(
+                    "all-reduce of {} values, but the workers sent {} in total",
+                    buf.len(),
+                    all.len()
+                ),
+            });
         }
         buf.copy_from_slice(&all[..buf.len()]);
         for part in all.chunks_exact(buf.len().max(1)).skip(1) {
@@ -145,7 +147,7 @@ struct Shared {
 ///
 /// [`ThreadGroup::new`] returns one [`ThreadRank`] per worker; move each into its own thread. When a worker's
 /// handle is dropped (it returned early, say after an error), every collective still waiting or called later fails
-/// with [`CurateError::Collective`] instead of hanging.
+/// with [`Error::WorkerLeft`] instead of hanging.
 ///
 /// ```
 /// use dinov2_curate::collective::{Collective, ThreadGroup};
@@ -172,9 +174,7 @@ impl ThreadGroup {
     #[allow(clippy::new_ret_no_self)]
     pub fn new(world: usize) -> Result<Vec<ThreadRank>> {
         if world == 0 {
-            return Err(CurateError::InvalidArgument(
-                "a thread group needs at least one worker".into(),
-            ));
+            return Err(invalid("world", "a thread group needs at least one worker"));
         }
         let shared = Arc::new(Shared {
             world,
@@ -227,11 +227,12 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl ThreadRank {
-    fn left_error(&self, who: usize) -> CurateError {
-        CurateError::Collective(format!(
-            "worker {who} of {} left the group; worker {} cannot complete the collective",
-            self.shared.world, self.rank
-        ))
+    fn left_error(&self, who: usize) -> Error {
+        Error::WorkerLeft {
+            worker: who,
+            world: self.shared.world,
+            rank: self.rank,
+        }
     }
 
     fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
@@ -280,9 +281,12 @@ impl ThreadRank {
         drop(st);
         if out.len() != sh.world || out.iter().any(|o| o.kind() != kind) {
             let kinds: Vec<&str> = out.iter().map(Payload::kind).collect();
-            return Err(CurateError::Collective(format!(
-                "workers made different collective calls in the same round: {kinds:?}"
-            )));
+            return Err(Error::Collective {
+                rank: self.rank,
+                reason: format!(
+                    "workers made different collective calls in the same round: {kinds:?}"
+                ),
+            });
         }
         Ok(out)
     }
@@ -370,9 +374,16 @@ mod tests {
             }
             Some(r.all_gather_f64(&[1.0]).map(|_| ()))
         });
-        for res in out.into_iter().flatten() {
-            let e = res.unwrap_err().to_string();
-            assert!(e.contains("worker 1 of 3 left"), "{e}");
+        for (rank, res) in [0, 2].into_iter().zip(out.into_iter().flatten()) {
+            match res {
+                Err(e @ Error::WorkerLeft { .. }) => {
+                    assert!(
+                        matches!(e, Error::WorkerLeft { worker: 1, world: 3, rank: r } if r == rank)
+                    );
+                    assert!(e.to_string().contains("worker 1 of 3 left"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
@@ -385,11 +396,14 @@ mod tests {
                 r.all_gather_i64(&[1]).map(|_| ())
             }
         });
-        for res in out {
-            assert!(res
-                .unwrap_err()
-                .to_string()
-                .contains("different collective calls"));
+        for (rank, res) in out.into_iter().enumerate() {
+            match res {
+                Err(Error::Collective { rank: r, reason }) => {
+                    assert_eq!(r, rank);
+                    assert!(reason.contains("different collective calls"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

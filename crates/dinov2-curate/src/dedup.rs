@@ -3,7 +3,7 @@
 //! that drops every pool component touching a reference set.
 
 use crate::collective::{gather_row_counts, Collective, SingleProcess};
-use crate::error::{CurateError, Result};
+use crate::error::{check_rows, invalid, Error, Result};
 use crate::ivf::IvfFlat;
 use crate::knn::{exact_knn, KnnResult};
 
@@ -18,9 +18,10 @@ impl UnionFind {
     /// `n` singletons (`n < 2^32`).
     pub fn new(n: usize) -> Result<Self> {
         if n > u32::MAX as usize {
-            return Err(CurateError::InvalidArgument(format!(
-                "{n} nodes exceed the u32 union-find"
-            )));
+            return Err(invalid(
+                "n",
+                format!("{n} nodes exceed the u32 union-find (at most 2^32 - 1)"),
+            ));
         }
         Ok(Self {
             parent: (0..n as u32).collect(),
@@ -126,8 +127,8 @@ pub fn threshold_edges(knn: &KnnResult, query_offset: usize, threshold: f32) -> 
     e
 }
 
-/// Result of a deduplication.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// Result of a deduplication (the id lists are not serialised: they go to `.npy` files).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DedupResult {
     /// Kept row ids, ascending.
     #[serde(skip)]
@@ -153,9 +154,10 @@ pub fn components(n: usize, edges: &[(i64, i64)]) -> Result<UnionFind> {
     for &(a, b) in edges {
         let (a, b) = (a as usize, b as usize);
         if a >= n || b >= n {
-            return Err(CurateError::InvalidArgument(format!(
-                "edge ({a}, {b}) outside {n} nodes"
-            )));
+            return Err(invalid(
+                "edges",
+                format!("edge ({a}, {b}) is outside the {n} nodes"),
+            ));
         }
         uf.union(a, b);
     }
@@ -236,21 +238,18 @@ pub fn self_dedup_sharded(
     chunk: usize,
     coll: &dyn Collective,
 ) -> Result<DedupResult> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(CurateError::Shape(format!(
-            "self-dedup: {} values are not rows of dim {d}",
-            x.len()
-        )));
-    }
-    let n_local = x.len() / d;
+    let n_local = check_rows("self-dedup", x.len(), d)?;
     let counts = gather_row_counts(coll, n_local)?;
     let offset: usize = counts[..coll.rank()].iter().sum();
     let n: usize = counts.iter().sum();
     if searcher.base_rows(d) != n {
-        return Err(CurateError::Shape(format!(
-            "self-dedup: the workers hold {n} rows but the searcher covers {}",
-            searcher.base_rows(d)
-        )));
+        return Err(Error::Shape {
+            op: "self-dedup",
+            reason: format!(
+                "the workers hold {n} rows but the searcher covers {}",
+                searcher.base_rows(d)
+            ),
+        });
     }
     let mut edges = Vec::new();
     let chunk = chunk.max(1);
@@ -272,8 +271,8 @@ pub fn self_dedup_sharded(
     self_dedup_from_edges(n, &edges)
 }
 
-/// Result of a relative dedup.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// Result of a relative dedup (the id lists are not serialised: they go to `.npy` files).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RelativeResult {
     /// Pool rows kept (components touching no reference), ascending.
     #[serde(skip)]

@@ -11,11 +11,30 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{io_err, CurateError, Result};
+use crate::error::{invalid, io_err, Error, Result};
 use crate::npy;
 use crate::store::{l2_normalize_rows, Embeddings};
 
 /// Anything that turns a batch of image files into embedding rows.
+///
+/// A model's own errors go into [`Error::Embedder`] (see [`Error::embedder`]).
+///
+/// ```
+/// use std::path::PathBuf;
+/// use dinov2_curate::embed::Embedder;
+/// /// A stand-in model: the length of the file name, twice.
+/// struct NameLength;
+/// impl Embedder for NameLength {
+///     fn dim(&self) -> usize {
+///         2
+///     }
+///     fn embed(&mut self, paths: &[PathBuf]) -> dinov2_curate::Result<Vec<f32>> {
+///         Ok(paths.iter().flat_map(|p| [p.as_os_str().len() as f32; 2]).collect())
+///     }
+/// }
+/// let mut m: Box<dyn Embedder> = Box::new(NameLength);
+/// assert_eq!(m.embed(&["a.jpg".into()]).unwrap(), vec![5.0, 5.0]);
+/// ```
 pub trait Embedder {
     /// Embedding dimension.
     fn dim(&self) -> usize;
@@ -23,8 +42,23 @@ pub trait Embedder {
     fn embed(&mut self, paths: &[PathBuf]) -> Result<Vec<f32>>;
 }
 
+impl<E: Embedder + ?Sized> Embedder for Box<E> {
+    fn dim(&self) -> usize {
+        (**self).dim()
+    }
+    fn embed(&mut self, paths: &[PathBuf]) -> Result<Vec<f32>> {
+        (**self).embed(paths)
+    }
+}
+
 /// Sharding and batching parameters.
+///
+/// ```
+/// let c = dinov2_curate::embed::EmbedConfig::default();
+/// assert_eq!((c.shard_size, c.batch_size, c.normalize), (65536, 64, true));
+/// ```
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
 pub struct EmbedConfig {
     /// Rows per output shard.
     pub shard_size: usize,
@@ -54,7 +88,7 @@ struct Manifest {
 }
 
 /// What an [`embed_pool`] call did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EmbedReport {
     /// Rows in the pool.
     pub n_rows: usize,
@@ -100,9 +134,12 @@ pub fn embed_pool(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EmbedReport> {
     if cfg.shard_size == 0 || cfg.batch_size == 0 {
-        return Err(CurateError::InvalidArgument(
-            "shard_size and batch_size must be positive".into(),
-        ));
+        let name = if cfg.shard_size == 0 {
+            "shard_size"
+        } else {
+            "batch_size"
+        };
+        return Err(invalid(name, "must be positive"));
     }
     let dim = embedder.dim();
     let n = paths.len();
@@ -119,21 +156,24 @@ pub fn embed_pool(
     let ppath = out.join("paths.txt");
     if mpath.exists() {
         let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-        let old: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json {
+        let old: Manifest = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: mpath.clone(),
             source,
         })?;
         if old != manifest {
-            return Err(CurateError::Resume {
+            return Err(Error::Resume {
                 path: out.into(),
-                msg: format!("manifest {old:?} differs from {manifest:?}"),
+                reason: format!(
+                    "manifest {old:?} differs from {manifest:?}; use another output directory"
+                ),
             });
         }
         let old_paths = crate::store::read_paths(&ppath)?;
         if old_paths != paths {
-            return Err(CurateError::Resume {
+            return Err(Error::Resume {
                 path: out.into(),
-                msg: "paths.txt differs from the image list".into(),
+                reason: "paths.txt differs from the image list; use another output directory"
+                    .into(),
             });
         }
     } else {
@@ -160,11 +200,11 @@ pub fn embed_pool(
         for batch in paths[a..b].chunks(cfg.batch_size) {
             let e = embedder.embed(batch)?;
             if e.len() != batch.len() * dim {
-                return Err(CurateError::Embedder(format!(
-                    "{} values for {} images of dim {dim}",
-                    e.len(),
-                    batch.len()
-                )));
+                return Err(Error::EmbedderOutput {
+                    values: e.len(),
+                    images: batch.len(),
+                    dim,
+                });
             }
             rows.extend_from_slice(&e);
             done_rows += batch.len();
@@ -182,7 +222,7 @@ pub fn embed_pool(
 }
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|source| CurateError::Json {
+    let text = serde_json::to_string_pretty(v).map_err(|source| Error::Json {
         path: path.into(),
         source,
     })?;
@@ -193,16 +233,16 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> 
 fn check_dir(dir: &Path) -> Result<Manifest> {
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).map_err(io_err(&mpath))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|source| CurateError::Json {
+    let m: Manifest = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: mpath,
         source,
     })?;
     for s in 0..m.n_shards {
         let rows = (m.n_rows - s * m.shard_size).min(m.shard_size);
         if !shard_done(dir, s, rows, m.dim) {
-            return Err(CurateError::Resume {
+            return Err(Error::Resume {
                 path: dir.into(),
-                msg: format!("shard {s} missing or incomplete"),
+                reason: format!("shard {s} is missing or incomplete; rerun the embedding"),
             });
         }
     }
@@ -278,7 +318,7 @@ mod tests {
             self.calls += 1;
             if let Some(f) = self.fail_at_image {
                 if self.images + paths.len() > f {
-                    return Err(CurateError::Embedder("simulated crash".into()));
+                    return Err(Error::embedder("simulated crash"));
                 }
             }
             self.images += paths.len();
@@ -366,7 +406,7 @@ mod tests {
         };
         assert!(matches!(
             embed_pool(&mut w, &paths(24), &out, &cfg, &mut |_, _| {}),
-            Err(CurateError::Resume { .. })
+            Err(Error::Resume { .. })
         ));
     }
 }

@@ -4,27 +4,38 @@
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{CurateError, Result};
+use crate::error::{invalid, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
 
-/// Which members of a cluster are picked when only some are needed.
+/// Which members of a cluster are picked when only some are needed. Serialised as `"c"` / `"r"` (the official
+/// strategy letters); parsed from `c`, `closest`, `r` or `random`.
+///
+/// ```
+/// use dinov2_curate::hkmeans::Pick;
+/// assert_eq!("closest".parse::<Pick>().unwrap(), Pick::Closest);
+/// assert_eq!(serde_json::to_string(&Pick::Random).unwrap(), "\"r\"");
+/// assert!("x".parse::<Pick>().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Pick {
     /// `c`: the members closest to the centroid.
+    #[serde(rename = "c", alias = "closest", alias = "Closest")]
     Closest,
     /// `r`: uniformly random members.
+    #[serde(rename = "r", alias = "random", alias = "Random")]
     Random,
 }
 
 impl std::str::FromStr for Pick {
-    type Err = CurateError;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "c" | "closest" => Ok(Pick::Closest),
             "r" | "random" => Ok(Pick::Random),
-            _ => Err(CurateError::InvalidArgument(format!(
-                "pick strategy {s:?}: use r or c"
-            ))),
+            _ => Err(invalid(
+                "strategy",
+                format!("{s:?} is not a pick strategy: use r (random) or c (closest)"),
+            )),
         }
     }
 }
@@ -80,9 +91,7 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
     let n = x.len() / d.max(1);
     let k = cfg.k.min(n);
     if k == 0 {
-        return Err(CurateError::InvalidArgument(
-            "a level needs k >= 1 and a non-empty input".into(),
-        ));
+        return Err(invalid("k", "a level needs k >= 1 and a non-empty input"));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let kcfg = |k: usize, seed: u64| KMeansConfig {
@@ -131,6 +140,18 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
     })
 }
 
+/// The seed of level `t` (0-based) of a hierarchy seeded with `seed` (what [`hierarchical_kmeans`] passes to
+/// [`run_level`], so a level can be recomputed on its own).
+///
+/// ```
+/// use dinov2_curate::hkmeans::level_seed;
+/// assert_eq!(level_seed(5, 0), 5);
+/// assert_ne!(level_seed(5, 1), level_seed(5, 0));
+/// ```
+pub fn level_seed(seed: u64, t: usize) -> u64 {
+    seed.wrapping_add(t as u64 * 7919)
+}
+
 /// Hierarchical k-means: level 1 clusters the rows of `x`, level `t + 1` clusters level `t`'s centroids.
 pub fn hierarchical_kmeans(
     x: &[f32],
@@ -144,7 +165,7 @@ pub fn hierarchical_kmeans(
             Some(l) => &l.centroids,
             None => x,
         };
-        let level = run_level(input, d, cfg, seed.wrapping_add(t as u64 * 7919))?;
+        let level = run_level(input, d, cfg, level_seed(seed, t))?;
         out.push(level);
     }
     Ok(out)
@@ -214,7 +235,10 @@ pub fn balanced_sample(
     seed: u64,
 ) -> Result<Vec<i64>> {
     if levels.is_empty() {
-        return Err(CurateError::InvalidArgument("empty hierarchy".into()));
+        return Err(invalid(
+            "levels",
+            "empty hierarchy: give at least one level",
+        ));
     }
     let m = multiplier.max(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

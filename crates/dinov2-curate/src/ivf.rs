@@ -7,7 +7,7 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use crate::error::{CurateError, Result};
+use crate::error::{check_rows, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
 use crate::knn::{exact_knn, KnnResult, TopK};
 use crate::linalg::{matmul_abt, sq_norms};
@@ -51,13 +51,7 @@ pub struct IvfFlat {
 impl IvfFlat {
     /// Trains the coarse quantiser on a subsample of `base` and fills the lists with all of `base`'s rows.
     pub fn build(base: &[f32], d: usize, params: &IvfParams) -> Result<Self> {
-        if d == 0 || base.len() % d != 0 {
-            return Err(CurateError::Shape(format!(
-                "{} values are not rows of dim {d}",
-                base.len()
-            )));
-        }
-        let n = base.len() / d;
+        let n = check_rows("IVF build", base.len(), d)?;
         let nlist = params.nlist.min(n).max(1);
         let cfg = KMeansConfig {
             k: nlist,
@@ -117,13 +111,7 @@ impl IvfFlat {
         self_offset: Option<usize>,
     ) -> Result<KnnResult> {
         let d = self.d;
-        if queries.len() % d != 0 {
-            return Err(CurateError::Shape(format!(
-                "{} query values, dim {d}",
-                queries.len()
-            )));
-        }
-        let nq = queries.len() / d;
+        let nq = check_rows("IVF search", queries.len(), d)?;
         let nlist = self.nlist();
         let nprobe = nprobe.clamp(1, nlist);
         let mut res = KnnResult {
@@ -168,7 +156,7 @@ impl IvfFlat {
                             h.push(2.0 * s - cn, j as i64);
                         }
                     }
-                    Ok::<(), CurateError>(())
+                    Ok::<(), Error>(())
                 })?;
             // Invert: queries per list.
             let mut counts = vec![0usize; nlist + 1];
@@ -229,9 +217,8 @@ impl IvfFlat {
                             let skip = self_offset
                                 .map(|o| (o + q0 + qi as usize) as i64)
                                 .unwrap_or(-1);
-                            let mut h = heaps[qi as usize]
-                                .lock()
-                                .map_err(|_| CurateError::Shape("poisoned heap".into()))?;
+                            let mut h =
+                                heaps[qi as usize].lock().unwrap_or_else(|p| p.into_inner());
                             let mut thr = h.threshold();
                             for (&s, &id) in buf[r * nl..(r + 1) * nl].iter().zip(lid) {
                                 if s >= thr && id != skip {
@@ -245,9 +232,8 @@ impl IvfFlat {
                 },
             )?;
             for h in heaps {
-                h.into_inner()
-                    .map_err(|_| CurateError::Shape("poisoned heap".into()))?
-                    .finish();
+                // A poisoned heap only follows a panic in another task, which rayon has re-raised already.
+                h.into_inner().unwrap_or_else(|p| p.into_inner()).finish();
             }
         }
         Ok(res)

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::collective::{gather_row_counts, Collective, SingleProcess};
-use crate::error::{CurateError, Result};
+use crate::error::{check_rows, invalid, Error, Result};
 use crate::linalg::{matmul_abt, sq_norm, sq_norms, threads};
 
 /// Initialisation method.
@@ -22,7 +22,7 @@ pub enum Init {
 }
 
 /// k-means parameters.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KMeansConfig {
     /// Number of clusters.
     pub k: usize,
@@ -72,15 +72,11 @@ pub struct KMeans {
 
 /// Nearest centroid of every row: `(labels, squared distances)`.
 pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f32>)> {
-    if d == 0 || x.len() % d != 0 || centroids.len() % d != 0 || centroids.is_empty() {
-        return Err(CurateError::Shape(format!(
-            "assign: {} values / {} centroid values, dim {d}",
-            x.len(),
-            centroids.len()
-        )));
+    let n = check_rows("k-means assignment", x.len(), d)?;
+    let k = check_rows("k-means assignment centroids", centroids.len(), d)?;
+    if k == 0 {
+        return Err(invalid("centroids", "no centroids to assign to"));
     }
-    let n = x.len() / d;
-    let k = centroids.len() / d;
     let cn = sq_norms(centroids, d);
     let mut labels = vec![0u32; n];
     let mut dist = vec![0f32; n];
@@ -101,7 +97,7 @@ pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f
             *l = j as u32;
             *dd = (best + sq_norm(&xs[i * d..(i + 1) * d])).max(0.0);
         }
-        Ok::<(), CurateError>(())
+        Ok::<(), Error>(())
     };
     if inner {
         let mut buf = Vec::new();
@@ -361,20 +357,15 @@ pub fn kmeans_plus_plus_sharded(
     rng: &mut impl Rng,
     coll: &dyn Collective,
 ) -> Result<Vec<f32>> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(CurateError::Shape(format!(
-            "k-means++: {} values are not rows of dim {d}",
-            x.len()
-        )));
-    }
-    let n_local = x.len() / d;
+    let n_local = check_rows("k-means++", x.len(), d)?;
     let counts = gather_row_counts(coll, n_local)?;
     let offsets = prefix(&counts);
     let n = offsets[counts.len()];
     if k == 0 || k > n {
-        return Err(CurateError::InvalidArgument(format!(
-            "k-means++ needs 1 <= k <= n, got k={k}, n={n}"
-        )));
+        return Err(invalid(
+            "k",
+            format!("k-means++ needs 1 <= k <= n (the number of rows), got k = {k}, n = {n}"),
+        ));
     }
     let trials = n_local_trials
         .unwrap_or(2 + (k as f64).ln().floor() as usize)
@@ -407,7 +398,7 @@ pub fn kmeans_plus_plus_sharded(
                         o[i * t + j] = ((xns[i] + cn[j] - 2.0 * buf[i * t + j]) as f64).max(0.0);
                     }
                 }
-                Ok::<(), CurateError>(())
+                Ok::<(), Error>(())
             })?;
         Ok(out)
     };
@@ -462,11 +453,13 @@ pub fn kmeans_plus_plus_sharded(
         let mut pos = 0;
         for w in 0..world {
             for j in (0..trials).filter(|&j| owner[j] == w) {
-                let src = gathered.get(pos * d..(pos + 1) * d).ok_or_else(|| {
-                    CurateError::Collective(
-                        "k-means++: a worker sent too few candidate rows".into(),
-                    )
-                })?;
+                let src =
+                    gathered
+                        .get(pos * d..(pos + 1) * d)
+                        .ok_or_else(|| Error::Collective {
+                            rank: me,
+                            reason: "k-means++: a worker sent too few candidate rows".into(),
+                        })?;
                 cands[j * d..(j + 1) * d].copy_from_slice(src);
                 pos += 1;
             }
@@ -595,29 +588,27 @@ pub fn train_sharded(
     progress: &mut dyn FnMut(usize, f64),
     on_iter: &mut dyn FnMut(&KMeansCheckpoint) -> Result<()>,
 ) -> Result<KMeans> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(CurateError::Shape(format!(
-            "{} values are not rows of dim {d}",
-            x.len()
-        )));
-    }
-    let n_local = x.len() / d;
+    let n_local = check_rows("k-means", x.len(), d)?;
     let counts = gather_row_counts(coll, n_local)?;
     let offsets = prefix(&counts);
     let n = offsets[counts.len()];
     let me = coll.rank();
     let k = cfg.k;
     if k == 0 || k > n {
-        return Err(CurateError::InvalidArgument(format!(
-            "k-means needs 1 <= k <= n, got k={k}, n={n}"
-        )));
+        return Err(invalid(
+            "k",
+            format!("k-means needs 1 <= k <= n (the number of rows), got k = {k}, n = {n}"),
+        ));
     }
     if let Some(c) = &resume {
         if c.centroids.len() != k * d {
-            return Err(CurateError::Shape(format!(
-                "checkpoint has {} centroid values, expected {k} x {d}",
-                c.centroids.len()
-            )));
+            return Err(Error::Shape {
+                op: "k-means resume",
+                reason: format!(
+                    "the checkpoint has {} centroid values, expected {k} x {d}",
+                    c.centroids.len()
+                ),
+            });
         }
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{CurateError, Result};
+use crate::error::{check_rows, Result};
 use crate::linalg::{matmul_abt, threads};
 
 /// Query rows per block.
@@ -140,14 +140,10 @@ impl<'a> TopK<'a> {
 }
 
 fn check(q: &[f32], b: &[f32], d: usize) -> Result<(usize, usize)> {
-    if d == 0 || q.len() % d != 0 || b.len() % d != 0 {
-        return Err(CurateError::Shape(format!(
-            "queries {} / base {} values not multiples of dim {d}",
-            q.len(),
-            b.len()
-        )));
-    }
-    Ok((q.len() / d, b.len() / d))
+    Ok((
+        check_rows("k-NN queries", q.len(), d)?,
+        check_rows("k-NN base", b.len(), d)?,
+    ))
 }
 
 /// Exact k-NN of every row of `queries` among the rows of `base` (both row-major, `d` columns), by inner product.

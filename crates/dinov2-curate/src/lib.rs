@@ -2,11 +2,11 @@
 //!
 //! The DINOv2 data-curation pipeline on precomputed embeddings: an embedding store (memory-mapped `.npy` /
 //! safetensors), exact and IVF k-NN, self and relative deduplication, sample- and cluster-based retrieval,
-//! k-means, hierarchical k-means with resampling and balanced hierarchical sampling, plus the `curate` CLI.
-//! Cross-worker reductions (sharded k-means, sharded dedup) go through one interface, [`collective::Collective`].
+//! k-means, hierarchical k-means with resampling and balanced hierarchical sampling; and [`pipeline`], those
+//! steps as resumable stages over files (what `dinov2 curate` runs). Cross-worker reductions (sharded k-means,
+//! sharded dedup) go through one interface, [`collective::Collective`]. Errors: [`Error`] and [`Result`].
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod collective;
 pub mod dedup;
 pub mod embed;
@@ -17,7 +17,8 @@ pub mod kmeans;
 pub mod knn;
 pub mod linalg;
 pub mod npy;
+pub mod pipeline;
 pub mod retrieve;
 pub mod store;
 
-pub use error::{CurateError, Result};
+pub use error::{Error, Result};

@@ -1,6 +1,6 @@
 //! Dense kernels: `A * B^T` through the `gemm` crate, squared norms, and the thread count.
 
-use crate::error::{CurateError, Result};
+use crate::error::{Error, Result};
 
 /// Number of worker threads (rayon's pool, which honours `RAYON_NUM_THREADS`).
 pub fn threads() -> usize {
@@ -19,12 +19,15 @@ pub fn matmul_abt(
     parallel: bool,
 ) -> Result<()> {
     if a.len() < m * d || b.len() < n * d || out.len() < m * n {
-        return Err(CurateError::Shape(format!(
-            "gemm {m}x{d} * ({n}x{d})^T with buffers {}, {}, {}",
-            a.len(),
-            b.len(),
-            out.len()
-        )));
+        return Err(Error::Shape {
+            op: "gemm",
+            reason: format!(
+                "{m}x{d} * ({n}x{d})^T with buffers of {}, {} and {} values",
+                a.len(),
+                b.len(),
+                out.len()
+            ),
+        });
     }
     if m == 0 || n == 0 {
         return Ok(());

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::error::{io_err, CurateError, Result};
+use crate::error::{io_err, Error, Result};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -90,10 +90,10 @@ impl NpyHeader {
     }
 }
 
-fn bad(path: &Path, msg: impl Into<String>) -> CurateError {
-    CurateError::Npy {
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Npy {
         path: path.to_path_buf(),
-        msg: msg.into(),
+        reason: reason.into(),
     }
 }
 
@@ -351,10 +351,13 @@ fn write_elems<T: Copy, const N: usize>(
 ) -> Result<()> {
     let n: usize = shape.iter().product();
     if n != data.len() {
-        return Err(CurateError::Shape(format!(
-            "shape {shape:?} holds {n} elements, data has {}",
-            data.len()
-        )));
+        return Err(Error::Shape {
+            op: "npy write",
+            reason: format!(
+                "shape {shape:?} holds {n} elements, the data has {}",
+                data.len()
+            ),
+        });
     }
     let header = header_bytes(dtype, shape);
     atomic_write(path, |w| {

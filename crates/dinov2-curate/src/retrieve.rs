@@ -8,10 +8,10 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 
 use crate::dedup::Searcher;
-use crate::error::{CurateError, Result};
+use crate::error::{invalid, Result};
 
-/// Output of a retrieval.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// Output of a retrieval (the ids are not serialised: they go to an `.npy` file).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Retrieval {
     /// Retrieved pool row ids: ascending and unique when de-duplicated, else every hit (query order, repeats kept).
     #[serde(skip)]
@@ -115,9 +115,10 @@ pub fn cluster_based(
         .chain(query_labels)
         .find(|&&l| l as usize >= k)
     {
-        return Err(CurateError::InvalidArgument(format!(
-            "cluster label {bad} >= k = {k}"
-        )));
+        return Err(invalid(
+            "labels",
+            format!("cluster label {bad} is not below the number of clusters {k}"),
+        ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut qcount = vec![0usize; k];

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::error::{io_err, CurateError, Result};
+use crate::error::{invalid, io_err, Error, Result};
 use crate::npy;
 
 enum Storage {
@@ -48,10 +48,10 @@ impl Embeddings {
     /// ```
     pub fn from_vec(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {
         if rows.checked_mul(dim) != Some(data.len()) || dim == 0 {
-            return Err(CurateError::Shape(format!(
-                "{} values do not form {rows} x {dim}",
-                data.len()
-            )));
+            return Err(Error::Shape {
+                op: "embeddings",
+                reason: format!("{} values do not form {rows} x {dim}", data.len()),
+            });
         }
         Ok(Self {
             rows,
@@ -73,24 +73,24 @@ impl Embeddings {
     pub fn open_npy(path: &Path) -> Result<Self> {
         let h = npy::read_header(path)?;
         if h.shape.len() != 2 {
-            return Err(CurateError::Npy {
+            return Err(Error::Npy {
                 path: path.into(),
-                msg: format!("expected 2-D, shape {:?}", h.shape),
+                reason: format!("expected a 2-D matrix, found shape {:?}", h.shape),
             });
         }
         let (rows, dim) = (h.shape[0], h.shape[1]);
         if dim == 0 {
-            return Err(CurateError::Npy {
+            return Err(Error::Npy {
                 path: path.into(),
-                msg: "zero columns".into(),
+                reason: "zero columns".into(),
             });
         }
         let map = map_file(path)?;
         let need = rows * dim * h.dtype.size();
         if map.len() < h.data_offset + need {
-            return Err(CurateError::Npy {
+            return Err(Error::Npy {
                 path: path.into(),
-                msg: "file shorter than its shape".into(),
+                reason: "file shorter than its shape (truncated?)".into(),
             });
         }
         if h.dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && h.data_offset % 4 == 0
@@ -111,9 +111,9 @@ impl Embeddings {
     /// Opens a 2-D tensor of a safetensors file: `name`, else `embeddings`, else the only tensor.
     pub fn open_safetensors(path: &Path, name: Option<&str>) -> Result<Self> {
         let map = map_file(path)?;
-        let bad = |msg: String| CurateError::Safetensors {
+        let bad = |reason: String| Error::Safetensors {
             path: path.into(),
-            msg,
+            reason,
         };
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
         let names = st.names();
@@ -193,10 +193,10 @@ impl Embeddings {
     /// Rows `start..end` as one contiguous slice (the unit of work of a shard/worker).
     pub fn row_range(&self, start: usize, end: usize) -> Result<&[f32]> {
         if start > end || end > self.rows {
-            return Err(CurateError::InvalidArgument(format!(
-                "row range {start}..{end} of {}",
-                self.rows
-            )));
+            return Err(invalid(
+                "rows",
+                format!("row range {start}..{end} is not inside 0..{}", self.rows),
+            ));
         }
         Ok(&self.as_slice()[start * self.dim..end * self.dim])
     }
@@ -229,19 +229,18 @@ impl Embeddings {
         }
     }
 
-    /// An owned copy of the rows `ids` (in that order).
+    /// An owned copy of the rows `ids` (in that order); an id outside the matrix is an
+    /// [`Error::RowOutOfRange`] (without a path: the caller knows where the ids came from).
     pub fn select(&self, ids: &[i64]) -> Result<Embeddings> {
         let mut v = Vec::with_capacity(ids.len() * self.dim);
-        for &i in ids {
-            let i = usize::try_from(i)
-                .ok()
-                .filter(|&i| i < self.rows)
-                .ok_or_else(|| {
-                    CurateError::InvalidArgument(format!(
-                        "row id {i} out of range 0..{}",
-                        self.rows
-                    ))
-                })?;
+        for &id in ids {
+            let i = usize::try_from(id).ok().filter(|&i| i < self.rows).ok_or(
+                Error::RowOutOfRange {
+                    row: id,
+                    rows: self.rows,
+                    path: None,
+                },
+            )?;
             v.extend_from_slice(self.row(i));
         }
         Embeddings::from_vec(v, ids.len(), self.dim)
@@ -292,9 +291,9 @@ pub fn write_paths(path: &Path, paths: &[PathBuf]) -> Result<()> {
 pub fn read_ids(path: &Path) -> Result<Vec<i64>> {
     let (v, shape) = npy::read_i64(path)?;
     if shape.len() != 1 {
-        return Err(CurateError::Npy {
+        return Err(Error::Npy {
             path: path.into(),
-            msg: format!("expected 1-D ids, shape {shape:?}"),
+            reason: format!("expected 1-D ids, found shape {shape:?}"),
         });
     }
     Ok(v)

@@ -1,21 +1,20 @@
-//! Tests against the numpy / faiss-cpu oracle in `tests/fixtures/curate` (built by `tools/make_curate_fixtures.py`).
+//! Tests against the numpy / faiss-cpu oracle in `tests/fixtures` (built by `tools/make_curate_fixtures.py`).
 
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
-use dinov2_curate::cli::{self, CurateCommand};
 use dinov2_curate::dedup::{self, Searcher};
 use dinov2_curate::hkmeans::water_fill;
 use dinov2_curate::ivf::{IvfFlat, IvfParams};
 use dinov2_curate::kmeans::{self, Init, KMeansConfig};
 use dinov2_curate::knn::exact_knn;
 use dinov2_curate::npy;
+use dinov2_curate::pipeline::{self, IndexKind, Input, NoProgress};
 use dinov2_curate::store::Embeddings;
 use rand::SeedableRng;
 
 fn fx(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/curate")
+        .join("tests/fixtures")
         .join(name)
 }
 
@@ -56,18 +55,6 @@ fn assert_knn_eq(
             }
         }
     }
-}
-
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: CurateCommand,
-}
-
-fn run_cli(args: &[&str]) -> dinov2_curate::Result<()> {
-    let mut v = vec!["curate"];
-    v.extend_from_slice(args);
-    cli::run(Cli::try_parse_from(v).unwrap().cmd)
 }
 
 #[test]
@@ -145,24 +132,17 @@ fn self_dedup_components_equal_oracle() {
 }
 
 #[test]
-fn cli_dedup_contract_and_resume() {
+fn pipeline_dedup_contract_and_resume() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dd");
     let data = fx("data.npy");
-    let args = [
-        "dedup",
-        "--embeddings",
-        data.to_str().unwrap(),
-        "--k",
-        "64",
-        "--threshold",
-        "0.6",
-        "--output",
-        out.to_str().unwrap(),
-        "--chunk",
-        "256",
-    ];
-    run_cli(&args).unwrap();
+    let params = pipeline::DedupParams {
+        k: 64,
+        threshold: 0.6,
+        chunk: 256,
+        ..pipeline::DedupParams::new(Input::new(&data), &out)
+    };
+    pipeline::dedup(&params, &NoProgress).unwrap();
     let h = npy::read_header(&out.join("keep.npy")).unwrap();
     assert_eq!(h.dtype, npy::NpyDtype::I64);
     let keep = npy::read_i64(&out.join("keep.npy")).unwrap().0;
@@ -188,59 +168,54 @@ fn cli_dedup_contract_and_resume() {
     ] {
         std::fs::remove_file(out.join(f)).unwrap();
     }
-    run_cli(&args).unwrap();
+    pipeline::dedup(&params, &NoProgress).unwrap();
     assert_eq!(npy::read_i64(&out.join("keep.npy")).unwrap().0, keep);
-    // Different parameters on the same directory are refused without --force.
-    let mut other = args.to_vec();
-    other[6] = "0.7";
+    // Different parameters on the same directory are refused without force.
+    let mut other = pipeline::DedupParams {
+        threshold: 0.7,
+        ..params.clone()
+    };
     std::fs::remove_file(out.join("summary.json")).unwrap();
-    assert!(run_cli(&other).is_err());
-    other.push("--force");
-    run_cli(&other).unwrap();
+    assert!(matches!(
+        pipeline::dedup(&other, &NoProgress),
+        Err(dinov2_curate::Error::ParamsChanged { .. })
+    ));
+    other.force = true;
+    pipeline::dedup(&other, &NoProgress).unwrap();
     // Forced IVF with every list probed gives the exact answer too.
-    let out2 = dir.path().join("ivf");
-    let ivf = [
-        "dedup",
-        "--embeddings",
-        data.to_str().unwrap(),
-        "--output",
-        out2.to_str().unwrap(),
-        "--index",
-        "ivf",
-        "--nlist",
-        "8",
-        "--nprobe",
-        "8",
-    ];
-    run_cli(&ivf).unwrap();
-    assert_eq!(npy::read_i64(&out2.join("keep.npy")).unwrap().0, keep);
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out2.join("summary.json")).unwrap()).unwrap();
-    assert!((s["recall_at_k"].as_f64().unwrap() - 1.0).abs() < 1e-9);
-    assert!((s["edge_recall"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    let ivf = pipeline::DedupParams {
+        index: pipeline::IndexParams {
+            index: IndexKind::Ivf,
+            nlist: Some(8),
+            nprobe: 8,
+            ..Default::default()
+        },
+        ..pipeline::DedupParams::new(Input::new(&data), dir.path().join("ivf"))
+    };
+    let s = pipeline::dedup(&ivf, &NoProgress)
+        .unwrap()
+        .completed()
+        .unwrap();
+    assert_eq!(
+        npy::read_i64(&dir.path().join("ivf/keep.npy")).unwrap().0,
+        keep
+    );
+    assert!((s.recall_at_k.unwrap() - 1.0).abs() < 1e-9);
+    assert!((s.edge_recall.unwrap() - 1.0).abs() < 1e-9);
 }
 
 #[test]
-fn cli_relative_dedup_equals_oracle() {
+fn pipeline_relative_dedup_equals_oracle() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rel");
-    let th = expected()["relative_threshold"]
-        .as_f64()
-        .unwrap()
-        .to_string();
+    let th = expected()["relative_threshold"].as_f64().unwrap() as f32;
     let (data, refs) = (fx("data.npy"), fx("reference.npy"));
-    run_cli(&[
-        "dedup",
-        "--embeddings",
-        data.to_str().unwrap(),
-        "--reference",
-        refs.to_str().unwrap(),
-        "--threshold",
-        &th,
-        "--output",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
+    let params = pipeline::DedupParams {
+        reference: vec![refs.clone()],
+        threshold: th,
+        ..pipeline::DedupParams::new(Input::new(&data), &out)
+    };
+    pipeline::dedup(&params, &NoProgress).unwrap();
     assert_eq!(
         npy::read_i64(&out.join("keep.npy")).unwrap().0,
         ids("relative_keep.npy")
@@ -252,7 +227,6 @@ fn cli_relative_dedup_equals_oracle() {
     // Library path agrees.
     let x = Embeddings::open(&data).unwrap();
     let r = Embeddings::open(&refs).unwrap();
-    let th: f32 = th.parse().unwrap();
     let res = dedup::relative_dedup(
         x.as_slice(),
         r.as_slice(),
@@ -342,87 +316,55 @@ fn water_filling_equals_oracle() {
 }
 
 #[test]
-fn cli_kmeans_hkmeans_sample_retrieve_knn() {
+fn pipeline_kmeans_hkmeans_sample_retrieve_knn() {
     let dir = tempfile::tempdir().unwrap();
-    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let p = |s: &str| dir.path().join(s);
     let data = fx("data.npy");
-    let data = data.to_str().unwrap();
     let queries = fx("queries.npy");
-    let queries = queries.to_str().unwrap();
-    run_cli(&[
-        "kmeans",
-        "--embeddings",
-        data,
-        "--k",
-        "20",
-        "--iters",
-        "10",
-        "--output",
-        &p("km"),
-    ])
-    .unwrap();
-    let (assign, shape) = npy::read_i64(&dir.path().join("km/assignment.npy")).unwrap();
+    let input = || Input::new(&data);
+    let km = pipeline::KmeansParams {
+        iters: 10,
+        ..pipeline::KmeansParams::new(input(), 20, p("km"))
+    };
+    pipeline::kmeans(&km, &NoProgress).unwrap();
+    let (assign, shape) = npy::read_i64(&p("km/assignment.npy")).unwrap();
     assert_eq!(shape, vec![1200]);
     assert!(assign.iter().all(|&a| (0..20).contains(&a)));
     // Crash/resume of k-means: a 5-iteration run leaves a checkpoint; rerunning with 10 iterations in the same
     // directory (summary removed, as after a crash) resumes from it and must equal an uninterrupted 10-iteration run.
-    let km_args = |iters: &str, out: &str| {
-        let v = [
-            "kmeans",
-            "--embeddings",
-            data,
-            "--k",
-            "20",
-            "--iters",
-            iters,
-            "--tol",
-            "0",
-            "--init",
-            "random",
-            "--output",
-            out,
-        ];
-        v.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    let km_params = |iters: usize, out: &str| pipeline::KmeansParams {
+        iters,
+        tol: 0.0,
+        init: Init::Random,
+        ..pipeline::KmeansParams::new(input(), 20, p(out))
     };
-    fn as_refs(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
-    run_cli(&as_refs(&km_args("10", &p("km_full")))).unwrap();
-    run_cli(&as_refs(&km_args("5", &p("km_res")))).unwrap();
-    std::fs::remove_file(dir.path().join("km_res/summary.json")).unwrap();
-    run_cli(&as_refs(&km_args("10", &p("km_res")))).unwrap();
-    let full = npy::read_f32(&dir.path().join("km_full/centroids.npy"))
+    pipeline::kmeans(&km_params(10, "km_full"), &NoProgress).unwrap();
+    pipeline::kmeans(&km_params(5, "km_res"), &NoProgress).unwrap();
+    std::fs::remove_file(p("km_res/summary.json")).unwrap();
+    let resumed = pipeline::kmeans(&km_params(10, "km_res"), &NoProgress)
         .unwrap()
-        .0;
-    let resumed = npy::read_f32(&dir.path().join("km_res/centroids.npy"))
-        .unwrap()
-        .0;
-    assert_eq!(full, resumed);
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("km_res/checkpoint/state.json")).unwrap(),
-    )
-    .unwrap();
+        .completed()
+        .unwrap();
+    let full = npy::read_f32(&p("km_full/centroids.npy")).unwrap().0;
+    let res = npy::read_f32(&p("km_res/centroids.npy")).unwrap().0;
+    assert_eq!(full, res);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("km_res/checkpoint/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["checkpoint"]["iterations"], 10);
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("km_res/summary.json")).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(resumed.resumed_from_iteration, Some(5));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("km_res/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["resumed_from_iteration"], 5);
-    // knn via CLI equals the oracle.
-    run_cli(&[
-        "knn",
-        "--embeddings",
-        data,
-        "--queries",
-        queries,
-        "--k",
-        "10",
-        "--output",
-        &p("knn"),
-    ])
-    .unwrap();
-    let got = npy::read_i64(&dir.path().join("knn/ids.npy")).unwrap().0;
-    let sims = npy::read_f32(&dir.path().join("knn/sims.npy")).unwrap().0;
+    // knn equals the oracle.
+    let knn = pipeline::KnnParams {
+        queries: Some(queries.clone()),
+        k: 10,
+        ..pipeline::KnnParams::new(input(), p("knn"))
+    };
+    pipeline::knn(&knn, &NoProgress).unwrap();
+    let got = npy::read_i64(&p("knn/ids.npy")).unwrap().0;
+    let sims = npy::read_f32(&p("knn/sims.npy")).unwrap().0;
     assert_knn_eq(
         &got,
         &sims,
@@ -431,47 +373,26 @@ fn cli_kmeans_hkmeans_sample_retrieve_knn() {
         10,
         1e-5,
     );
-    // Retrieval: sample-based hits = the oracle's neighbours.
-    run_cli(&[
-        "retrieve",
-        "--embeddings",
-        data,
-        "--queries",
-        queries,
-        "--k",
-        "4",
-        "--output",
-        &p("ret"),
-    ])
-    .unwrap();
-    let r = npy::read_i64(&dir.path().join("ret/retrieved.npy"))
-        .unwrap()
-        .0;
+    // Retrieval: sample-based hits = the first 4 of the 10 neighbours above (checked against the oracle).
+    let ret = pipeline::RetrieveParams::new(input(), &queries, p("ret"));
+    pipeline::retrieve(&ret, &NoProgress).unwrap();
+    let r = npy::read_i64(&p("ret/retrieved.npy")).unwrap().0;
     assert_eq!(r.len(), 80 * 4);
-    run_cli(&[
-        "retrieve",
-        "--embeddings",
-        data,
-        "--queries",
-        queries,
-        "--mode",
-        "cluster",
-        "--clusters",
-        &p("km"),
-        "--per-cluster",
-        "5",
-        "--min-queries",
-        "3",
-        "--output",
-        &p("retc"),
-    ])
-    .unwrap();
-    let rc = npy::read_i64(&dir.path().join("retc/retrieved.npy"))
-        .unwrap()
-        .0;
+    for q in 0..80 {
+        assert_eq!(r[q * 4..q * 4 + 4], got[q * 10..q * 10 + 4], "query {q}");
+    }
+    let retc = pipeline::RetrieveParams {
+        mode: pipeline::RetrieveMode::Cluster,
+        clusters: Some(p("km")),
+        per_cluster: 5,
+        min_queries: 3,
+        ..pipeline::RetrieveParams::new(input(), &queries, p("retc"))
+    };
+    pipeline::retrieve(&retc, &NoProgress).unwrap();
+    let rc = npy::read_i64(&p("retc/retrieved.npy")).unwrap().0;
     // Independent check: clusters with more than 3 queries, 5 rows each (all if smaller).
-    let (cent, _) = npy::read_f32(&dir.path().join("km/centroids.npy")).unwrap();
-    let q = Embeddings::open(&fx("queries.npy")).unwrap();
+    let (cent, _) = npy::read_f32(&p("km/centroids.npy")).unwrap();
+    let q = Embeddings::open(&queries).unwrap();
     let (ql, _) = kmeans::assign(q.as_slice(), 32, &cent).unwrap();
     let mut qc = [0usize; 20];
     ql.iter().for_each(|&l| qc[l as usize] += 1);
@@ -482,62 +403,80 @@ fn cli_kmeans_hkmeans_sample_retrieve_knn() {
     assert_eq!(rc.len(), want);
     assert!(rc.iter().all(|&i| qc[assign[i as usize] as usize] > 3));
     // Hierarchical k-means, then balanced sampling.
-    run_cli(&[
-        "hkmeans",
-        "--embeddings",
-        data,
-        "--k",
-        "60,8",
-        "--iters",
-        "10",
-        "--resampling-steps",
-        "2",
-        "--sample-size",
-        "5,3",
-        "--output",
-        &p("hk"),
-    ])
-    .unwrap();
-    assert!(dir.path().join("hk/level2/sorted_members.npy").exists());
-    run_cli(&[
-        "sample",
-        "--clustering",
-        &p("hk"),
-        "--target",
-        "300",
-        "--output",
-        &p("sel"),
-    ])
-    .unwrap();
-    let sel = npy::read_i64(&dir.path().join("sel/selection.npy"))
-        .unwrap()
-        .0;
+    let hk = pipeline::HkmeansParams {
+        iters: vec![10],
+        resampling_steps: vec![2],
+        sample_size: vec![5, 3],
+        ..pipeline::HkmeansParams::new(input(), vec![60, 8], p("hk"))
+    };
+    pipeline::hkmeans(&hk, &NoProgress).unwrap();
+    assert!(p("hk/level2/sorted_members.npy").exists());
+    let sp = pipeline::SampleParams::new(p("hk"), 300, p("sel"));
+    pipeline::sample(&sp, &NoProgress).unwrap();
+    let sel = npy::read_i64(&p("sel/selection.npy")).unwrap().0;
     assert_eq!(sel.len(), 300);
     assert!(sel.windows(2).all(|w| w[0] < w[1]));
     // A finished stage is skipped on rerun (its summary is left untouched).
-    let before = std::fs::metadata(dir.path().join("sel/summary.json"))
+    let before = std::fs::metadata(p("sel/summary.json"))
         .unwrap()
         .modified()
         .unwrap();
-    run_cli(&[
-        "sample",
-        "--clustering",
-        &p("hk"),
-        "--target",
-        "300",
-        "--output",
-        &p("sel"),
-    ])
-    .unwrap();
+    assert!(pipeline::sample(&sp, &NoProgress).unwrap().is_skipped());
     assert_eq!(
-        std::fs::metadata(dir.path().join("sel/summary.json"))
+        std::fs::metadata(p("sel/summary.json"))
             .unwrap()
             .modified()
             .unwrap(),
         before
     );
-    // embed without a wired backbone is a clean error, not a panic.
-    std::fs::write(dir.path().join("list.txt"), "a.jpg\n").unwrap();
-    let e = run_cli(&["embed", "--list", &p("list.txt"), "--output", &p("emb")]);
-    assert!(matches!(e, Err(dinov2_curate::CurateError::Embedder(_))));
+}
+
+/// The dedup tests above compare keep lists and components exactly. That is sound whatever the summation order of
+/// the f32 dot products (thread count, AVX2 or AVX-512 kernels, exact or IVF tiles) only if no similarity that
+/// decides an edge lies within rounding of the threshold, and no above-threshold neighbour sits on the k-th rank
+/// boundary. The rounding of a d-dimensional dot product of unit vectors is at most about `d * 2^-24`, plus a few
+/// units of the normalisation; the fixture keeps 5x that away (checked in f64).
+#[test]
+fn fixture_similarities_keep_clear_of_the_dedup_thresholds() {
+    let x = Embeddings::open(&fx("data.npy")).unwrap().into_normalized();
+    let r = Embeddings::open(&fx("reference.npy"))
+        .unwrap()
+        .into_normalized();
+    let (d, e) = (x.dim(), expected());
+    let bound = (d + 4) as f64 * f64::from(f32::EPSILON) / 2.0;
+    let k = e["dedup_k"].as_u64().unwrap() as usize;
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum()
+    };
+    let pool: Vec<&[f32]> = (0..x.rows()).map(|i| x.row(i)).collect();
+    let refs: Vec<&[f32]> = (0..r.rows()).map(|i| r.row(i)).collect();
+    for (th, with_refs) in [
+        (e["dedup_threshold"].as_f64().unwrap(), false),
+        (e["relative_threshold"].as_f64().unwrap(), true),
+    ] {
+        let queries = pool
+            .iter()
+            .chain(if with_refs { &refs[..] } else { &[] })
+            .enumerate();
+        for (qi, q) in queries {
+            // The query's k nearest pool rows (itself excluded) decide its edges.
+            let mut s: Vec<f64> = (0..pool.len())
+                .filter(|&j| j != qi)
+                .map(|j| dot(q, pool[j]))
+                .collect();
+            s.sort_by(|a, b| b.total_cmp(a));
+            for &v in &s[..k] {
+                assert!((v - th).abs() > 5.0 * bound, "query {qi}: {v} vs {th}");
+            }
+            assert!(s[k - 1] < th || s[k - 1] - s[k] > 5.0 * bound, "query {qi}");
+            if with_refs && qi < pool.len() {
+                for b in &refs {
+                    assert!((dot(q, b) - th).abs() > 5.0 * bound, "query {qi}");
+                }
+            }
+        }
+    }
 }

@@ -6,12 +6,12 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rayon::prelude::*;
 
-use crate::augment::MultiCrop;
+use crate::augment::{MultiCrop, GLOBAL_CROPS};
 use crate::masking::MaskingGenerator;
 use crate::preprocess::{write_normalized_chw, IMAGENET_MEAN, IMAGENET_STD};
 use crate::transforms::uniform;
 
-/// iBOT masks of a batch of global crops and the derived index/weight tensors.
+/// iBOT masks of a batch of global crops and the derived index/weight tensors (made by [`MaskCollate::sample`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MaskBatch {
     /// Number of global crops (`2 * batch`).
@@ -32,6 +32,16 @@ pub struct MaskBatch {
 
 impl MaskBatch {
     /// Derives indices and weights from explicit masks (`n_crops * n_tokens` booleans).
+    ///
+    /// ```
+    /// use dinov2_data::MaskBatch;
+    /// // two crops of four tokens: tokens 1 and 2 of crop 0 masked, crop 1 not masked
+    /// let m = vec![false, true, true, false, false, false, false, false];
+    /// let b = MaskBatch::from_masks(m, 2, 4, 3);
+    /// assert_eq!(b.mask_indices, vec![1, 2]);
+    /// assert_eq!(b.masks_weight, vec![0.5, 0.5]); // 1 / (masked tokens of the crop)
+    /// assert_eq!((b.n_masked_patches, b.upperbound), (2, 3));
+    /// ```
     pub fn from_masks(
         masks: Vec<bool>,
         n_crops: usize,
@@ -65,6 +75,12 @@ impl MaskBatch {
 }
 
 /// `torch.linspace(start, end, steps)` in `f32` (torch's two-sided formula).
+///
+/// ```
+/// use dinov2_data::collate::linspace_f32;
+/// assert_eq!(linspace_f32(0.0, 1.0, 5), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+/// assert_eq!(linspace_f32(2.0, 3.0, 1), vec![2.0]);
+/// ```
 pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -83,6 +99,19 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 }
 
 /// Mask sampling parameters (`ibot.mask_ratio_min_max`, `ibot.mask_sample_probability`).
+///
+/// ```
+/// use dinov2_data::rand::SeedableRng;
+/// use dinov2_data::{rand_chacha::ChaCha8Rng, MaskCollate};
+/// let mc = MaskCollate::official(224, 14); // 16x16 patch grid
+/// let batch_size = 4; // 4 images, 2 global crops each: 8 masks
+/// let masks = mc.sample(batch_size, &mut ChaCha8Rng::seed_from_u64(0));
+/// assert_eq!((masks.n_crops, masks.n_tokens), (8, 256));
+/// assert_eq!(masks.upperbound, mc.upperbound(batch_size));
+/// let masked_crops = masks.masks.chunks(256).filter(|c| c.contains(&true)).count();
+/// assert_eq!(masked_crops, 4, "half of the global crops get a mask");
+/// assert!(masks.n_masked_patches <= masks.upperbound);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct MaskCollate {
     /// Ratio range (0.1, 0.5).
@@ -94,7 +123,8 @@ pub struct MaskCollate {
 }
 
 impl MaskCollate {
-    /// Official defaults for a crop size and patch size.
+    /// Official defaults for a global crop size and patch size: ratios (0.1, 0.5), probability 0.5, the training
+    /// [`MaskingGenerator`] (example: [`MaskCollate`]).
     pub fn official(global_crop_size: usize, patch_size: usize) -> Self {
         Self {
             mask_ratio: (0.1, 0.5),
@@ -103,8 +133,19 @@ impl MaskCollate {
         }
     }
 
-    /// `upperbound` for `n_crops` global crops (deterministic).
-    pub fn upperbound(&self, n_crops: usize) -> usize {
+    /// `upperbound` for a batch of `batch_size` images ([`GLOBAL_CROPS`] global crops each): the official bound of
+    /// [`MaskBatch::n_masked_patches`] that sizes fixed buffers (deterministic; example: [`MaskCollate`]).
+    pub fn upperbound(&self, batch_size: usize) -> usize {
+        self.upperbound_for_crops(batch_size * GLOBAL_CROPS)
+    }
+
+    /// `upperbound` for `n_crops` global crops in all.
+    ///
+    /// ```
+    /// let mc = dinov2_data::MaskCollate::official(224, 14);
+    /// assert_eq!(mc.upperbound_for_crops(6), mc.upperbound(3));
+    /// ```
+    pub fn upperbound_for_crops(&self, n_crops: usize) -> usize {
         let n = self.generator.num_patches();
         let n_masked = (n_crops as f64 * self.mask_probability) as usize;
         let probs = linspace_f32(self.mask_ratio.0, self.mask_ratio.1, n_masked + 1);
@@ -113,10 +154,26 @@ impl MaskCollate {
             .sum()
     }
 
-    /// Samples masks for `n_crops` global crops: `int(n_crops * p)` of them get
+    /// Samples the masks of a batch of `batch_size` images, that is of `batch_size * GLOBAL_CROPS` global crops
+    /// (crop-major, like the crops of a [`Batch`]; example: [`MaskCollate`]). See
+    /// [`MaskCollate::sample_for_crops`].
+    pub fn sample<R: Rng + ?Sized>(&self, batch_size: usize, rng: &mut R) -> MaskBatch {
+        self.sample_for_crops(batch_size * GLOBAL_CROPS, rng)
+    }
+
+    /// Samples masks for `n_crops` global crops in all: `int(n_crops * p)` of them get
     /// `int(N * U(probs[i], probs[i+1]))` patches (stratified over `linspace(min, max)`), the rest none; the list is
     /// shuffled.
-    pub fn sample<R: Rng + ?Sized>(&self, n_crops: usize, rng: &mut R) -> MaskBatch {
+    ///
+    /// ```
+    /// use dinov2_data::rand::SeedableRng;
+    /// use dinov2_data::{rand_chacha::ChaCha8Rng, MaskCollate};
+    /// let mc = MaskCollate::official(224, 14);
+    /// let a = mc.sample_for_crops(6, &mut ChaCha8Rng::seed_from_u64(5));
+    /// let b = mc.sample(3, &mut ChaCha8Rng::seed_from_u64(5));
+    /// assert_eq!(a, b);
+    /// ```
+    pub fn sample_for_crops<R: Rng + ?Sized>(&self, n_crops: usize, rng: &mut R) -> MaskBatch {
         let n = self.generator.num_patches();
         let n_masked = (n_crops as f64 * self.mask_probability) as usize;
         let probs = linspace_f32(self.mask_ratio.0, self.mask_ratio.1, n_masked + 1);
@@ -179,6 +236,20 @@ fn stack_crop_major(samples: &[&[RgbImage]]) -> (Vec<f32>, [usize; 4]) {
 }
 
 /// `collate_data_and_cast` minus the dtype cast: stacks crops crop-major, normalised, and samples masks.
+///
+/// ```
+/// use dinov2_data::rand::SeedableRng;
+/// use dinov2_data::{collate, rand_chacha::ChaCha8Rng, DataAugmentationDino, MaskCollate};
+/// let aug = DataAugmentationDino::official();
+/// let mut rng = ChaCha8Rng::seed_from_u64(0);
+/// let img = image::RgbImage::from_pixel(64, 48, image::Rgb([128, 128, 128]));
+/// let samples = vec![aug.apply(&img, &mut rng), aug.apply(&img, &mut rng)];
+/// let b = collate(&samples, vec![10, 11], vec![None, Some(3)], &MaskCollate::official(224, 14), &mut rng);
+/// assert_eq!(b.global_shape, [4, 3, 224, 224]); // crop-major: crop 1 of both images, then crop 2
+/// assert_eq!(b.local_shape, [16, 3, 96, 96]);
+/// assert_eq!(b.global_crops.len(), 4 * 3 * 224 * 224);
+/// assert_eq!((b.masks.n_crops, b.indices, b.labels), (4, vec![10, 11], vec![None, Some(3)]));
+/// ```
 pub fn collate<R: Rng + ?Sized>(
     samples: &[MultiCrop],
     indices: Vec<usize>,
@@ -190,7 +261,7 @@ pub fn collate<R: Rng + ?Sized>(
     let l: Vec<&[RgbImage]> = samples.iter().map(|s| s.local.as_slice()).collect();
     let (global_crops, global_shape) = stack_crop_major(&g);
     let (local_crops, local_shape) = stack_crop_major(&l);
-    let masks = masking.sample(global_shape[0], rng);
+    let masks = masking.sample_for_crops(global_shape[0], rng);
     Batch {
         global_crops,
         global_shape,

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 
 use crate::decode::{decode_rgb, load_rgb_with, DecodeOptions};
-use crate::error::{DataError, Result};
+use crate::error::{Error, Result};
 
 /// Extensions recognised as images when listing folders (torchvision's `IMG_EXTENSIONS` plus GIF), case-insensitive.
 pub const IMAGE_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif",
 ];
 
-/// One decoded sample.
+/// One decoded sample (what [`Dataset::get`] returns).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     /// The RGB image.
@@ -29,6 +29,26 @@ pub struct Sample {
 }
 
 /// A random-access collection of images.
+///
+/// ```
+/// use dinov2_data::{Dataset, DecodeOptions, Result, Sample};
+/// /// Solid-colour images, one per label: a dataset that needs no files.
+/// struct Colours(Vec<[u8; 3]>);
+/// impl Dataset for Colours {
+///     fn len(&self) -> usize { self.0.len() }
+///     fn get(&self, index: usize, _: &DecodeOptions) -> Result<Sample> {
+///         let c = *self.0.get(index).ok_or(dinov2_data::Error::IndexOutOfRange { index, len: self.len() })?;
+///         Ok(Sample { image: image::RgbImage::from_pixel(8, 8, image::Rgb(c)), label: Some(index as i64) })
+///     }
+///     fn describe(&self, index: usize) -> String { format!("colour #{index}") }
+///     fn label(&self, index: usize) -> Option<i64> { (index < self.len()).then_some(index as i64) }
+/// }
+/// let ds = Colours(vec![[255, 0, 0], [0, 0, 255]]);
+/// let s = ds.get(1, &DecodeOptions::default())?;
+/// assert_eq!((s.image.get_pixel(0, 0).0, s.label), ([0, 0, 255], Some(1)));
+/// assert!(ds.get(2, &DecodeOptions::default()).is_err());
+/// # Ok::<(), dinov2_data::Error>(())
+/// ```
 pub trait Dataset: Send + Sync {
     /// Number of samples.
     fn len(&self) -> usize;
@@ -44,18 +64,25 @@ pub trait Dataset: Send + Sync {
     fn label(&self, index: usize) -> Option<i64>;
 }
 
-/// True when the path has an image extension.
-pub fn has_image_extension(p: &Path) -> bool {
-    p.extension()
+/// True when the path has an image extension ([`IMAGE_EXTENSIONS`], case-insensitive).
+///
+/// ```
+/// use dinov2_data::dataset::has_image_extension;
+/// assert!(has_image_extension("a/b.JPEG") && has_image_extension("x.webp"));
+/// assert!(!has_image_extension("notes.txt") && !has_image_extension("jpg"));
+/// ```
+pub fn has_image_extension(p: impl AsRef<Path>) -> bool {
+    p.as_ref()
+        .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 fn list_images_recursive(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut entries: Vec<PathBuf> = Vec::new();
     for e in rd {
-        let e = e.map_err(|e| DataError::io(dir, e))?;
+        let e = e.map_err(|e| Error::io(dir, e))?;
         entries.push(e.path());
     }
     entries.sort();
@@ -71,6 +98,20 @@ fn list_images_recursive(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// A dataset of image files on disk with optional labels.
+///
+/// ```
+/// use dinov2_data::{Dataset, DecodeOptions, FileDataset};
+/// let root = tempfile::tempdir()?;
+/// for (class, colour) in [("cat", [200, 0, 0]), ("dog", [0, 0, 200])] {
+///     std::fs::create_dir(root.path().join(class))?;
+///     image::RgbImage::from_pixel(4, 4, image::Rgb(colour)).save(root.path().join(class).join("0.png"))?;
+/// }
+/// let ds = FileDataset::image_folder(root.path())?;
+/// assert_eq!((ds.len(), ds.classes.clone()), (2, vec!["cat".to_string(), "dog".to_string()]));
+/// let s = ds.get(1, &DecodeOptions::default())?;
+/// assert_eq!((s.label, s.image.get_pixel(0, 0).0), (Some(1), [0, 0, 200]));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct FileDataset {
     /// (path, label) per sample.
@@ -81,22 +122,24 @@ pub struct FileDataset {
 
 impl FileDataset {
     /// torchvision `ImageFolder`: every subfolder of `root` is a class (sorted by name; label = rank), its images
-    /// (recursively, sorted) are the samples.
-    pub fn image_folder(root: &Path) -> Result<Self> {
-        let rd = std::fs::read_dir(root).map_err(|e| DataError::io(root, e))?;
+    /// (recursively, sorted) are the samples (example: [`FileDataset`]).
+    ///
+    /// Errors: [`Error::Io`] on an unreadable folder, [`Error::NoClassFolders`], [`Error::NoImages`].
+    pub fn image_folder(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref();
+        let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
         let mut classes: Vec<String> = Vec::new();
         for e in rd {
-            let e = e.map_err(|e| DataError::io(root, e))?;
+            let e = e.map_err(|e| Error::io(root, e))?;
             if e.path().is_dir() {
                 classes.push(e.file_name().to_string_lossy().into_owned());
             }
         }
         classes.sort();
         if classes.is_empty() {
-            return Err(DataError::Dataset(format!(
-                "no class subfolders in {}",
-                root.display()
-            )));
+            return Err(Error::NoClassFolders {
+                root: root.to_path_buf(),
+            });
         }
         let mut entries = Vec::new();
         for (i, c) in classes.iter().enumerate() {
@@ -105,23 +148,35 @@ impl FileDataset {
             entries.extend(files.into_iter().map(|p| (p, Some(i as i64))));
         }
         if entries.is_empty() {
-            return Err(DataError::Dataset(format!(
-                "no images under {}",
-                root.display()
-            )));
+            return Err(Error::NoImages {
+                root: root.to_path_buf(),
+            });
         }
         Ok(Self { entries, classes })
     }
 
     /// Every image under `root`, recursively (sorted paths), without labels.
-    pub fn unlabeled_folder(root: &Path) -> Result<Self> {
+    ///
+    /// ```
+    /// use dinov2_data::{Dataset, FileDataset};
+    /// let root = tempfile::tempdir()?;
+    /// std::fs::create_dir(root.path().join("sub"))?;
+    /// image::RgbImage::new(3, 3).save(root.path().join("sub/a.png"))?;
+    /// image::RgbImage::new(3, 3).save(root.path().join("b.bmp"))?;
+    /// std::fs::write(root.path().join("notes.txt"), "not an image")?;
+    /// let ds = FileDataset::unlabeled_folder(root.path())?;
+    /// assert_eq!(ds.len(), 2);
+    /// assert_eq!(ds.label(0), None);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn unlabeled_folder(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref();
         let mut files = Vec::new();
         list_images_recursive(root, &mut files)?;
         if files.is_empty() {
-            return Err(DataError::Dataset(format!(
-                "no images under {}",
-                root.display()
-            )));
+            return Err(Error::NoImages {
+                root: root.to_path_buf(),
+            });
         }
         Ok(Self {
             entries: files.into_iter().map(|p| (p, None)).collect(),
@@ -131,12 +186,43 @@ impl FileDataset {
 
     /// A file list: `.csv` files have comma-separated `path[,label]` rows (a first row whose label is not an
     /// integer is a header); other files have one `path` or `path<whitespace>label` per line. Empty lines and
-    /// lines starting with `#` are ignored. Relative paths are resolved against `root` (default: the list's folder).
-    pub fn file_list(list: &Path, root: Option<&Path>) -> Result<Self> {
-        let text = std::fs::read_to_string(list).map_err(|e| DataError::io(list, e))?;
-        let base = root
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| list.parent().unwrap_or(Path::new(".")).to_path_buf());
+    /// lines starting with `#` are ignored. Relative paths are resolved against the list's folder (see
+    /// [`FileDataset::file_list_with_root`] for another base).
+    ///
+    /// Errors: [`Error::Io`], [`Error::BadLabel`] (with the line), [`Error::EmptyFileList`].
+    ///
+    /// ```
+    /// use dinov2_data::{Dataset, Error, FileDataset};
+    /// let dir = tempfile::tempdir()?;
+    /// let list = dir.path().join("train.csv");
+    /// std::fs::write(&list, "path,label\nimg/a.jpg,3\nimg/b.jpg,\n")?;
+    /// let ds = FileDataset::file_list(&list)?;
+    /// assert_eq!((ds.len(), ds.label(0), ds.label(1)), (2, Some(3), None));
+    /// assert_eq!(ds.entries[0].0, dir.path().join("img/a.jpg"));
+    /// std::fs::write(&list, "a.jpg,1\nb.jpg,cat\n")?;
+    /// assert!(matches!(FileDataset::file_list(&list), Err(Error::BadLabel { line: 2, .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn file_list(list: impl AsRef<Path>) -> Result<Self> {
+        let list = list.as_ref();
+        Self::file_list_with_root(list, list.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// [`FileDataset::file_list`] with relative paths resolved against `root`.
+    ///
+    /// ```
+    /// use dinov2_data::FileDataset;
+    /// let dir = tempfile::tempdir()?;
+    /// let list = dir.path().join("val.txt");
+    /// std::fs::write(&list, "# path label\nn01/x.JPEG 0\n/abs/y.JPEG 1\n")?;
+    /// let ds = FileDataset::file_list_with_root(&list, "/data/imagenet/val")?;
+    /// assert_eq!(ds.entries[0].0, std::path::Path::new("/data/imagenet/val/n01/x.JPEG"));
+    /// assert_eq!(ds.entries[1].0, std::path::Path::new("/abs/y.JPEG"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn file_list_with_root(list: impl AsRef<Path>, root: impl AsRef<Path>) -> Result<Self> {
+        let (list, base) = (list.as_ref(), root.as_ref());
+        let text = std::fs::read_to_string(list).map_err(|e| Error::io(list, e))?;
         let csv = list
             .extension()
             .and_then(|e| e.to_str())
@@ -162,11 +248,11 @@ impl FileDataset {
                     Ok(v) => Some(v),
                     Err(_) if entries.is_empty() && csv => continue, // header row
                     Err(_) => {
-                        return Err(DataError::Dataset(format!(
-                            "{}:{}: label {l:?} is not an integer",
-                            list.display(),
-                            lineno + 1
-                        )))
+                        return Err(Error::BadLabel {
+                            path: list.to_path_buf(),
+                            line: lineno + 1,
+                            label: l.to_string(),
+                        })
                     }
                 },
             };
@@ -184,10 +270,9 @@ impl FileDataset {
             ));
         }
         if entries.is_empty() {
-            return Err(DataError::Dataset(format!(
-                "empty file list {}",
-                list.display()
-            )));
+            return Err(Error::EmptyFileList {
+                path: list.to_path_buf(),
+            });
         }
         Ok(Self {
             entries,
@@ -197,7 +282,23 @@ impl FileDataset {
 
     /// ImageNet-1k layout: `root/{train,val}/{wnid}/*.JPEG`, labels from the sorted wnids (as the official code and
     /// `ImageFolder`); class names from `root/labels.txt` (`wnid,name` lines) when present.
-    pub fn imagenet(root: &Path, split: ImageNetSplit) -> Result<Self> {
+    ///
+    /// ```
+    /// use dinov2_data::{Dataset, FileDataset, ImageNetSplit};
+    /// let root = tempfile::tempdir()?;
+    /// for wnid in ["n01440764", "n01443537"] {
+    ///     let d = root.path().join("val").join(wnid);
+    ///     std::fs::create_dir_all(&d)?;
+    ///     image::RgbImage::new(2, 2).save(d.join("ILSVRC2012_val_1.JPEG"))?;
+    /// }
+    /// std::fs::write(root.path().join("labels.txt"), "n01440764,tench\nn01443537,goldfish\n")?;
+    /// let ds = FileDataset::imagenet(root.path(), ImageNetSplit::Val)?;
+    /// assert_eq!((ds.len(), ds.label(1)), (2, Some(1)));
+    /// assert_eq!(ds.classes[1], "n01443537,goldfish");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn imagenet(root: impl AsRef<Path>, split: ImageNetSplit) -> Result<Self> {
+        let root = root.as_ref();
         let dir = root.join(match split {
             ImageNetSplit::Train => "train",
             ImageNetSplit::Val => "val",
@@ -216,7 +317,7 @@ impl FileDataset {
     }
 }
 
-/// ImageNet split.
+/// ImageNet split (see [`FileDataset::imagenet`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageNetSplit {
     /// `train/`
@@ -230,10 +331,10 @@ impl Dataset for FileDataset {
         self.entries.len()
     }
     fn get(&self, index: usize, opts: &DecodeOptions) -> Result<Sample> {
-        let (p, label) = self
-            .entries
-            .get(index)
-            .ok_or_else(|| DataError::Dataset(format!("index {index} out of range")))?;
+        let (p, label) = self.entries.get(index).ok_or(Error::IndexOutOfRange {
+            index,
+            len: self.entries.len(),
+        })?;
         Ok(Sample {
             image: load_rgb_with(p, opts)?,
             label: *label,
@@ -249,7 +350,7 @@ impl Dataset for FileDataset {
     }
 }
 
-/// One image member of a tar shard.
+/// One image member of a tar shard (see [`TarDataset`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TarEntry {
     /// Index of the shard in [`TarDataset::shards`].
@@ -270,6 +371,39 @@ pub struct TarEntry {
 /// Shards are indexed once by a sequential scan of their headers (ustar, GNU long names and pax `path`/`size`
 /// records are understood); samples are then read by offset. Sample order is shard order, then member order, so a
 /// non-shuffled sampler reads every shard sequentially.
+///
+/// ```
+/// use dinov2_data::{Dataset, DecodeOptions, TarDataset};
+/// # fn member(tar: &mut Vec<u8>, name: &str, data: &[u8]) {
+/// #     let mut h = [0u8; 512];
+/// #     h[..name.len()].copy_from_slice(name.as_bytes());
+/// #     h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+/// #     h[156] = b'0';
+/// #     h[148..156].copy_from_slice(b"        ");
+/// #     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+/// #     h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+/// #     tar.extend_from_slice(&h);
+/// #     tar.extend_from_slice(data);
+/// #     tar.resize(tar.len().div_ceil(512) * 512, 0);
+/// # }
+/// let dir = tempfile::tempdir()?;
+/// let mut png = std::io::Cursor::new(Vec::new());
+/// image::RgbImage::from_pixel(6, 5, image::Rgb([9, 8, 7])).write_to(&mut png, image::ImageFormat::Png)?;
+/// let mut tar = Vec::new(); // a WebDataset shard: 000.png with its label in 000.cls
+/// member(&mut tar, "shard/000.png", png.get_ref());
+/// member(&mut tar, "shard/000.cls", b"42");
+/// tar.extend_from_slice(&[0; 1024]);
+/// std::fs::write(dir.path().join("train-0000.tar"), &tar)?;
+///
+/// let ds = TarDataset::open_dir(dir.path())?;
+/// assert_eq!(ds.len(), 1);
+/// let s = ds.get(0, &DecodeOptions::default())?;
+/// assert_eq!((s.image.dimensions(), s.label), ((6, 5), Some(42)));
+/// assert!(ds.describe(0).ends_with("train-0000.tar:shard/000.png"));
+/// assert_eq!(ds.read_bytes(0)?, png.into_inner());
+/// assert_eq!(TarDataset::open([dir.path().join("train-0000.tar")])?, ds);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct TarDataset {
     /// Shard paths.
@@ -339,10 +473,22 @@ fn parse_pax(data: &[u8]) -> HashMap<String, String> {
 pub type TarMember = (String, u64, u64);
 
 /// Lists the regular members of a tar file by a sequential header scan. Returns the members read before any
-/// problem, and the problem (truncation, bad checksum) if one was met.
-pub fn scan_tar(path: &Path) -> Result<(Vec<TarMember>, Option<String>)> {
-    let mut f = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let file_len = f.metadata().map_err(|e| DataError::io(path, e))?.len();
+/// problem, and the problem (truncation, bad checksum) if one was met. [`TarDataset`] has an example of a tar file.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("empty.tar");
+/// std::fs::write(&path, [0u8; 1024])?; // just the end-of-archive blocks
+/// assert_eq!(dinov2_data::dataset::scan_tar(&path)?, (vec![], None));
+/// std::fs::write(&path, [1u8; 700])?;
+/// let (members, problem) = dinov2_data::dataset::scan_tar(&path)?;
+/// assert!(members.is_empty() && problem.unwrap().contains("checksum"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn scan_tar(path: impl AsRef<Path>) -> Result<(Vec<TarMember>, Option<String>)> {
+    let path = path.as_ref();
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut members = Vec::new();
     let mut pos = 0u64;
     let mut long_name: Option<String> = None;
@@ -358,8 +504,8 @@ pub fn scan_tar(path: &Path) -> Result<(Vec<TarMember>, Option<String>)> {
             return Ok((members, problem));
         }
         f.seek(SeekFrom::Start(pos))
-            .map_err(|e| DataError::io(path, e))?;
-        f.read_exact(&mut hdr).map_err(|e| DataError::io(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
+        f.read_exact(&mut hdr).map_err(|e| Error::io(path, e))?;
         if hdr.iter().all(|&b| b == 0) {
             return Ok((members, None));
         }
@@ -398,7 +544,7 @@ pub fn scan_tar(path: &Path) -> Result<(Vec<TarMember>, Option<String>)> {
         }
         let read_data = |f: &mut File| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; size as usize];
-            f.read_exact(&mut buf).map_err(|e| DataError::io(path, e))?;
+            f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
             Ok(buf)
         };
         match typeflag {
@@ -423,8 +569,14 @@ pub fn scan_tar(path: &Path) -> Result<(Vec<TarMember>, Option<String>)> {
 }
 
 impl TarDataset {
-    /// Indexes the given shards (in the given order).
-    pub fn open(shards: Vec<PathBuf>) -> Result<Self> {
+    /// Indexes the given shards (in the given order; example: [`TarDataset`]).
+    ///
+    /// Errors: [`Error::Io`] on an unreadable shard, [`Error::NoTarImages`] when no shard has an image member.
+    pub fn open<P: AsRef<Path>>(shards: impl IntoIterator<Item = P>) -> Result<Self> {
+        let shards: Vec<PathBuf> = shards
+            .into_iter()
+            .map(|p| p.as_ref().to_path_buf())
+            .collect();
         let mut entries = Vec::new();
         let mut warnings = Vec::new();
         for (si, shard) in shards.iter().enumerate() {
@@ -442,14 +594,13 @@ impl TarDataset {
                 format!("{dir}/{stem}")
             };
             let mut labels: HashMap<String, i64> = HashMap::new();
-            let mut f = File::open(shard).map_err(|e| DataError::io(shard, e))?;
+            let mut f = File::open(shard).map_err(|e| Error::io(shard, e))?;
             for (n, off, size) in &members {
                 if n.ends_with(".cls") && *size < 64 {
                     let mut buf = vec![0u8; *size as usize];
                     f.seek(SeekFrom::Start(*off))
-                        .map_err(|e| DataError::io(shard, e))?;
-                    f.read_exact(&mut buf)
-                        .map_err(|e| DataError::io(shard, e))?;
+                        .map_err(|e| Error::io(shard, e))?;
+                    f.read_exact(&mut buf).map_err(|e| Error::io(shard, e))?;
                     if let Ok(v) = String::from_utf8_lossy(&buf).trim().parse::<i64>() {
                         labels.insert(key(n), v);
                     }
@@ -469,9 +620,7 @@ impl TarDataset {
             }
         }
         if entries.is_empty() {
-            return Err(DataError::Dataset(
-                "no image members in the tar shards".into(),
-            ));
+            return Err(Error::NoTarImages { shards });
         }
         Ok(Self {
             shards,
@@ -480,10 +629,11 @@ impl TarDataset {
         })
     }
 
-    /// Indexes every `*.tar` file of a folder (sorted).
-    pub fn open_dir(dir: &Path) -> Result<Self> {
+    /// Indexes every `*.tar` file of a folder (sorted; example: [`TarDataset`]).
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
         let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| DataError::io(dir, e))?
+            .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "tar"))
             .collect();
@@ -491,19 +641,18 @@ impl TarDataset {
         Self::open(shards)
     }
 
-    /// Reads the raw bytes of sample `index`.
+    /// Reads the raw bytes of sample `index` (example: [`TarDataset`]).
     pub fn read_bytes(&self, index: usize) -> Result<Vec<u8>> {
-        let e = self
-            .entries
-            .get(index)
-            .ok_or_else(|| DataError::Dataset(format!("index {index} out of range")))?;
+        let e = self.entries.get(index).ok_or(Error::IndexOutOfRange {
+            index,
+            len: self.entries.len(),
+        })?;
         let shard = &self.shards[e.shard];
-        let mut f = File::open(shard).map_err(|er| DataError::io(shard, er))?;
+        let mut f = File::open(shard).map_err(|er| Error::io(shard, er))?;
         f.seek(SeekFrom::Start(e.offset))
-            .map_err(|er| DataError::io(shard, er))?;
+            .map_err(|er| Error::io(shard, er))?;
         let mut buf = vec![0u8; e.size as usize];
-        f.read_exact(&mut buf)
-            .map_err(|er| DataError::io(shard, er))?;
+        f.read_exact(&mut buf).map_err(|er| Error::io(shard, er))?;
         Ok(buf)
     }
 }

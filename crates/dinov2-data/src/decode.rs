@@ -11,12 +11,18 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
-use crate::error::{DataError, Result};
+use crate::error::{Error, Result};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS` (it warns above it and refuses above twice it); we refuse above it by default.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// Decoding options.
+///
+/// ```
+/// use dinov2_data::{DecodeOptions, decode::DEFAULT_MAX_PIXELS};
+/// let o = DecodeOptions::default();
+/// assert_eq!((o.max_pixels, o.apply_exif_orientation), (DEFAULT_MAX_PIXELS, true));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeOptions {
     /// Refuse images whose declared width*height exceeds this (decompression-bomb guard).
@@ -36,25 +42,61 @@ impl Default for DecodeOptions {
 
 /// Loads an image file as 8-bit RGB with the default [`DecodeOptions`].
 ///
-/// ```no_run
-/// let img = dinov2_data::load_rgb(std::path::Path::new("photo.jpg"))?;
-/// println!("{}x{}", img.width(), img.height());
-/// # Ok::<(), dinov2_data::DataError>(())
+/// Errors carry the path: [`Error::Io`] when the file cannot be read, [`Error::Decode`] when it is not a readable
+/// image, [`Error::TooManyPixels`] above the decompression-bomb limit.
+///
 /// ```
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("red.png");
+/// image::RgbImage::from_pixel(4, 3, image::Rgb([255, 0, 0])).save(&path)?;
+/// let img = dinov2_data::load_rgb(&path)?;
+/// assert_eq!(img.dimensions(), (4, 3));
+/// assert_eq!(img.get_pixel(0, 0).0, [255, 0, 0]);
+/// assert!(matches!(
+///     dinov2_data::load_rgb(dir.path().join("missing.png")),
+///     Err(dinov2_data::Error::Io { path: Some(_), .. })
+/// ));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     load_rgb_with(path, &DecodeOptions::default())
 }
 
 /// Loads an image file as 8-bit RGB.
-pub fn load_rgb_with(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+///
+/// ```
+/// use dinov2_data::{load_rgb_with, DecodeOptions, Error};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("grey.png");
+/// image::RgbImage::from_pixel(40, 30, image::Rgb([9, 9, 9])).save(&path)?;
+/// let small_limit = DecodeOptions { max_pixels: 1000, ..Default::default() };
+/// assert!(matches!(
+///     load_rgb_with(&path, &small_limit),
+///     Err(Error::TooManyPixels { width: 40, height: 30, .. })
+/// ));
+/// assert_eq!(load_rgb_with(&path, &DecodeOptions::default())?.dimensions(), (40, 30));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn load_rgb_with(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<RgbImage> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode_rgb(&bytes, opts).map_err(|e| e.with_path(path))
 }
 
 /// Decodes an in-memory encoded image (any supported format, detected from the content) to 8-bit RGB.
+///
+/// ```
+/// use dinov2_data::{decode_rgb, DecodeOptions, Error};
+/// let mut png = std::io::Cursor::new(Vec::new());
+/// image::RgbImage::from_pixel(5, 2, image::Rgb([1, 2, 3])).write_to(&mut png, image::ImageFormat::Png)?;
+/// let img = decode_rgb(png.get_ref(), &DecodeOptions::default())?;
+/// assert_eq!((img.dimensions(), img.get_pixel(4, 1).0), ((5, 2), [1, 2, 3]));
+/// assert!(matches!(decode_rgb(b"GIF89a garbage", &DecodeOptions::default()), Err(Error::Decode { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
     if bytes.is_empty() {
-        return Err(DataError::Decode {
+        return Err(Error::Decode {
             path: None,
             reason: "empty file (0 bytes)".into(),
         });
@@ -63,8 +105,8 @@ pub fn decode_rgb(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
     Ok(to_rgb8(img))
 }
 
-fn decode_err(e: impl std::fmt::Display) -> DataError {
-    DataError::Decode {
+fn decode_err(e: impl std::fmt::Display) -> Error {
+    Error::Decode {
         path: None,
         reason: e.to_string(),
     }
@@ -75,7 +117,7 @@ fn decode_dynamic<R: BufRead + Seek>(reader: R, opts: &DecodeOptions) -> Result<
         .with_guessed_format()
         .map_err(decode_err)?;
     if reader.format().is_none() {
-        return Err(DataError::Decode {
+        return Err(Error::Decode {
             path: None,
             reason: "unrecognised image format".into(),
         });
@@ -88,7 +130,7 @@ fn decode_dynamic<R: BufRead + Seek>(reader: R, opts: &DecodeOptions) -> Result<
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels > opts.max_pixels {
-        return Err(DataError::TooManyPixels {
+        return Err(Error::TooManyPixels {
             path: None,
             width: w,
             height: h,
@@ -97,7 +139,7 @@ fn decode_dynamic<R: BufRead + Seek>(reader: R, opts: &DecodeOptions) -> Result<
         });
     }
     if pixels == 0 {
-        return Err(DataError::Decode {
+        return Err(Error::Decode {
             path: None,
             reason: format!("image has zero size {w}x{h}"),
         });
@@ -115,6 +157,12 @@ fn decode_dynamic<R: BufRead + Seek>(reader: R, opts: &DecodeOptions) -> Result<
 }
 
 /// Converts any decoded image to 8-bit RGB (grey replicated, alpha dropped, 16-bit/float scaled).
+///
+/// ```
+/// let grey = image::GrayImage::from_pixel(2, 2, image::Luma([77]));
+/// let rgb = dinov2_data::decode::to_rgb8(image::DynamicImage::ImageLuma8(grey));
+/// assert_eq!(rgb.get_pixel(1, 1).0, [77, 77, 77]);
+/// ```
 pub fn to_rgb8(img: DynamicImage) -> RgbImage {
     match img {
         DynamicImage::ImageRgb8(i) => i,
@@ -123,9 +171,19 @@ pub fn to_rgb8(img: DynamicImage) -> RgbImage {
 }
 
 /// Reads a whole stream into memory and decodes it (used for tar members).
+///
+/// ```
+/// use dinov2_data::{decode::decode_rgb_from_reader, DecodeOptions};
+/// let mut bmp = std::io::Cursor::new(Vec::new());
+/// image::RgbImage::from_pixel(3, 3, image::Rgb([0, 200, 0])).write_to(&mut bmp, image::ImageFormat::Bmp)?;
+/// bmp.set_position(0);
+/// let img = decode_rgb_from_reader(bmp, &DecodeOptions::default())?;
+/// assert_eq!(img.get_pixel(2, 2).0, [0, 200, 0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn decode_rgb_from_reader(mut r: impl Read, opts: &DecodeOptions) -> Result<RgbImage> {
     let mut buf = Vec::new();
-    r.read_to_end(&mut buf).map_err(|e| DataError::Io {
+    r.read_to_end(&mut buf).map_err(|e| Error::Io {
         path: None,
         source: e,
     })?;
@@ -203,10 +261,10 @@ mod tests {
     #[test]
     fn bad_inputs_are_typed_errors() {
         let o = DecodeOptions::default();
-        assert!(matches!(decode_rgb(&[], &o), Err(DataError::Decode { .. })));
+        assert!(matches!(decode_rgb(&[], &o), Err(Error::Decode { .. })));
         assert!(matches!(
             decode_rgb(b"hello, this is not an image at all", &o),
-            Err(DataError::Decode { .. })
+            Err(Error::Decode { .. })
         ));
         let png = encode(&DynamicImage::ImageRgb8(pattern(32, 32)), ImageFormat::Png);
         assert!(decode_rgb(&png[..png.len() / 2], &o).is_err());
@@ -224,7 +282,7 @@ mod tests {
             ..Default::default()
         };
         match decode_rgb(&png, &o) {
-            Err(DataError::TooManyPixels {
+            Err(Error::TooManyPixels {
                 width: 40,
                 height: 30,
                 pixels: 1200,

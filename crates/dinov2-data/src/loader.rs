@@ -21,11 +21,47 @@ use crate::augment::{DataAugmentationDino, MultiCrop};
 use crate::collate::{collate, Batch, MaskCollate};
 use crate::dataset::{Dataset, Sample};
 use crate::decode::DecodeOptions;
-use crate::error::{DataError, Result};
+use crate::error::{Error, Result};
 use crate::preprocess::{preprocess, ImageTensor, Preprocess};
 use crate::sampler::{mix_seed, IndexStream};
 
 /// What the loader does per sample and per batch.
+///
+/// `process` runs on the loader's worker threads with a random stream of its own per sample; `collate` runs once per
+/// batch with a random stream seeded by the step. Both streams are [`ChaCha8Rng`]s (re-exported as
+/// [`crate::rand_chacha::ChaCha8Rng`]).
+///
+/// ```
+/// use std::sync::Arc;
+/// use dinov2_data::rand_chacha::ChaCha8Rng;
+/// use dinov2_data::{Dataset, DecodeOptions, EpochSampler, Loader, LoaderConfig, Pipeline, Result, Sample};
+/// # struct Sizes;
+/// # impl Dataset for Sizes {
+/// #     fn len(&self) -> usize { 5 }
+/// #     fn get(&self, i: usize, _: &DecodeOptions) -> Result<Sample> {
+/// #         Ok(Sample { image: image::RgbImage::new(10 + i as u32, 10), label: None })
+/// #     }
+/// #     fn describe(&self, i: usize) -> String { format!("#{i}") }
+/// #     fn label(&self, _: usize) -> Option<i64> { None }
+/// # }
+/// /// Image widths, summed per batch.
+/// struct SumWidths;
+/// impl Pipeline for SumWidths {
+///     type Item = u32;
+///     type Output = u32;
+///     fn process(&self, sample: Sample, _rng: &mut ChaCha8Rng) -> Result<u32> {
+///         Ok(sample.image.width())
+///     }
+///     fn collate(&self, items: Vec<u32>, _: Vec<usize>, _: Vec<Option<i64>>, _: &mut ChaCha8Rng) -> u32 {
+///         items.iter().sum()
+///     }
+/// }
+/// let cfg = LoaderConfig { batch_size: 2, num_threads: 2, ..Default::default() };
+/// let loader = Loader::new(Arc::new(Sizes), EpochSampler::new(5, 0, 1, None)?, Arc::new(SumWidths), cfg)?;
+/// let sums: Vec<u32> = loader.map(|b| b.map(|b| b.batch)).collect::<Result<_>>()?;
+/// assert_eq!(sums, vec![10 + 11, 12 + 13, 14]);
+/// # Ok::<(), dinov2_data::Error>(())
+/// ```
 pub trait Pipeline: Send + Sync + 'static {
     /// Per-sample result.
     type Item: Send;
@@ -43,13 +79,32 @@ pub trait Pipeline: Send + Sync + 'static {
     ) -> Self::Output;
 }
 
-/// DINOv2 training: multi-crop augmentation + masks.
+/// DINOv2 training: multi-crop augmentation + masks (example: [`Loader`]).
 #[derive(Clone, Debug)]
 pub struct DinoPipeline {
     /// The augmentation.
     pub augmentation: DataAugmentationDino,
     /// Mask sampling.
     pub masking: MaskCollate,
+}
+
+impl DinoPipeline {
+    /// The augmentation with the official masking for its global crop size and the model's `patch_size`
+    /// ([`MaskCollate::official`]).
+    ///
+    /// ```
+    /// use dinov2_data::{DataAugmentationDino, DinoPipeline, MaskCollate};
+    /// let p = DinoPipeline::new(DataAugmentationDino::official(), 14);
+    /// assert_eq!(p.masking, MaskCollate::official(224, 14));
+    /// ```
+    pub fn new(augmentation: DataAugmentationDino, patch_size: usize) -> Self {
+        let masking =
+            MaskCollate::official(augmentation.crops.global_crops_size as usize, patch_size);
+        Self {
+            augmentation,
+            masking,
+        }
+    }
 }
 
 impl Pipeline for DinoPipeline {
@@ -69,14 +124,14 @@ impl Pipeline for DinoPipeline {
     }
 }
 
-/// Evaluation / feature extraction: a deterministic [`Preprocess`] per image.
+/// Evaluation / feature extraction: a deterministic [`Preprocess`] per image (example: [`Loader`]).
 #[derive(Clone, Debug)]
 pub struct EvalPipeline {
     /// The preprocessing.
     pub preprocess: Preprocess,
 }
 
-/// A batch of preprocessed images.
+/// A batch of preprocessed images (the batches of an [`EvalPipeline`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalBatch {
     /// One tensor per image (sizes may differ unless the preprocessing fixes them).
@@ -108,8 +163,9 @@ impl Pipeline for EvalPipeline {
     }
 }
 
-/// What to do with a sample that cannot be loaded.
+/// What to do with a sample that cannot be loaded (see [`LoaderConfig::bad_data`] and the example of [`Loader`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum BadDataPolicy {
     /// Skip it (one warning per file, counted in [`BadDataReport`]) and take the next index of the sampler.
     #[default]
@@ -118,7 +174,10 @@ pub enum BadDataPolicy {
     FailFast,
 }
 
-/// Loader settings.
+/// Loader settings (example: [`Loader`]).
+///
+/// The default uses every core ([`std::thread::available_parallelism`]); the batches do not depend on
+/// `num_threads` or `prefetch`.
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
     /// Samples per batch.
@@ -163,7 +222,7 @@ impl Default for LoaderConfig {
     }
 }
 
-/// One skipped sample.
+/// One skipped sample (see [`BadDataReport`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BadSample {
     /// Dataset index.
@@ -174,7 +233,7 @@ pub struct BadSample {
     pub reason: String,
 }
 
-/// Summary of the skipped samples.
+/// Summary of the skipped samples ([`Loader::bad_data`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BadDataReport {
     /// Number of skips (a file drawn twice counts twice).
@@ -195,7 +254,7 @@ impl std::fmt::Display for BadDataReport {
 }
 
 /// A batch with the loader position after it (to resume exactly: seek the sampler to `next_position` and start
-/// at `step + 1`).
+/// at `step + 1`; example: [`Loader`]).
 #[derive(Clone, Debug)]
 pub struct Loaded<O> {
     /// The batch.
@@ -207,6 +266,45 @@ pub struct Loaded<O> {
 }
 
 /// The loader; iterate it to get batches. Dropping it stops the worker thread.
+///
+/// ```
+/// use std::sync::Arc;
+/// use dinov2_data::{
+///     BadDataPolicy, CropsConfig, DataAugmentationDino, Dataset, DinoPipeline, EpochSampler, EvalPipeline,
+///     FileDataset, Loader, LoaderConfig, Preprocess, ShardedInfiniteSampler,
+/// };
+/// let root = tempfile::tempdir()?;
+/// for i in 0..5u8 {
+///     image::RgbImage::from_pixel(40 + u32::from(i), 30, image::Rgb([i * 40, 90, 200]))
+///         .save(root.path().join(format!("{i}.png")))?;
+/// }
+/// std::fs::write(root.path().join("broken.jpg"), b"not a jpeg")?;
+/// let ds = Arc::new(FileDataset::unlabeled_folder(root.path())?);
+///
+/// // training: multi-crop + iBOT masks (tiny crops to keep the example fast), an infinite sharded sampler
+/// let crops = CropsConfig { global_crops_size: 28, local_crops_size: 14, local_crops_number: 2, ..Default::default() };
+/// let pipeline = DinoPipeline::new(DataAugmentationDino::new(crops, Default::default())?, 14);
+/// let sampler = ShardedInfiniteSampler::new(ds.len(), 0, 0, 1, true)?;
+/// let cfg = LoaderConfig { batch_size: 4, num_threads: 2, seed: 7, warn: false, ..Default::default() };
+/// let mut loader = Loader::new(ds.clone(), sampler, Arc::new(pipeline), cfg)?;
+/// let first = loader.next().unwrap()?;
+/// assert_eq!(first.step, 0);
+/// assert_eq!(first.batch.global_shape, [8, 3, 28, 28]); // 4 images x 2 global crops, crop-major
+/// assert_eq!(first.batch.local_shape, [8, 3, 14, 14]);
+/// let second = loader.next().unwrap()?;
+/// assert!(second.next_position >= 8);
+/// assert_eq!(loader.bad_data().samples.len(), 1, "the broken file is skipped, once reported");
+///
+/// // evaluation: one pass, official eval transform (small sizes), the last partial batch kept
+/// let sampler = EpochSampler::new(ds.len(), 0, 1, None)?;
+/// let eval = EvalPipeline { preprocess: Preprocess::Eval { resize: 32, crop: 28 } };
+/// let cfg = LoaderConfig { batch_size: 4, num_threads: 2, bad_data: BadDataPolicy::Skip, warn: false, ..Default::default() };
+/// let sizes: Vec<usize> = Loader::new(ds, sampler, Arc::new(eval), cfg)?
+///     .map(|b| b.map(|b| b.batch.images.len()))
+///     .collect::<dinov2_data::Result<_>>()?;
+/// assert_eq!(sizes, vec![4, 1]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Loader<O: Send + 'static> {
     rx: Option<Receiver<Result<Loaded<O>>>>,
     handle: Option<JoinHandle<()>>,
@@ -215,26 +313,33 @@ pub struct Loader<O: Send + 'static> {
 }
 
 impl<O: Send + 'static> Loader<O> {
-    /// Starts the loader.
+    /// Starts the loader (example: [`Loader`]).
+    ///
+    /// Errors: [`Error::InvalidConfig`] on a zero `batch_size` or `num_threads`, [`Error::EmptyDataset`],
+    /// [`Error::ThreadPool`] / [`Error::SpawnThread`] when the threads cannot be started.
     pub fn new<P: Pipeline<Output = O>>(
         dataset: Arc<dyn Dataset>,
-        sampler: Box<dyn IndexStream>,
+        sampler: impl IndexStream + 'static,
         pipeline: Arc<P>,
         cfg: LoaderConfig,
     ) -> Result<Self> {
-        if cfg.batch_size == 0 || cfg.num_threads == 0 {
-            return Err(DataError::Config(
-                "batch_size and num_threads must be positive".into(),
-            ));
+        for (field, v) in [
+            ("batch_size", cfg.batch_size),
+            ("num_threads", cfg.num_threads),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, "must be positive"));
+            }
         }
         if dataset.is_empty() {
-            return Err(DataError::Dataset("empty dataset".into()));
+            return Err(Error::EmptyDataset);
         }
+        let sampler: Box<dyn IndexStream> = Box::new(sampler);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.num_threads)
             .thread_name(|i| format!("dinov2-data-{i}"))
             .build()
-            .map_err(|e| DataError::Config(format!("cannot start the thread pool: {e}")))?;
+            .map_err(|source| Error::ThreadPool { source })?;
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(BadDataReport::default()));
@@ -242,7 +347,7 @@ impl<O: Send + 'static> Loader<O> {
         let handle = std::thread::Builder::new()
             .name("dinov2-data-producer".into())
             .spawn(move || produce(dataset, sampler, pipeline, cfg, pool, tx, stop2, report2))
-            .map_err(|e| DataError::Config(format!("cannot start the loader thread: {e}")))?;
+            .map_err(|source| Error::SpawnThread { source })?;
         Ok(Self {
             rx: Some(rx),
             handle: Some(handle),
@@ -251,7 +356,7 @@ impl<O: Send + 'static> Loader<O> {
         })
     }
 
-    /// The bad samples met so far.
+    /// The bad samples met so far (example: [`Loader`]).
     pub fn bad_data(&self) -> BadDataReport {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
@@ -344,7 +449,7 @@ fn produce<P: Pipeline>(
                             pipeline.process(s, &mut rng).map(|it| (it, label))
                         }))
                         .unwrap_or_else(|p| {
-                            Err(DataError::WorkerPanic {
+                            Err(Error::WorkerPanic {
                                 index: idx,
                                 message: panic_message(&*p),
                             })
@@ -383,10 +488,11 @@ fn produce<P: Pipeline>(
                             }
                         }
                         if consecutive_bad >= cfg.max_consecutive_bad.max(1) {
-                            let _ = tx.send(Err(DataError::Dataset(format!(
-                                "{consecutive_bad} bad samples in a row (last: {}): giving up",
-                                dataset.describe(idx)
-                            ))));
+                            let _ = tx.send(Err(Error::TooManyBadSamples {
+                                count: consecutive_bad,
+                                index: idx,
+                                name: dataset.describe(idx),
+                            }));
                             finish(&report);
                             return;
                         }
@@ -407,8 +513,8 @@ fn produce<P: Pipeline>(
                 step,
                 next_position: position,
             }),
-            Err(p) => Err(DataError::WorkerPanic {
-                index: usize::MAX,
+            Err(p) => Err(Error::CollatePanic {
+                step,
                 message: panic_message(&*p),
             }),
         };

@@ -7,11 +7,11 @@ use crate::transforms::uniform;
 /// Block-wise mask generator over a `height x width` patch grid.
 ///
 /// ```
-/// use dinov2_data::masking::MaskingGenerator;
-/// use rand::SeedableRng;
+/// use dinov2_data::rand::SeedableRng;
+/// use dinov2_data::MaskingGenerator;
 /// // the training setup for 224 px crops and patch 14: a 16x16 grid, at most 128 patches per block
 /// let g = MaskingGenerator::for_training(224, 14);
-/// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+/// let mut rng = dinov2_data::rand_chacha::ChaCha8Rng::seed_from_u64(1);
 /// let m = g.generate(50, &mut rng);
 /// assert_eq!(m.len(), 256);
 /// assert!(m.iter().filter(|&&b| b).count() <= 50);
@@ -32,6 +32,11 @@ pub struct MaskingGenerator {
 
 impl MaskingGenerator {
     /// `MaskingGenerator(input_size=(h, w), min_num_patches=4, max_num_patches, min_aspect=0.3, max_aspect=1/0.3)`.
+    ///
+    /// ```
+    /// let g = dinov2_data::MaskingGenerator::new(7, 9, 20.0);
+    /// assert_eq!((g.num_patches(), g.min_num_patches), (63, 4.0));
+    /// ```
     pub fn new(height: usize, width: usize, max_num_patches: f64) -> Self {
         let min_aspect: f64 = 0.3;
         Self {
@@ -45,6 +50,11 @@ impl MaskingGenerator {
 
     /// The generator `train.py` builds: grid `img // patch`, `max_num_patches = 0.5 * img // patch * img // patch`
     /// evaluated with Python's left-to-right float floor divisions (128 for 224/14, 98 for 224/16).
+    ///
+    /// ```
+    /// let g = dinov2_data::MaskingGenerator::for_training(224, 16);
+    /// assert_eq!((g.height, g.width, g.max_num_patches), (14, 14, 98.0));
+    /// ```
     pub fn for_training(img_size: usize, patch_size: usize) -> Self {
         let g = img_size / patch_size;
         let (i, p) = (img_size as f64, patch_size as f64);
@@ -52,12 +62,22 @@ impl MaskingGenerator {
         Self::new(g, g, max)
     }
 
-    /// Number of cells.
+    /// Number of cells (example: [`MaskingGenerator::new`]).
     pub fn num_patches(&self) -> usize {
         self.height * self.width
     }
 
     /// One block attempt loop (`_mask`): up to 10 tries, returns the number of newly masked cells.
+    ///
+    /// ```
+    /// use dinov2_data::rand::SeedableRng;
+    /// let g = dinov2_data::MaskingGenerator::for_training(224, 14);
+    /// let mut mask = vec![false; g.num_patches()];
+    /// let mut rng = dinov2_data::rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    /// let added = g.mask_block(&mut mask, 30.0, &mut rng);
+    /// assert!(added <= 30);
+    /// assert_eq!(mask.iter().filter(|&&m| m).count(), added);
+    /// ```
     pub fn mask_block<R: Rng + ?Sized>(
         &self,
         mask: &mut [bool],
@@ -100,7 +120,7 @@ impl MaskingGenerator {
     }
 
     /// `__call__(num_masking_patches)`: a row-major `height*width` mask with at most `num_masking_patches` cells set
-    /// (fewer when the attempts run out), built from blocks.
+    /// (fewer when the attempts run out), built from blocks (example: [`MaskingGenerator`]).
     pub fn generate<R: Rng + ?Sized>(&self, num_masking_patches: usize, rng: &mut R) -> Vec<bool> {
         let mut mask = vec![false; self.num_patches()];
         let mut count = 0usize;

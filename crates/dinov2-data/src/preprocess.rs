@@ -7,7 +7,7 @@
 
 use image::RgbImage;
 
-use crate::error::{DataError, Result};
+use crate::error::{Error, Result};
 use crate::resize::{center_crop, resize_bicubic, shorter_side_size};
 
 /// ImageNet mean (RGB), as in `torchvision.transforms.Normalize` of the official code.
@@ -16,6 +16,15 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// A normalised image, channel-major (`[channels, height, width]`, row-major), ready for a model.
+///
+/// ```
+/// use dinov2_data::{to_tensor_normalized, IMAGENET_MEAN, IMAGENET_STD};
+/// let img = image::RgbImage::from_fn(3, 2, |x, _| image::Rgb([if x == 2 { 255 } else { 0 }, 0, 0]));
+/// let t = to_tensor_normalized(&img, IMAGENET_MEAN, IMAGENET_STD);
+/// assert_eq!(t.shape(), [3, 2, 3]);
+/// assert_eq!(t.data.len(), 3 * 2 * 3);
+/// assert_eq!(t.at(0, 1, 2), (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]); // channel 0, row 1, column 2
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageTensor {
     /// Number of channels (3).
@@ -42,6 +51,13 @@ impl ImageTensor {
 
 /// `ToTensor` + `Normalize(mean, std)` exactly as torchvision computes them in `f32`:
 /// `(v / 255 - mean) / std`.
+///
+/// ```
+/// use dinov2_data::to_tensor_normalized;
+/// let img = image::RgbImage::from_pixel(2, 2, image::Rgb([0, 51, 255]));
+/// let t = to_tensor_normalized(&img, [0.0; 3], [1.0; 3]); // plain ToTensor
+/// assert_eq!((t.at(0, 0, 0), t.at(1, 1, 1), t.at(2, 0, 1)), (0.0, 0.2, 1.0));
+/// ```
 pub fn to_tensor_normalized(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> ImageTensor {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut data = vec![0f32; 3 * w * h];
@@ -56,6 +72,14 @@ pub fn to_tensor_normalized(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Im
 
 /// Writes `ToTensor` + `Normalize` of `img` into `out` (length `3*H*W`, CHW). Used by the collate step to fill
 /// batch buffers without intermediate allocations.
+///
+/// ```
+/// use dinov2_data::{preprocess::write_normalized_chw, to_tensor_normalized, IMAGENET_MEAN, IMAGENET_STD};
+/// let img = image::RgbImage::from_fn(4, 3, |x, y| image::Rgb([x as u8 * 60, y as u8 * 80, 7]));
+/// let mut batch = vec![0f32; 2 * 3 * 3 * 4]; // room for two images
+/// write_normalized_chw(&img, IMAGENET_MEAN, IMAGENET_STD, &mut batch[36..]);
+/// assert_eq!(&batch[36..], &to_tensor_normalized(&img, IMAGENET_MEAN, IMAGENET_STD).data[..]);
+/// ```
 pub fn write_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let plane = img.width() as usize * img.height() as usize;
     let mut lut = [[0f32; 256]; 3];
@@ -73,8 +97,9 @@ pub fn write_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: 
     }
 }
 
-/// How to turn an image into a model input.
+/// How to turn an image into a model input (see [`preprocess()`] for examples of each variant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Preprocess {
     /// Official eval transform: resize the shorter side to `resize` (bicubic, antialiased as PIL), center-crop
     /// `crop`×`crop`, `ToTensor`, ImageNet `Normalize`. The official values are 256 / 224.
@@ -108,6 +133,11 @@ pub enum Preprocess {
 
 impl Preprocess {
     /// The official evaluation transform, `Eval { resize: 256, crop: 224 }`.
+    ///
+    /// ```
+    /// use dinov2_data::Preprocess;
+    /// assert_eq!(Preprocess::OFFICIAL_EVAL, Preprocess::Eval { resize: 256, crop: 224 });
+    /// ```
     pub const OFFICIAL_EVAL: Preprocess = Preprocess::Eval {
         resize: 256,
         crop: 224,
@@ -121,6 +151,9 @@ fn nearest_multiple(v: u32, m: u32) -> u32 {
 
 /// Applies a [`Preprocess`] to an RGB image.
 ///
+/// Errors: [`Error::EmptyImage`] on an image without pixels, [`Error::NotMultiple`] when [`Preprocess::Exact`]
+/// meets a size that is not a multiple of the patch, [`Error::InvalidConfig`] on a zero size or multiple.
+///
 /// ```
 /// use dinov2_data::{preprocess, Preprocess};
 /// let img = image::RgbImage::from_pixel(320, 240, image::Rgb([124, 116, 104]));
@@ -128,21 +161,28 @@ fn nearest_multiple(v: u32, m: u32) -> u32 {
 /// assert_eq!(t.shape(), [3, 224, 224]);
 /// let t = preprocess(&img, &Preprocess::CenterPad { multiple: 14 })?;
 /// assert_eq!(t.shape(), [3, 252, 322]);
-/// assert!(preprocess(&img, &Preprocess::Exact { multiple: 14 }).is_err());
-/// # Ok::<(), dinov2_data::DataError>(())
+/// let t = preprocess(&img, &Preprocess::ResizeToMultiple { multiple: 14, shorter_side: Some(224) })?;
+/// assert_eq!(t.shape(), [3, 224, 294]); // 299x224 rounded to multiples of 14
+/// assert!(matches!(
+///     preprocess(&img, &Preprocess::Exact { multiple: 14 }),
+///     Err(dinov2_data::Error::NotMultiple { width: 320, height: 240, multiple: 14 })
+/// ));
+/// # Ok::<(), dinov2_data::Error>(())
 /// ```
 pub fn preprocess(img: &RgbImage, p: &Preprocess) -> Result<ImageTensor> {
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
-        return Err(DataError::BadSize {
+        return Err(Error::EmptyImage {
             width: w,
             height: h,
-            reason: "empty image".into(),
         });
     }
     let check_multiple = |m: u32| {
         if m == 0 {
-            Err(DataError::Config("`multiple` must be positive".into()))
+            Err(Error::config(
+                "multiple",
+                "must be positive (the patch size, e.g. 14)",
+            ))
         } else {
             Ok(())
         }
@@ -150,8 +190,10 @@ pub fn preprocess(img: &RgbImage, p: &Preprocess) -> Result<ImageTensor> {
     match *p {
         Preprocess::Eval { resize, crop } => {
             if resize == 0 || crop == 0 {
-                return Err(DataError::Config(
-                    "Eval resize and crop must be positive".into(),
+                let field = if resize == 0 { "resize" } else { "crop" };
+                return Err(Error::config(
+                    field,
+                    "must be positive (officially 256 / 224)",
                 ));
             }
             let (rw, rh) = shorter_side_size(w, h, resize);
@@ -165,7 +207,7 @@ pub fn preprocess(img: &RgbImage, p: &Preprocess) -> Result<ImageTensor> {
         } => {
             check_multiple(multiple)?;
             let (bw, bh) = match shorter_side {
-                Some(0) => return Err(DataError::Config("shorter_side must be positive".into())),
+                Some(0) => return Err(Error::config("shorter_side", "must be positive")),
                 Some(s) => shorter_side_size(w, h, s),
                 None => (w, h),
             };
@@ -201,12 +243,10 @@ pub fn preprocess(img: &RgbImage, p: &Preprocess) -> Result<ImageTensor> {
         Preprocess::Exact { multiple } => {
             check_multiple(multiple)?;
             if w % multiple != 0 || h % multiple != 0 {
-                return Err(DataError::BadSize {
+                return Err(Error::NotMultiple {
                     width: w,
                     height: h,
-                    reason: format!(
-                        "not a multiple of {multiple} (use CenterPad or ResizeToMultiple)"
-                    ),
+                    multiple,
                 });
             }
             Ok(to_tensor_normalized(img, IMAGENET_MEAN, IMAGENET_STD))
@@ -272,10 +312,10 @@ mod tests {
     fn exact_refuses_non_multiples_and_keeps_multiples() {
         assert!(matches!(
             preprocess(&img(28, 15), &Preprocess::Exact { multiple: 14 }),
-            Err(DataError::BadSize {
+            Err(Error::NotMultiple {
                 width: 28,
                 height: 15,
-                ..
+                multiple: 14
             })
         ));
         let t = preprocess(&img(28, 42), &Preprocess::Exact { multiple: 14 }).unwrap();

@@ -76,6 +76,12 @@ fn clip8(v: i32) -> u8 {
 }
 
 /// A rectangular region of an RGB image (the result of a PIL `crop` without copying).
+///
+/// ```
+/// use dinov2_data::CropBox;
+/// let img = image::RgbImage::new(64, 48);
+/// assert_eq!(CropBox::full(&img), CropBox { left: 0, top: 0, width: 64, height: 48 });
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CropBox {
     /// Left column.
@@ -89,7 +95,7 @@ pub struct CropBox {
 }
 
 impl CropBox {
-    /// The whole image.
+    /// The whole image (see the example of [`CropBox`]).
     pub fn full(img: &RgbImage) -> Self {
         Self {
             left: 0,
@@ -102,6 +108,16 @@ impl CropBox {
 
 /// `img.crop(box).resize((out_w, out_h), BICUBIC)` as Pillow computes it. The box must lie inside the image (the
 /// function clamps it otherwise) and `out_w`, `out_h` must be positive (0 gives an empty image).
+///
+/// ```
+/// use dinov2_data::{resize::resized_crop, CropBox};
+/// // left half white, right half black: the resized right half is black
+/// let img = image::RgbImage::from_fn(40, 20, |x, _| image::Rgb([if x < 20 { 255 } else { 0 }; 3]));
+/// let b = CropBox { left: 20, top: 0, width: 20, height: 20 };
+/// let out = resized_crop(&img, b, 8, 8);
+/// assert_eq!(out.dimensions(), (8, 8));
+/// assert!(out.pixels().all(|p| p.0 == [0, 0, 0]));
+/// ```
 pub fn resized_crop(img: &RgbImage, b: CropBox, out_w: u32, out_h: u32) -> RgbImage {
     let iw = img.width() as usize;
     let left = (b.left as usize).min(iw);
@@ -206,12 +222,26 @@ pub fn resized_crop(img: &RgbImage, b: CropBox, out_w: u32, out_h: u32) -> RgbIm
 }
 
 /// `img.resize((out_w, out_h), BICUBIC)` as Pillow computes it.
+///
+/// ```
+/// use dinov2_data::resize::resize_bicubic;
+/// let img = image::RgbImage::from_pixel(100, 60, image::Rgb([10, 128, 250]));
+/// let out = resize_bicubic(&img, 33, 17);
+/// assert_eq!(out.dimensions(), (33, 17));
+/// assert!(out.pixels().all(|p| p.0 == [10, 128, 250])); // normalised filter: constants stay constant
+/// ```
 pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     resized_crop(img, CropBox::full(img), out_w, out_h)
 }
 
 /// Output size of torchvision `Resize(size)` with an int size: the shorter side becomes `size`, the longer one
 /// `int(size * long / short)` (truncated, as Python's `int`).
+///
+/// ```
+/// use dinov2_data::resize::shorter_side_size;
+/// assert_eq!(shorter_side_size(640, 480, 256), (341, 256));
+/// assert_eq!(shorter_side_size(480, 640, 256), (256, 341));
+/// ```
 pub fn shorter_side_size(w: u32, h: u32, size: u32) -> (u32, u32) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     if short == 0 {
@@ -232,6 +262,15 @@ pub(crate) fn round_half_even(x: f64) -> f64 {
 
 /// torchvision `CenterCrop(size)` on a PIL image: zero-pads when the crop is larger than the image, then crops the
 /// box whose top-left corner is `round((H - h) / 2), round((W - w) / 2)` (Python rounding, half to even).
+///
+/// ```
+/// use dinov2_data::resize::center_crop;
+/// let img = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 + 1, y as u8 + 1, 0]));
+/// let c = center_crop(&img, 3, 1);
+/// assert_eq!((c.dimensions(), c.get_pixel(0, 0).0), ((3, 1), [2, 2, 0]));
+/// let padded = center_crop(&img, 7, 3); // larger than the image: zero padding
+/// assert_eq!((padded.get_pixel(0, 0).0, padded.get_pixel(1, 0).0), ([0, 0, 0], [1, 1, 0]));
+/// ```
 pub fn center_crop(img: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
     let (w, h) = img.dimensions();
     if crop_w > w || crop_h > h {
@@ -265,6 +304,13 @@ pub fn center_crop(img: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
 }
 
 /// Copies a box out of an image (clamped to the image).
+///
+/// ```
+/// use dinov2_data::{resize::crop, CropBox};
+/// let img = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8, y as u8, 0]));
+/// let c = crop(&img, CropBox { left: 2, top: 1, width: 3, height: 2 });
+/// assert_eq!((c.dimensions(), c.get_pixel(0, 0).0), ((3, 2), [2, 1, 0]));
+/// ```
 pub fn crop(img: &RgbImage, b: CropBox) -> RgbImage {
     image::imageops::crop_imm(img, b.left, b.top, b.width, b.height).to_image()
 }

@@ -12,6 +12,12 @@ use rand::Rng;
 use crate::resize::{resized_crop, CropBox};
 
 /// Pillow's `convert("L")`: ITU-R 601-2 luma in 16-bit fixed point, `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`.
+///
+/// ```
+/// use dinov2_data::transforms::luma;
+/// assert_eq!(luma(&[255, 255, 255]), 255);
+/// assert_eq!(luma(&[255, 0, 0]), 76);
+/// ```
 #[inline]
 pub fn luma(p: &[u8]) -> u8 {
     ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16)
@@ -27,11 +33,23 @@ fn blend(a: u8, b: u8, alpha: f32) -> u8 {
 }
 
 /// Horizontal flip (in place).
+///
+/// ```
+/// let mut img = image::RgbImage::from_fn(3, 1, |x, _| image::Rgb([x as u8; 3]));
+/// dinov2_data::transforms::hflip(&mut img);
+/// assert_eq!(img.get_pixel(0, 0).0, [2, 2, 2]);
+/// ```
 pub fn hflip(img: &mut RgbImage) {
     image::imageops::flip_horizontal_in_place(img);
 }
 
 /// torchvision `adjust_brightness` (PIL `ImageEnhance.Brightness`): blend with black.
+///
+/// ```
+/// let mut img = image::RgbImage::from_pixel(2, 2, image::Rgb([100, 200, 250]));
+/// dinov2_data::transforms::adjust_brightness(&mut img, 1.2);
+/// assert_eq!(img.get_pixel(0, 0).0, [120, 240, 255]); // scaled, clipped at 255
+/// ```
 pub fn adjust_brightness(img: &mut RgbImage, factor: f64) {
     let a = factor as f32;
     let mut lut = [0u8; 256];
@@ -45,6 +63,12 @@ pub fn adjust_brightness(img: &mut RgbImage, factor: f64) {
 
 /// torchvision `adjust_contrast` (PIL `ImageEnhance.Contrast`): blend with the constant grey
 /// `int(mean(L) + 0.5)`.
+///
+/// ```
+/// let mut img = image::RgbImage::from_fn(2, 1, |x, _| image::Rgb([if x == 0 { 100 } else { 200 }; 3]));
+/// dinov2_data::transforms::adjust_contrast(&mut img, 0.0); // factor 0: the mean grey everywhere
+/// assert!(img.pixels().all(|p| p.0 == [150, 150, 150]));
+/// ```
 pub fn adjust_contrast(img: &mut RgbImage, factor: f64) {
     let n = (img.width() as u64 * img.height() as u64).max(1);
     let sum: u64 = img
@@ -64,6 +88,14 @@ pub fn adjust_contrast(img: &mut RgbImage, factor: f64) {
 }
 
 /// torchvision `adjust_saturation` (PIL `ImageEnhance.Color`): blend with the pixel's own grey.
+///
+/// ```
+/// use dinov2_data::transforms::{adjust_saturation, luma};
+/// let mut img = image::RgbImage::from_pixel(1, 1, image::Rgb([200, 40, 90]));
+/// let grey = luma(&img.get_pixel(0, 0).0);
+/// adjust_saturation(&mut img, 0.0); // factor 0: fully desaturated
+/// assert_eq!(img.get_pixel(0, 0).0, [grey; 3]);
+/// ```
 pub fn adjust_saturation(img: &mut RgbImage, factor: f64) {
     let a = factor as f32;
     for p in img.as_mut().chunks_exact_mut(3) {
@@ -247,6 +279,17 @@ fn hsv2rgb_lut(t: &HsvTables, h: u8, s: u8, v: u8) -> [u8; 3] {
 
 /// torchvision `adjust_hue` on PIL: to Pillow HSV, add `int(hue * 255)` (truncated, wrapping) to the 8-bit hue,
 /// back to RGB. `hue` must be in [-0.5, 0.5].
+///
+/// ```
+/// use dinov2_data::transforms::adjust_hue;
+/// let mut img = image::RgbImage::from_pixel(1, 1, image::Rgb([255, 0, 0]));
+/// adjust_hue(&mut img, 1.0 / 3.0); // red shifted by a third of the hue circle: green
+/// let [r, g, b] = img.get_pixel(0, 0).0;
+/// assert!(g == 255 && r < 10 && b < 10, "{r} {g} {b}");
+/// let mut grey = image::RgbImage::from_pixel(1, 1, image::Rgb([90, 90, 90]));
+/// adjust_hue(&mut grey, 0.4); // greys have no hue
+/// assert_eq!(grey.get_pixel(0, 0).0, [90, 90, 90]);
+/// ```
 pub fn adjust_hue(img: &mut RgbImage, hue: f64) {
     let shift = (hue * 255.0) as i32 as u8;
     let t = hsv_tables();
@@ -257,6 +300,12 @@ pub fn adjust_hue(img: &mut RgbImage, hue: f64) {
 }
 
 /// torchvision `rgb_to_grayscale(num_output_channels=3)` on PIL: luma replicated to 3 channels.
+///
+/// ```
+/// let mut img = image::RgbImage::from_pixel(1, 1, image::Rgb([255, 0, 0]));
+/// dinov2_data::transforms::to_grayscale(&mut img);
+/// assert_eq!(img.get_pixel(0, 0).0, [76, 76, 76]);
+/// ```
 pub fn to_grayscale(img: &mut RgbImage) {
     for p in img.as_mut().chunks_exact_mut(3) {
         let l = luma(p);
@@ -265,6 +314,12 @@ pub fn to_grayscale(img: &mut RgbImage) {
 }
 
 /// PIL `ImageOps.solarize`: values `>= threshold` become `255 - v`.
+///
+/// ```
+/// let mut img = image::RgbImage::from_pixel(1, 1, image::Rgb([10, 128, 250]));
+/// dinov2_data::transforms::solarize(&mut img, 128);
+/// assert_eq!(img.get_pixel(0, 0).0, [10, 127, 5]);
+/// ```
 pub fn solarize(img: &mut RgbImage, threshold: u8) {
     for v in img.iter_mut() {
         if *v >= threshold {
@@ -275,6 +330,13 @@ pub fn solarize(img: &mut RgbImage, threshold: u8) {
 
 /// torchvision's 1-D Gaussian kernel: `exp(-0.5 (x / sigma)^2)` on `linspace(-(k-1)/2, (k-1)/2, k)`, normalised,
 /// in `f32`.
+///
+/// ```
+/// let k = dinov2_data::transforms::gaussian_kernel1d(9, 1.0);
+/// assert_eq!(k.len(), 9);
+/// assert!((k.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+/// assert!(k[4] > k[3] && k[3] == k[5]);
+/// ```
 pub fn gaussian_kernel1d(kernel_size: usize, sigma: f32) -> Vec<f32> {
     let half = (kernel_size as f32 - 1.0) * 0.5;
     let pdf: Vec<f32> = (0..kernel_size)
@@ -308,6 +370,15 @@ fn reflect(i: isize, n: isize) -> usize {
 /// torchvision `gaussian_blur(img, kernel_size, sigma)` on a PIL image: reflect padding, Gaussian convolution in
 /// `f32`, rounded half to even back to 8 bits. We convolve separably (torchvision uses the 2-D outer-product kernel);
 /// the results differ only in float rounding, i.e. by at most 1 level where a value sits at .5.
+///
+/// ```
+/// use dinov2_data::transforms::gaussian_blur;
+/// let mut img = image::RgbImage::new(9, 9);
+/// img.put_pixel(4, 4, image::Rgb([255, 255, 255])); // a single bright dot spreads out
+/// let out = gaussian_blur(&img, 9, 1.0);
+/// let (centre, next) = (out.get_pixel(4, 4)[0], out.get_pixel(5, 4)[0]);
+/// assert!(centre < 255 && next > 0 && centre > next);
+/// ```
 pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
@@ -358,6 +429,19 @@ pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage
 }
 
 /// torchvision `RandomResizedCrop` parameters and sampling.
+///
+/// ```
+/// use dinov2_data::rand::SeedableRng;
+/// use dinov2_data::{rand_chacha::ChaCha8Rng, RandomResizedCrop};
+/// let rrc = RandomResizedCrop::new(96, (0.05, 0.32));
+/// let mut rng = ChaCha8Rng::seed_from_u64(0);
+/// let b = rrc.get_params(500, 375, &mut rng); // the box only
+/// let area = f64::from(b.width * b.height) / (500.0 * 375.0);
+/// assert!(b.left + b.width <= 500 && b.top + b.height <= 375);
+/// assert!((0.04..0.33).contains(&area), "{area}"); // scale range, up to rounding of the sides
+/// let img = image::RgbImage::new(500, 375);
+/// assert_eq!(rrc.apply(&img, &mut rng).dimensions(), (96, 96)); // box + resize
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RandomResizedCrop {
     /// Output size (square).
@@ -369,7 +453,7 @@ pub struct RandomResizedCrop {
 }
 
 impl RandomResizedCrop {
-    /// `RandomResizedCrop(size, scale)` with the default ratio (3/4, 4/3).
+    /// `RandomResizedCrop(size, scale)` with the default ratio (3/4, 4/3) (example: [`RandomResizedCrop`]).
     pub fn new(size: u32, scale: (f64, f64)) -> Self {
         Self {
             size,
@@ -380,7 +464,7 @@ impl RandomResizedCrop {
 
     /// torchvision `RandomResizedCrop.get_params`: 10 attempts of (area ~ U(scale) * A, log-ratio uniform,
     /// w = round(sqrt(area*r)), h = round(sqrt(area/r))), accepted if it fits, with a uniform position; otherwise
-    /// the central crop with the ratio clamped to the allowed range.
+    /// the central crop with the ratio clamped to the allowed range (example: [`RandomResizedCrop`]).
     pub fn get_params<R: Rng + ?Sized>(&self, width: u32, height: u32, rng: &mut R) -> CropBox {
         if width == 0 || height == 0 {
             return CropBox {
@@ -431,7 +515,7 @@ impl RandomResizedCrop {
         }
     }
 
-    /// Samples a box and returns the resized crop.
+    /// Samples a box and returns the resized crop (example: [`RandomResizedCrop`]).
     pub fn apply<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R) -> RgbImage {
         let b = self.get_params(img.width(), img.height(), rng);
         resized_crop(img, b, self.size, self.size)
@@ -439,6 +523,13 @@ impl RandomResizedCrop {
 }
 
 /// `U(a, b)` like `torch.empty(1).uniform_(a, b)` / Python `random.uniform` (a + (b - a) * U[0, 1)).
+///
+/// ```
+/// use dinov2_data::rand::SeedableRng;
+/// let mut rng = dinov2_data::rand_chacha::ChaCha8Rng::seed_from_u64(3);
+/// let v = dinov2_data::transforms::uniform(&mut rng, 0.1, 2.0);
+/// assert!((0.1..2.0).contains(&v));
+/// ```
 #[inline]
 pub fn uniform<R: Rng + ?Sized>(rng: &mut R, a: f64, b: f64) -> f64 {
     a + (b - a) * rng.random::<f64>()
@@ -458,6 +549,29 @@ pub enum JitterOp {
 }
 
 /// Sampled ColorJitter parameters: a random order of the four ops and their factors.
+///
+/// ```
+/// use dinov2_data::transforms::{adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation};
+/// use dinov2_data::{JitterOp, JitterParams};
+/// let p = JitterParams {
+///     order: [JitterOp::Hue, JitterOp::Saturation, JitterOp::Contrast, JitterOp::Brightness],
+///     brightness: 0.8,
+///     contrast: 1.3,
+///     saturation: 0.9,
+///     hue: 0.05,
+/// };
+/// let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 90]));
+/// let mut jittered = img.clone();
+/// p.apply(&mut jittered);
+/// // the same as the four operations applied in `order`
+/// let mut manual = img.clone();
+/// adjust_hue(&mut manual, 0.05);
+/// adjust_saturation(&mut manual, 0.9);
+/// adjust_contrast(&mut manual, 1.3);
+/// adjust_brightness(&mut manual, 0.8);
+/// assert_eq!(jittered, manual);
+/// assert_ne!(jittered, img);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct JitterParams {
     /// Order of application (a permutation, like `torch.randperm(4)`).
@@ -473,7 +587,7 @@ pub struct JitterParams {
 }
 
 impl JitterParams {
-    /// Applies the ops in `order`.
+    /// Applies the ops in `order` (example: [`JitterParams`]).
     pub fn apply(&self, img: &mut RgbImage) {
         for op in self.order {
             match op {
@@ -488,6 +602,21 @@ impl JitterParams {
 
 /// torchvision `ColorJitter(brightness, contrast, saturation, hue)`: factors uniform in `[1-b, 1+b]`, `[1-c, 1+c]`,
 /// `[1-s, 1+s]` and a hue shift uniform in `[-h, h]`, applied in a uniformly random order.
+///
+/// ```
+/// use dinov2_data::rand::SeedableRng;
+/// use dinov2_data::{rand_chacha::ChaCha8Rng, ColorJitter};
+/// let jitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.2, hue: 0.1 };
+/// let p = jitter.sample(&mut ChaCha8Rng::seed_from_u64(1));
+/// assert!((0.6..=1.4).contains(&p.brightness) && (-0.1..=0.1).contains(&p.hue));
+/// let mut order = p.order.to_vec();
+/// order.sort_by_key(|op| *op as u8);
+/// assert_eq!(order.len(), 4);
+/// order.dedup();
+/// assert_eq!(order.len(), 4, "a permutation of the four ops");
+/// let mut img = image::RgbImage::from_pixel(8, 8, image::Rgb([120, 60, 30]));
+/// p.apply(&mut img);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ColorJitter {
     /// Brightness strength.
@@ -501,7 +630,7 @@ pub struct ColorJitter {
 }
 
 impl ColorJitter {
-    /// Samples the parameters.
+    /// Samples the parameters (example: [`ColorJitter`]).
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> JitterParams {
         let mut order = [
             JitterOp::Brightness,
@@ -528,6 +657,7 @@ impl ColorJitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn hsv_roundtrip_of_grey_and_primaries() {
@@ -570,7 +700,7 @@ mod tests {
     fn fallback_crop_is_central_with_clamped_ratio() {
         // scale > 1 can never fit, so the fallback is taken: 1000x100 has ratio 10 > 4/3 -> h = 100, w = 133
         let rrc = RandomResizedCrop::new(8, (2.0, 3.0));
-        let mut rng = rand::rng();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let b = rrc.get_params(1000, 100, &mut rng);
         assert_eq!(
             b,

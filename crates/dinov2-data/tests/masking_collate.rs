@@ -1,5 +1,10 @@
 //! Masking statistics and collate structure against the official `MaskingGenerator` / `collate_data_and_cast`
 //! (fixtures from `tools/make_data_fixtures.py`).
+//!
+//! Determinism: fixed `ChaCha8Rng` seeds (a platform-independent stream), no threads, no time, so every run draws
+//! the same numbers. The statistical bounds are sized for any seed: means within 5 standard errors of the difference
+//! of our sample and the official one (both 4000 or 20000 draws), standard deviations within 10 % (+0.05 absolute
+//! for the near-constant counts), >= 6 SE; the largest deviation with the fixed seeds is 2.0 SE.
 
 mod common;
 
@@ -69,16 +74,7 @@ fn masked_patch_counts_match_official_generator() {
 }
 
 fn f64s(fx: &Fixtures, name: &str) -> Vec<f64> {
-    // stored as float64
-    let st_bytes = std::fs::read(common::fixture("masking.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F64);
-    let _ = fx;
-    t.data()
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    fx.f64(name).1
 }
 
 #[test]
@@ -99,18 +95,20 @@ fn collate_structure_matches_official() {
     assert_eq!(b.n_masked_patches as i64, fx.i64("collate_n_masked").1[0]);
     // upperbound is deterministic given the batch size and the token count
     let mc = MaskCollate::official(224, 14);
-    assert_eq!(mc.upperbound(n_crops), ub[0] as usize);
+    assert_eq!(n_crops % 2, 0, "two global crops per image");
+    assert_eq!(mc.upperbound(n_crops / 2), ub[0] as usize);
+    assert_eq!(mc.upperbound_for_crops(n_crops), ub[0] as usize);
     let (_, bs) = fx.i64("upperbound_batch_sizes");
     let (_, ubs) = fx.i64("upperbound_256_196");
     let mc16 = MaskCollate::official(224, 16);
     for (i, &bsz) in bs.iter().enumerate() {
         assert_eq!(
-            mc.upperbound(2 * bsz as usize) as i64,
+            mc.upperbound(bsz as usize) as i64,
             ubs[2 * i],
             "B={bsz} N=256"
         );
         assert_eq!(
-            mc16.upperbound(2 * bsz as usize) as i64,
+            mc16.upperbound(bsz as usize) as i64,
             ubs[2 * i + 1],
             "B={bsz} N=196"
         );
@@ -169,12 +167,14 @@ fn stratified_ratios_and_shuffled_positions() {
     // over many batches: the i-th stratum gets int(N * U(p_i, p_i+1)) targets; masked crops land on every position
     let mc = MaskCollate::official(224, 14);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
-    let n_crops = 8;
+    let batch_size = 4;
+    let n_crops = 2 * batch_size;
     let mut pos_hits = vec![0usize; n_crops];
     let mut total = 0usize;
     let trials = 2000;
     for _ in 0..trials {
-        let b = mc.sample(n_crops, &mut rng);
+        let b = mc.sample(batch_size, &mut rng);
+        assert_eq!(b.n_crops, n_crops);
         for (hits, row) in pos_hits.iter_mut().zip(b.masks.chunks_exact(256)) {
             let cnt = row.iter().filter(|&&v| v).count();
             if cnt > 0 {
@@ -190,7 +190,9 @@ fn stratified_ratios_and_shuffled_positions() {
             "position {c} masked with rate {p}"
         );
     }
-    // mean masked fraction over masked crops is close to (and below) the mean target ratio 0.3
+    // mean masked fraction over masked crops is close to (and below) the mean target ratio 0.3: the targets
+    // int(256 r) lose 0.5/256 on average and a block loop may stop short, so the expectation is ~0.298; the SE of
+    // the mean over 8000 masked crops is ~0.0004 (0.3 is > 5 SE above), 0.25 is far below.
     let mean_ratio = total as f64 / (trials * n_crops / 2) as f64 / 256.0;
     assert!(
         mean_ratio > 0.25 && mean_ratio <= 0.3,

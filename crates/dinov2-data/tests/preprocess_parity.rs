@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixture, load_png, max_diff, n_diff, Fixtures};
 use dinov2_data::resize::{center_crop, resize_bicubic, resized_crop, shorter_side_size, CropBox};
-use dinov2_data::{decode_rgb, load_rgb, preprocess, DataError, DecodeOptions, Preprocess};
+use dinov2_data::{decode_rgb, load_rgb, preprocess, DecodeOptions, Error, Preprocess};
 
 #[test]
 fn pil_bicubic_resize_is_bit_exact() {
@@ -105,35 +105,35 @@ fn decoding_matches_pil() {
     let rgb = fx.rgb("rgb");
     // lossless formats: exact
     for f in ["rgb.bmp", "rgb.webp"] {
-        let d = load_rgb(&fixture(&format!("decode/{f}"))).unwrap();
+        let d = load_rgb(fixture(&format!("decode/{f}"))).unwrap();
         assert_eq!(max_diff(&d, &rgb), 0, "{f}");
     }
-    let d = load_rgb(&fixture("decode/rgba.png")).unwrap();
+    let d = load_rgb(fixture("decode/rgba.png")).unwrap();
     assert_eq!(max_diff(&d, &rgb), 0, "rgba.png");
     assert_eq!(
         max_diff(
-            &load_rgb(&fixture("decode/grey.png")).unwrap(),
+            &load_rgb(fixture("decode/grey.png")).unwrap(),
             &fx.rgb("grey_png")
         ),
         0
     );
     assert_eq!(
         max_diff(
-            &load_rgb(&fixture("decode/anim.gif")).unwrap(),
+            &load_rgb(fixture("decode/anim.gif")).unwrap(),
             &fx.rgb("anim_gif")
         ),
         0,
         "gif first frame"
     );
     // 16-bit: v16 = 257 * v8, so scaling gives v8 back
-    let g16 = load_rgb(&fixture("decode/grey16.png")).unwrap();
+    let g16 = load_rgb(fixture("decode/grey16.png")).unwrap();
     let (shape, g8) = fx.u8("grey16_png_as8");
     assert_eq!(g16.dimensions(), (shape[1] as u32, shape[0] as u32));
     for (p, &g) in g16.pixels().zip(&g8) {
         assert_eq!(p.0, [g, g, g]);
     }
     // CMYK TIFF: PIL's naive inversion (r = 255 - c - k clipped), the same formula family as ours, within 1 level
-    let d = load_rgb(&fixture("decode/cmyk.tif")).unwrap();
+    let d = load_rgb(fixture("decode/cmyk.tif")).unwrap();
     assert!(
         max_diff(&d, &fx.rgb("cmyk_tif")) <= 1,
         "cmyk tif diff {}",
@@ -141,7 +141,7 @@ fn decoding_matches_pil() {
     );
     // lossy JPEG: different IDCT/upsampling implementations (zune-jpeg vs libjpeg-turbo) differ by a few levels
     for (f, k, tol) in [("rgb.jpg", "rgb_jpg", 12u8), ("cmyk.jpg", "cmyk_jpg", 16)] {
-        let d = load_rgb(&fixture(&format!("decode/{f}"))).unwrap();
+        let d = load_rgb(fixture(&format!("decode/{f}"))).unwrap();
         let e = fx.rgb(k);
         let mean: f64 = d
             .as_raw()
@@ -157,7 +157,7 @@ fn decoding_matches_pil() {
         );
     }
     // EXIF orientation 6: decoded image is the rotated one, as PIL's exif_transpose gives
-    let d = load_rgb(&fixture("decode/exif6.jpg")).unwrap();
+    let d = load_rgb(fixture("decode/exif6.jpg")).unwrap();
     let e = fx.rgb("exif6_jpg");
     assert_eq!(d.dimensions(), (30, 40));
     assert_eq!(d.dimensions(), e.dimensions());
@@ -174,14 +174,14 @@ fn decoding_matches_pil() {
 #[test]
 fn broken_files_give_typed_errors() {
     for f in ["truncated.jpg", "empty.jpg", "notanimage.png"] {
-        match load_rgb(&fixture(&format!("decode/{f}"))) {
-            Err(DataError::Decode { path: Some(p), .. }) => assert!(p.ends_with(f)),
+        match load_rgb(fixture(&format!("decode/{f}"))) {
+            Err(Error::Decode { path: Some(p), .. }) => assert!(p.ends_with(f)),
             other => panic!("{f}: expected a Decode error with its path, got {other:?}"),
         }
     }
     assert!(matches!(
-        load_rgb(&fixture("decode/does-not-exist.jpg")),
-        Err(DataError::Io { .. })
+        load_rgb(fixture("decode/does-not-exist.jpg")),
+        Err(Error::Io { .. })
     ));
     let bytes = std::fs::read(fixture("src_320x240.png")).unwrap();
     let o = DecodeOptions {
@@ -190,6 +190,6 @@ fn broken_files_give_typed_errors() {
     };
     assert!(matches!(
         decode_rgb(&bytes, &o),
-        Err(DataError::TooManyPixels { .. })
+        Err(Error::TooManyPixels { .. })
     ));
 }

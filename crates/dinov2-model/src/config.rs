@@ -5,8 +5,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Feed-forward block of a transformer layer.
+///
+/// ```
+/// use dinov2_model::{FfnKind, VitConfig};
+/// assert_eq!(VitConfig::vit_large().ffn, FfnKind::Mlp);
+/// assert_eq!(VitConfig::vit_giant2().ffn, FfnKind::Swiglu);
+/// assert_eq!(serde_json::to_string(&FfnKind::Swiglu).unwrap(), r#""swiglu""#); // as in config JSON
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum FfnKind {
     /// `fc1` → exact (erf) GELU → `fc2` (ViT-S/B/L).
     Mlp,
@@ -20,6 +28,14 @@ pub enum FfnKind {
 /// (it was trained with it), not of the weight format:
 /// * non-register models: `scale_factor = (n + offset) / M` with offset 0.1, no antialias (A = -0.75, clamped taps);
 /// * register models: `size = n`, antialias on (A = -0.5, renormalised taps, PIL-style support).
+///
+/// ```
+/// use dinov2_model::{PosEmbedInterpolation, VitConfig};
+/// let plain = VitConfig::vit_small().interpolation;
+/// assert_eq!(plain, PosEmbedInterpolation { offset: 0.1, antialias: false });
+/// let reg = VitConfig::vit_small().with_registers(4).interpolation;
+/// assert_eq!(reg, PosEmbedInterpolation { offset: 0.0, antialias: true });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PosEmbedInterpolation {
     /// Offset added to the target grid before computing the scale factor; 0 selects the size path.
@@ -30,6 +46,20 @@ pub struct PosEmbedInterpolation {
 
 /// Architecture of a DINOv2 vision transformer. Every field has the official meaning
 /// (`dinov2/models/vision_transformer.py`).
+///
+/// Start from an official size and change fields; [`validate`](Self::validate) checks the result (every
+/// model constructor calls it). The struct (de)serialises with serde, field for field.
+///
+/// ```
+/// use dinov2_model::VitConfig;
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (64, 4, 2, 56); // a tiny custom model
+/// cfg.validate()?;
+/// assert_eq!((cfg.head_dim(), cfg.pos_grid(), cfg.ffn_hidden_dim()), (16, 4, 256));
+/// let json = serde_json::to_string(&cfg).unwrap();
+/// assert_eq!(serde_json::from_str::<VitConfig>(&json).unwrap(), cfg);
+/// # Ok::<(), dinov2_model::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
     /// Image size the position table was trained at (518 for the released weights): the table has
@@ -96,23 +126,60 @@ impl VitConfig {
     }
 
     /// ViT-S/14 as released (D=384, 12 blocks, 6 heads).
+    ///
+    /// ```
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// let cfg = VitConfig::vit_small();
+    /// assert_eq!((cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size), (384, 12, 6, 518));
+    /// let params: usize = DinoVisionTransformer::parameter_shapes(&cfg)?
+    ///     .iter()
+    ///     .map(|(_, shape)| shape.iter().product::<usize>())
+    ///     .sum();
+    /// assert_eq!(params, 22_056_576); // with the 518-pixel position table and the mask token
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     pub fn vit_small() -> Self {
         Self::base(384, 12, 6, FfnKind::Mlp)
     }
     /// ViT-B/14 as released (D=768, 12 blocks, 12 heads).
+    ///
+    /// ```
+    /// let cfg = dinov2_model::VitConfig::vit_base();
+    /// assert_eq!((cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.head_dim()), (768, 12, 12, 64));
+    /// ```
     pub fn vit_base() -> Self {
         Self::base(768, 12, 12, FfnKind::Mlp)
     }
     /// ViT-L/14 as released (D=1024, 24 blocks, 16 heads).
+    ///
+    /// ```
+    /// let cfg = dinov2_model::VitConfig::vit_large();
+    /// assert_eq!((cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.ffn_hidden_dim()), (1024, 24, 16, 4096));
+    /// ```
     pub fn vit_large() -> Self {
         Self::base(1024, 24, 16, FfnKind::Mlp)
     }
     /// ViT-g/14 as released (D=1536, 40 blocks, 24 heads, SwiGLU).
+    ///
+    /// ```
+    /// use dinov2_model::{FfnKind, VitConfig};
+    /// let cfg = VitConfig::vit_giant2();
+    /// assert_eq!((cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.ffn), (1536, 40, 24, FfnKind::Swiglu));
+    /// assert_eq!(cfg.ffn_hidden_dim(), 4096); // SwiGLU: 2/3 of 4·D, rounded up to a multiple of 8
+    /// ```
     pub fn vit_giant2() -> Self {
         Self::base(1536, 40, 24, FfnKind::Swiglu)
     }
 
     /// The same model with `n` register tokens and the register models' interpolation (size path, antialias).
+    ///
+    /// ```
+    /// use dinov2_model::{OfficialModel, VitConfig};
+    /// let cfg = VitConfig::vit_base().with_registers(4);
+    /// assert_eq!(cfg, "dinov2_vitb14_reg".parse::<OfficialModel>()?.config());
+    /// assert!(cfg.interpolation.antialias);
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     pub fn with_registers(mut self, n: usize) -> Self {
         self.num_register_tokens = n;
         if n > 0 {
@@ -125,22 +192,45 @@ impl VitConfig {
     }
 
     /// Side of the square position grid stored in the weights (`img_size / patch_size`, 37 for the released models).
+    ///
+    /// ```
+    /// let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// assert_eq!(cfg.pos_grid(), 37);
+    /// cfg.img_size = 224;
+    /// assert_eq!(cfg.pos_grid(), 16);
+    /// ```
     pub fn pos_grid(&self) -> usize {
         self.img_size / self.patch_size
     }
 
     /// Rows of `pos_embed`: one class slot plus the grid.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::VitConfig::vit_small().num_pos_tokens(), 1 + 37 * 37);
+    /// ```
     pub fn num_pos_tokens(&self) -> usize {
         self.pos_grid() * self.pos_grid() + 1
     }
 
     /// Width of one attention head.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::VitConfig::vit_giant2().head_dim(), 1536 / 24);
+    /// ```
     pub fn head_dim(&self) -> usize {
         self.embed_dim / self.num_heads
     }
 
     /// FFN hidden size: `int(D * mlp_ratio)` for the MLP; for SwiGLU the official rounding
     /// `(int(hidden * 2 / 3) + 7) // 8 * 8` (4096 for ViT-g).
+    ///
+    /// ```
+    /// use dinov2_model::{FfnKind, VitConfig};
+    /// let mut cfg = VitConfig::vit_small();
+    /// assert_eq!(cfg.ffn_hidden_dim(), 1536);
+    /// cfg.ffn = FfnKind::Swiglu;
+    /// assert_eq!(cfg.ffn_hidden_dim(), 1024); // int(1536 · 2/3) = 1024, already a multiple of 8
+    /// ```
     pub fn ffn_hidden_dim(&self) -> usize {
         let hidden = (self.embed_dim as f64 * self.mlp_ratio) as usize;
         match self.ffn {
@@ -150,6 +240,16 @@ impl VitConfig {
     }
 
     /// Drop-path rate of block `i` (uniform or `linspace(0, rate, depth)`).
+    ///
+    /// ```
+    /// let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// (cfg.depth, cfg.drop_path_rate) = (5, 0.4);
+    /// for (i, rate) in [0.0, 0.1, 0.2, 0.3, 0.4].into_iter().enumerate() {
+    ///     assert!((cfg.drop_path_rate_of_block(i) - rate).abs() < 1e-12); // linspace(0, 0.4, 5)
+    /// }
+    /// cfg.drop_path_uniform = true; // the official training configurations
+    /// assert_eq!(cfg.drop_path_rate_of_block(0), 0.4);
+    /// ```
     pub fn drop_path_rate_of_block(&self, i: usize) -> f64 {
         if self.drop_path_uniform || self.depth <= 1 {
             self.drop_path_rate
@@ -158,7 +258,16 @@ impl VitConfig {
         }
     }
 
-    /// Checks that the numbers describe a buildable model.
+    /// Checks that the numbers describe a buildable model: an [`Error::InvalidConfig`] naming the field
+    /// otherwise.
+    ///
+    /// ```
+    /// use dinov2_model::{Error, VitConfig};
+    /// let mut cfg = VitConfig::vit_small();
+    /// assert!(cfg.validate().is_ok());
+    /// cfg.num_heads = 5;
+    /// assert!(matches!(cfg.validate(), Err(Error::InvalidConfig { field: "num_heads", .. })));
+    /// ```
     pub fn validate(&self) -> Result<()> {
         let fail = |field: &'static str, reason: String| Err(Error::config(field, reason));
         for (field, v) in [
@@ -213,7 +322,15 @@ impl VitConfig {
 }
 
 /// Size of an official backbone.
+///
+/// ```
+/// use dinov2_model::Arch;
+/// let arch = Arch::from_embed_dim(768).unwrap();
+/// assert_eq!((arch, arch.letter(), arch.hf_word()), (Arch::Base, 'b', "base"));
+/// assert_eq!(arch.config().depth, 12);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Arch {
     /// ViT-S/14, 21 M parameters.
     Small,
@@ -227,6 +344,10 @@ pub enum Arch {
 
 impl Arch {
     /// Letter used in the official names (`s`, `b`, `l`, `g`).
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::Arch::Giant.letter(), 'g'); // dinov2_vitg14
+    /// ```
     pub fn letter(self) -> char {
         match self {
             Arch::Small => 's',
@@ -236,6 +357,10 @@ impl Arch {
         }
     }
     /// Word used in the Hugging Face repository names.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::Arch::Large.hf_word(), "large"); // facebook/dinov2-large
+    /// ```
     pub fn hf_word(self) -> &'static str {
         match self {
             Arch::Small => "small",
@@ -245,6 +370,12 @@ impl Arch {
         }
     }
     /// Official configuration of this size (without registers).
+    ///
+    /// ```
+    /// use dinov2_model::{Arch, VitConfig};
+    /// assert_eq!(Arch::Small.config(), VitConfig::vit_small());
+    /// assert_eq!(Arch::Giant.config().num_register_tokens, 0);
+    /// ```
     pub fn config(self) -> VitConfig {
         match self {
             Arch::Small => VitConfig::vit_small(),
@@ -254,6 +385,12 @@ impl Arch {
         }
     }
     /// The size whose width is `embed_dim`, if any.
+    ///
+    /// ```
+    /// use dinov2_model::Arch;
+    /// assert_eq!(Arch::from_embed_dim(1024), Some(Arch::Large));
+    /// assert_eq!(Arch::from_embed_dim(512), None);
+    /// ```
     pub fn from_embed_dim(embed_dim: usize) -> Option<Arch> {
         match embed_dim {
             384 => Some(Arch::Small),
@@ -285,6 +422,12 @@ pub struct OfficialModel {
 
 impl OfficialModel {
     /// All eight, plain then register models, small to giant.
+    ///
+    /// ```
+    /// let names: Vec<String> = dinov2_model::OfficialModel::all().iter().map(|m| m.short_name()).collect();
+    /// assert_eq!(names.len(), 8);
+    /// assert_eq!((names[0].as_str(), names[7].as_str()), ("dinov2_vits14", "dinov2_vitg14_reg"));
+    /// ```
     pub fn all() -> Vec<OfficialModel> {
         [false, true]
             .iter()
@@ -295,7 +438,14 @@ impl OfficialModel {
             })
             .collect()
     }
-    /// torch-hub entry point name, e.g. `dinov2_vits14` or `dinov2_vitg14_reg`.
+    /// torch-hub entry point name, e.g. `dinov2_vits14` or `dinov2_vitg14_reg`. Also its `Display`.
+    ///
+    /// ```
+    /// use dinov2_model::{Arch, OfficialModel};
+    /// let m = OfficialModel { arch: Arch::Large, registers: true };
+    /// assert_eq!(m.short_name(), "dinov2_vitl14_reg");
+    /// assert_eq!(m.to_string(), m.short_name());
+    /// ```
     pub fn short_name(&self) -> String {
         format!(
             "dinov2_vit{}14{}",
@@ -304,6 +454,13 @@ impl OfficialModel {
         )
     }
     /// Checkpoint file stem on the official download server, e.g. `dinov2_vits14_reg4_pretrain`.
+    ///
+    /// ```
+    /// use dinov2_model::OfficialModel;
+    /// let m: OfficialModel = "dinov2_vits14_reg".parse()?;
+    /// assert_eq!(format!("{}.pth", m.checkpoint_stem()), "dinov2_vits14_reg4_pretrain.pth");
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     pub fn checkpoint_stem(&self) -> String {
         format!(
             "dinov2_vit{}14{}_pretrain",
@@ -312,6 +469,16 @@ impl OfficialModel {
         )
     }
     /// Hugging Face repository holding the `transformers` checkpoint.
+    ///
+    /// ```
+    /// use dinov2_model::OfficialModel;
+    /// assert_eq!("dinov2_vitg14".parse::<OfficialModel>()?.hf_repo(), "facebook/dinov2-giant");
+    /// assert_eq!(
+    ///     "dinov2_vits14_reg".parse::<OfficialModel>()?.hf_repo(),
+    ///     "facebook/dinov2-with-registers-small"
+    /// );
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     pub fn hf_repo(&self) -> String {
         if self.registers {
             format!("facebook/dinov2-with-registers-{}", self.arch.hf_word())
@@ -320,6 +487,14 @@ impl OfficialModel {
         }
     }
     /// The official configuration (img_size 518, LayerScale, registers and interpolation as released).
+    ///
+    /// ```
+    /// use dinov2_model::{OfficialModel, VitConfig};
+    /// let cfg = "dinov2_vitl14_reg".parse::<OfficialModel>()?.config();
+    /// assert_eq!(cfg, VitConfig::vit_large().with_registers(4));
+    /// assert_eq!(cfg.layer_scale_init, Some(1.0));
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     pub fn config(&self) -> VitConfig {
         let c = self.arch.config();
         if self.registers {
@@ -340,7 +515,17 @@ impl std::str::FromStr for OfficialModel {
     type Err = Error;
 
     /// Accepts official short names (`dinov2_vits14`, `dinov2_vits14_reg`, `dinov2_vits14_reg4`) and
-    /// Hub ids (`facebook/dinov2-small`, `facebook/dinov2-with-registers-small`), case-insensitively.
+    /// Hub ids (`facebook/dinov2-small`, `facebook/dinov2-with-registers-small`), case-insensitively;
+    /// anything else is [`Error::UnknownModel`].
+    ///
+    /// ```
+    /// use dinov2_model::{Arch, Error, OfficialModel};
+    /// let m: OfficialModel = "DINOv2_ViTS14_reg4".parse()?;
+    /// assert_eq!(m, OfficialModel { arch: Arch::Small, registers: true });
+    /// assert_eq!("facebook/dinov2-with-registers-small".parse::<OfficialModel>()?, m);
+    /// assert!(matches!("dinov2_vits16".parse::<OfficialModel>(), Err(Error::UnknownModel { .. })));
+    /// # Ok::<(), dinov2_model::Error>(())
+    /// ```
     fn from_str(s: &str) -> Result<Self> {
         let lower = s.trim().to_ascii_lowercase();
         OfficialModel::all()

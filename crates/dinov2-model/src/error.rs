@@ -151,6 +151,14 @@ pub enum Error {
 }
 
 /// Result alias of the model crate.
+///
+/// ```
+/// fn width(name: &str) -> dinov2_model::Result<usize> {
+///     Ok(name.parse::<dinov2_model::OfficialModel>()?.config().embed_dim)
+/// }
+/// assert_eq!(width("dinov2_vitb14").unwrap(), 768);
+/// assert!(matches!(width("resnet50"), Err(dinov2_model::Error::UnknownModel { .. })));
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

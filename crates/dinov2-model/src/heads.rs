@@ -39,6 +39,21 @@ impl LinearClassifier {
     /// A head reading the class tokens of the last `layers` blocks of a `embed_dim`-wide backbone into
     /// `num_classes` logits, from `vb` (`weight` `[classes, (layers+1)·D]`, `bias` `[classes]`; official head
     /// files hold exactly these two keys, a Hugging Face classifier has them under `classifier`).
+    /// `layers = 0` is an [`Error::InvalidArgument`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::LinearClassifier;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let vm = VarMap::new(); // a new head to train on a frozen backbone
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let head = LinearClassifier::new(4, 384, 1000, vb.pp("head"))?;
+    /// assert_eq!(vm.data().lock().unwrap()["head.weight"].dims(), &[1000, 5 * 384]);
+    /// assert_eq!(head.num_classes(), 1000);
+    /// assert!(LinearClassifier::new(0, 384, 1000, vb.pp("other")).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn new(
         layers: usize,
         embed_dim: usize,
@@ -59,6 +74,21 @@ impl LinearClassifier {
 
     /// From a state dict holding `{prefix}weight` and `{prefix}bias` (prefix `""` for official head files,
     /// `"classifier."` for Hugging Face checkpoints); the number of classes is read off the weight.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{Error, LinearClassifier, StateDict};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// // What `weights::load_weights` leaves in `extra` for a `Dinov2ForImageClassification` checkpoint.
+    /// let mut extra = StateDict::new();
+    /// extra.insert("classifier.weight", Tensor::zeros((3, 2 * 32), DType::F32, &Device::Cpu)?);
+    /// extra.insert("classifier.bias", Tensor::zeros(3, DType::F32, &Device::Cpu)?);
+    /// let head = LinearClassifier::from_state_dict(&extra, "classifier.", 1, 32)?;
+    /// assert_eq!(head.num_classes(), 3);
+    /// let wrong_width = LinearClassifier::from_state_dict(&extra, "classifier.", 4, 32).unwrap_err();
+    /// assert!(matches!(wrong_width, Error::ShapeMismatch { .. }));
+    /// # Ok(()) }
+    /// ```
     pub fn from_state_dict(
         sd: &StateDict,
         prefix: &str,
@@ -89,16 +119,55 @@ impl LinearClassifier {
     }
 
     /// Number of backbone blocks whose class tokens feed the head.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let head = dinov2_model::LinearClassifier::new(4, 384, 1000, vb)?; // the released `_lc` heads
+    /// assert_eq!(head.layers(), 4);
+    /// # Ok(()) }
+    /// ```
     pub fn layers(&self) -> usize {
         self.layers
     }
 
     /// Number of classes.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let head = dinov2_model::LinearClassifier::new(1, 384, 10, vb)?;
+    /// assert_eq!(head.num_classes(), 10);
+    /// # Ok(()) }
+    /// ```
     pub fn num_classes(&self) -> usize {
         self.linear.weight().dim(0).unwrap_or(0)
     }
 
-    /// The head's input for images `x`.
+    /// The head's input for images `x` (see the [module docs](self)): `[B, (layers + 1)·D]`.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, LinearClassifier, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 4, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let x = (Tensor::arange(0f32, 2. * 3. * 28. * 28., &Device::Cpu)? * 0.01)?.sin()?.reshape((2, 3, 28, 28))?;
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let one = LinearClassifier::new(1, 32, 10, vb.pp("one"))?;
+    /// let f = model.forward_features(&x, None)?;
+    /// let expected = Tensor::cat(&[&f.x_norm_clstoken, &f.x_norm_patchtokens.mean(1)?], 1)?;
+    /// let diff = (one.features(&model, &x)? - expected)?.abs()?.flatten_all()?.max(0)?;
+    /// assert!(diff.to_scalar::<f32>()? < 1e-6);
+    /// let four = LinearClassifier::new(4, 32, 10, vb.pp("four"))?;
+    /// assert_eq!(four.features(&model, &x)?.dims(), &[2, 5 * 32]);
+    /// # Ok(()) }
+    /// ```
     pub fn features(&self, model: &DinoVisionTransformer, x: &Tensor) -> Result<Tensor> {
         if self.layers == 1 {
             let f = model.forward_features(x, None)?;
@@ -123,6 +192,25 @@ impl LinearClassifier {
     }
 
     /// Logits `[B, classes]`.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, LinearClassifier, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 4, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let x = (Tensor::arange(0f32, 2. * 3. * 28. * 28., &Device::Cpu)? * 0.01)?.sin()?.reshape((2, 3, 28, 28))?;
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let mut head_sd = dinov2_model::StateDict::new(); // a head that ignores the features: logits = bias
+    /// head_sd.insert("weight", Tensor::zeros((3, 2 * 32), DType::F32, &Device::Cpu)?);
+    /// head_sd.insert("bias", Tensor::new(&[1f32, 2., 3.], &Device::Cpu)?);
+    /// let head = LinearClassifier::from_state_dict(&head_sd, "", 1, 32)?;
+    /// assert_eq!(head.forward(&model, &x)?.to_vec2::<f32>()?, [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]);
+    /// # Ok(()) }
+    /// ```
     pub fn forward(&self, model: &DinoVisionTransformer, x: &Tensor) -> Result<Tensor> {
         let f = self.features(model, x)?;
         Ok(self

@@ -23,10 +23,22 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::config::OfficialModel;
 use crate::error::{Error, Result};
 
-/// The files [`download`] fetches (and a cached snapshot must hold).
+/// The files [`download`] fetches (and a cached snapshot must hold; see [`cached_snapshot`]).
 pub const MODEL_FILES: [&str; 2] = ["config.json", "model.safetensors"];
 
 /// Where and how to reach the Hub. Its `Debug` output hides the token.
+///
+/// ```
+/// use dinov2_model::hub::HubOptions;
+/// let opts = HubOptions {
+///     cache_dir: "/data/models".into(),
+///     offline: true, // only what is already in `/data/models`
+///     token: Some("hf_secret".into()),
+///     ..HubOptions::from_env_with(|_| None) // defaults, whatever the process environment says
+/// };
+/// assert_eq!(opts.revision, "main");
+/// assert!(!format!("{opts:?}").contains("hf_secret"));
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct HubOptions {
     /// Hub URL without a trailing slash, e.g. `https://huggingface.co`.
@@ -181,6 +193,14 @@ fn is_commit_hash(rev: &str) -> bool {
 }
 
 /// The cache folder of a model repository (`{cache}/models--{org}--{name}`).
+///
+/// ```
+/// use dinov2_model::hub::{hub_repo_id, repo_cache_dir, HubOptions};
+/// let opts = HubOptions::from_env_with(|k| (k == "HF_HUB_CACHE").then(|| "/data/hub".to_string()));
+/// let dir = repo_cache_dir(&hub_repo_id("dinov2_vits14")?, &opts);
+/// assert_eq!(dir, std::path::Path::new("/data/hub/models--facebook--dinov2-small"));
+/// # Ok::<(), dinov2_model::Error>(())
+/// ```
 pub fn repo_cache_dir(repo_id: &str, opts: &HubOptions) -> PathBuf {
     opts.cache_dir
         .join(format!("models--{}", repo_id.replace('/', "--")))
@@ -189,6 +209,26 @@ pub fn repo_cache_dir(repo_id: &str, opts: &HubOptions) -> PathBuf {
 /// The snapshot directory of `repo_id` at `opts.revision` if it is cached with every file of [`MODEL_FILES`];
 /// pure file-system lookup (no network). A commit-hash revision is looked up directly, a branch or tag through
 /// `refs/{revision}`, as the Python client does.
+///
+/// ```
+/// use dinov2_model::hub::{cached_snapshot, repo_cache_dir, HubOptions, MODEL_FILES};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache = tempfile::tempdir()?;
+/// let opts = HubOptions { cache_dir: cache.path().to_path_buf(), ..HubOptions::from_env_with(|_| None) };
+/// assert_eq!(cached_snapshot("facebook/dinov2-small", &opts), None);
+/// // The layout the Python client (and `download`) leaves behind.
+/// let repo = repo_cache_dir("facebook/dinov2-small", &opts);
+/// let commit = "0123456789abcdef0123456789abcdef01234567";
+/// let snap = repo.join("snapshots").join(commit);
+/// std::fs::create_dir_all(&snap)?;
+/// std::fs::create_dir_all(repo.join("refs"))?;
+/// std::fs::write(repo.join("refs").join("main"), commit)?;
+/// std::fs::write(snap.join(MODEL_FILES[0]), b"{}")?;
+/// assert_eq!(cached_snapshot("facebook/dinov2-small", &opts), None); // model.safetensors still missing
+/// std::fs::write(snap.join(MODEL_FILES[1]), b"")?;
+/// assert_eq!(cached_snapshot("facebook/dinov2-small", &opts), Some(snap));
+/// # Ok(()) }
+/// ```
 pub fn cached_snapshot(repo_id: &str, opts: &HubOptions) -> Option<PathBuf> {
     let repo_dir = repo_cache_dir(repo_id, opts);
     let commit = if is_commit_hash(&opts.revision) {
@@ -240,6 +280,28 @@ fn cached_file(repo_id: &str, opts: &HubOptions, file: &str) -> bool {
 /// assert_eq!(w.config.num_register_tokens, 4);
 /// # Ok(())
 /// # }
+/// ```
+///
+/// Offline, only the cache answers:
+///
+/// ```
+/// use dinov2_model::hub::{download, repo_cache_dir, HubOptions, MODEL_FILES};
+/// use dinov2_model::Error;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let cache = tempfile::tempdir()?;
+/// # let opts = HubOptions { cache_dir: cache.path().to_path_buf(), ..HubOptions::from_env_with(|_| None) };
+/// # let repo = repo_cache_dir("facebook/dinov2-small", &opts);
+/// # let commit = "0123456789abcdef0123456789abcdef01234567";
+/// # let snap = repo.join("snapshots").join(commit);
+/// # std::fs::create_dir_all(&snap)?;
+/// # std::fs::create_dir_all(repo.join("refs"))?;
+/// # std::fs::write(repo.join("refs").join("main"), commit)?;
+/// # for f in MODEL_FILES { std::fs::write(snap.join(f), b"")?; }
+/// // A cache holding a snapshot of facebook/dinov2-small, and nothing else.
+/// assert_eq!(download("dinov2_vits14", &HubOptions { offline: true, ..opts.clone() })?, snap);
+/// let err = download("dinov2_vitb14", &HubOptions { offline: true, ..opts }).unwrap_err();
+/// assert!(matches!(err, Error::Hub { ref repo, .. } if repo == "facebook/dinov2-base"));
+/// # Ok(()) }
 /// ```
 pub fn download(repo_or_name: &str, opts: &HubOptions) -> Result<PathBuf> {
     let repo = hub_repo_id(repo_or_name)?;
@@ -325,15 +387,29 @@ pub fn download(repo_or_name: &str, opts: &HubOptions) -> Result<PathBuf> {
 }
 
 /// A local path if `spec` exists, else the snapshot directory of the model it names ([`download`]).
+/// A spec that looks like a path (a separator at the start, more than one `/`, a weights extension) but
+/// does not exist is an [`Error::Io`]; one that is neither a path nor a model name an
+/// [`Error::UnknownModel`]. Neither touches the network.
 ///
 /// ```no_run
 /// use dinov2_model::hub::{resolve_weights, HubOptions};
 /// # fn main() -> dinov2_model::Result<()> {
-/// let opts = HubOptions::from_env();
-/// let local = resolve_weights("weights/dinov2_vits14_pretrain.pth", &opts)?; // returned as is
-/// let hub = resolve_weights("facebook/dinov2-base", &opts)?; // downloaded (or cached)
+/// let hub = resolve_weights("facebook/dinov2-base", &HubOptions::from_env())?; // downloaded (or cached)
 /// # Ok(())
 /// # }
+/// ```
+///
+/// ```
+/// use dinov2_model::hub::{resolve_weights, HubOptions};
+/// use dinov2_model::Error;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let opts = HubOptions { offline: true, ..HubOptions::from_env_with(|_| None) };
+/// let file = tempfile::NamedTempFile::new()?;
+/// let spec = file.path().to_str().unwrap();
+/// assert_eq!(resolve_weights(spec, &opts)?, file.path()); // an existing path, returned as is
+/// assert!(matches!(resolve_weights("weights/missing.pth", &opts), Err(Error::Io { .. })));
+/// assert!(matches!(resolve_weights("vit_tiny", &opts), Err(Error::UnknownModel { .. })));
+/// # Ok(()) }
 /// ```
 pub fn resolve_weights(spec: &str, opts: &HubOptions) -> Result<PathBuf> {
     let p = Path::new(spec);

@@ -61,6 +61,23 @@ pub(crate) const ONES: Init = Init::Const(1.0);
 /// A [`VarBuilder`] over `varmap` whose missing parameters are created as `Var`s from their init hints,
 /// deterministically in `seed` (see the [module docs](self)). Parameters already in `varmap` are returned
 /// as they are (their shape is checked), as with [`VarBuilder::from_varmap`].
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::VarMap;
+/// use dinov2_model::layers::Linear;
+/// # fn main() -> dinov2_model::Result<()> {
+/// let weights = |seed| -> dinov2_model::Result<Vec<Vec<f32>>> {
+///     let varmap = VarMap::new();
+///     let vb = dinov2_model::init::seeded(&varmap, seed, DType::F32, &Device::Cpu);
+///     let fc = Linear::new(8, 4, true, vb.pp("fc"))?;
+///     assert_eq!(fc.bias().unwrap().to_vec1::<f32>()?, [0.0; 4]); // official zero bias
+///     Ok(fc.weight().to_vec2()?)
+/// };
+/// assert_eq!(weights(7)?, weights(7)?); // deterministic in the seed
+/// assert_ne!(weights(7)?, weights(8)?);
+/// # Ok(()) }
+/// ```
 pub fn seeded(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(
         Box::new(SeededInit {

@@ -76,6 +76,19 @@ pub struct Linear {
 impl Linear {
     /// `in_dim → out_dim` from `vb` (`weight`, and `bias` when `bias` is set), initialised as the official
     /// `init_weights_vit_timm` (trunc-normal 0.02 weight, zero bias).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::layers::Linear;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let vm = VarMap::new();
+    /// let fc = Linear::new(16, 8, false, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+    /// assert_eq!(fc.weight().dims(), &[8, 16]);
+    /// assert!(fc.bias().is_none());
+    /// assert_eq!(vm.all_vars().len(), 1); // `weight` only
+    /// # Ok(()) }
+    /// ```
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_002)?;
         let bias = bias
@@ -85,16 +98,51 @@ impl Linear {
     }
 
     /// From tensors: `weight` `[out, in]`, `bias` `[out]`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev)?;
+    /// let fc = dinov2_model::layers::Linear::from_tensors(w, Some(Tensor::new(&[0f32, 0., 10.], &dev)?));
+    /// let y = fc.forward(&Tensor::new(&[[1f32, 2.]], &dev)?)?;
+    /// assert_eq!(y.to_vec2::<f32>()?, [[1.0, 2.0, 13.0]]);
+    /// # Ok(()) }
+    /// ```
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
     }
 
     /// The weight `[out, in]`.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # cfg.depth = 1;
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = dinov2_model::DinoVisionTransformer::from_state_dict(
+    /// #     &cfg, &sd, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    /// let qkv = model.blocks()[0].attn().qkv();
+    /// assert_eq!(qkv.weight().dims(), &[3 * 384, 384]); // queries, keys, values stacked
+    /// # Ok(()) }
+    /// ```
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
     /// The bias `[out]`, if any.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// (cfg.depth, cfg.proj_bias) = (1, false);
+    /// let vm = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let attn = dinov2_model::layers::Attention::new(&cfg, vb)?;
+    /// assert!(attn.proj().bias().is_none());
+    /// assert_eq!(attn.qkv().bias().unwrap().dims(), &[3 * 384]);
+    /// # Ok(()) }
+    /// ```
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -135,6 +183,20 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     /// A `dim`-wide LayerNorm from `vb` (`weight` ones, `bias` zeros at initialisation).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use dinov2_model::{layers::LayerNorm, StateDict};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = StateDict::new();
+    /// sd.insert("norm.weight", Tensor::new(&[2f32, 2.], &Device::Cpu)?);
+    /// sd.insert("norm.bias", Tensor::new(&[0f32, 1.], &Device::Cpu)?);
+    /// let ln = LayerNorm::new(2, 1e-6, sd.var_builder(DType::F32, &Device::Cpu).pp("norm"))?;
+    /// let y = ln.forward(&Tensor::new(&[[3f32, 5.]], &Device::Cpu)?)?.to_vec2::<f32>()?;
+    /// // (x - 4) / 1 · 2 + bias
+    /// assert!((y[0][0] + 2.0).abs() < 1e-5 && (y[0][1] - 3.0).abs() < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(LayerNorm {
             weight: vb.get_with_hints(dim, "weight", ONES)?,
@@ -175,7 +237,20 @@ pub struct LayerScale {
 }
 
 impl LayerScale {
-    /// A `dim`-wide LayerScale from `vb` (`gamma`, initialised to `init_value`).
+    /// A `dim`-wide LayerScale from `vb` (`gamma`, initialised to `init_value`; the official models use
+    /// [`VitConfig::layer_scale_init`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let vm = VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let ls = dinov2_model::layers::LayerScale::new(3, 1e-5, vb.pp("ls1"))?;
+    /// assert!(vm.data().lock().unwrap().contains_key("ls1.gamma"));
+    /// assert_eq!(ls.gamma().to_vec1::<f32>()?, [1e-5; 3]);
+    /// # Ok(()) }
+    /// ```
     pub fn new(dim: usize, init_value: f64, vb: VarBuilder) -> Result<Self> {
         Ok(LayerScale {
             gamma: vb.get_with_hints(dim, "gamma", Init::Const(init_value))?,
@@ -183,6 +258,16 @@ impl LayerScale {
     }
 
     /// The scale `[D]`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// sd.insert("gamma", Tensor::new(&[0.5f32, 2.], &Device::Cpu)?);
+    /// let ls = dinov2_model::layers::LayerScale::new(2, 1.0, sd.var_builder(DType::F32, &Device::Cpu))?;
+    /// assert_eq!(ls.gamma().to_vec1::<f32>()?, [0.5, 2.0]); // the builder's value, not the init hint
+    /// # Ok(()) }
+    /// ```
     pub fn gamma(&self) -> &Tensor {
         &self.gamma
     }
@@ -196,6 +281,19 @@ impl Module for LayerScale {
 
 /// Non-overlapping `p × p` patches projected to D (official `patch_embed.proj`, a stride-p convolution
 /// computed as patchify + GEMM). [`Module::forward`] maps `[B, C, H, W]` to tokens `[B, h·w, D]`.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use dinov2_model::{layers::PatchEmbed, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// cfg.embed_dim = 32;
+/// let vm = candle_nn::VarMap::new();
+/// let pe = PatchEmbed::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+/// let tokens = pe.forward(&Tensor::zeros((2, 3, 28, 56), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(tokens.dims(), &[2, 8, 32]); // a 2 x 4 grid of 14-pixel patches
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
     weight: Tensor,
@@ -206,6 +304,21 @@ pub struct PatchEmbed {
 impl PatchEmbed {
     /// From `vb` at `patch_embed`: `proj.weight` `[D, C, p, p]` and `proj.bias` `[D]` (PyTorch's default
     /// convolution init, U(±1/√(C·p²))).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{layers::PatchEmbed, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let cfg = VitConfig::vit_small();
+    /// let vm = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// PatchEmbed::new(&cfg, vb.pp("patch_embed"))?;
+    /// let data = vm.data().lock().unwrap();
+    /// assert_eq!(data["patch_embed.proj.weight"].dims(), &[384, 3, 14, 14]);
+    /// let bound = 1.0 / (3.0f32 * 14.0 * 14.0).sqrt();
+    /// assert!(data["patch_embed.proj.bias"].as_tensor().abs()?.max_all()?.to_scalar::<f32>()? <= bound);
+    /// # Ok(()) }
+    /// ```
     pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, c, p) = (cfg.embed_dim, cfg.in_chans, cfg.patch_size);
         let bound = 1.0 / ((c * p * p) as f64).sqrt();
@@ -221,7 +334,28 @@ impl PatchEmbed {
         })
     }
 
-    /// `[B, C, H, W]` → `[B, h·w, D]` tokens in row-major patch order, and the grid `(h, w)`.
+    /// `[B, C, H, W]` → `[B, h·w, D]` tokens in row-major patch order, and the grid `(h, w)`. An input whose
+    /// sides are not positive multiples of the patch size is [`Error::InputNotMultipleOfPatch`], another
+    /// channel count [`Error::ChannelMismatch`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{layers::PatchEmbed, Error, StateDict, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.embed_dim = 2;
+    /// let mut sd = StateDict::new(); // a projection that sums each patch, plus bias 1
+    /// sd.insert("proj.weight", Tensor::ones((2, 3, 14, 14), DType::F32, &dev)?);
+    /// sd.insert("proj.bias", Tensor::ones(2, DType::F32, &dev)?);
+    /// let pe = PatchEmbed::new(&cfg, sd.var_builder(DType::F32, &dev))?;
+    /// let (tokens, grid) = pe.forward_grid(&Tensor::ones((1, 3, 28, 42), DType::F32, &dev)?)?;
+    /// assert_eq!(grid, (2, 3));
+    /// assert_eq!(tokens.to_vec3::<f32>()?[0][5], [589.0, 589.0]); // 3 · 14 · 14 ones + 1
+    /// let odd = Tensor::ones((1, 3, 30, 28), DType::F32, &dev)?;
+    /// assert!(matches!(pe.forward_grid(&odd), Err(Error::InputNotMultipleOfPatch { height: 30, .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn forward_grid(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let (b, c, hp, wp) = x.dims4()?;
         let p = self.patch;
@@ -268,6 +402,19 @@ impl Module for PatchEmbed {
 
 /// Multi-head self-attention (`qkv`, `proj`) on a pluggable kernel ([`AttentionBackend`]).
 /// [`Module::forward`] maps `[B, T, D]` to `[B, T, D]`.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use dinov2_model::{layers::Attention, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads) = (32, 2);
+/// let vm = candle_nn::VarMap::new();
+/// let attn = Attention::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+/// let x = Tensor::ones((2, 5, 32), DType::F32, &Device::Cpu)?;
+/// assert_eq!(attn.forward(&x)?.dims(), &[2, 5, 32]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Attention {
     qkv: Linear,
@@ -280,6 +427,21 @@ pub struct Attention {
 impl Attention {
     /// From `vb` at `attn`: `qkv` (`D → 3D`) and `proj` (`D → D`), with the configuration's biases, on the
     /// default kernel ([`CpuFusedAttention`], which defers to candle ops off the CPU).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{layers::Attention, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.num_heads, cfg.qkv_bias) = (32, 2, false);
+    /// let vm = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// Attention::new(&cfg, vb.pp("blocks.0.attn"))?;
+    /// let mut names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+    /// names.sort();
+    /// assert_eq!(names, ["blocks.0.attn.proj.bias", "blocks.0.attn.proj.weight", "blocks.0.attn.qkv.weight"]);
+    /// # Ok(()) }
+    /// ```
     pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.embed_dim;
         Ok(Attention {
@@ -292,21 +454,77 @@ impl Attention {
     }
 
     /// Replaces the attention kernel (a CUDA varlen kernel, say).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use dinov2_model::{layers::Attention, ops::GenericAttention, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// let mut attn = Attention::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+    /// let x = (Tensor::arange(0f32, 320., &Device::Cpu)? * 0.05)?.sin()?.reshape((2, 5, 32))?;
+    /// let fused = attn.forward(&x)?;
+    /// attn.set_backend(Arc::new(GenericAttention)); // candle ops instead of the fused CPU kernel
+    /// let generic = attn.forward(&x)?;
+    /// assert!((fused - generic)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn set_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
         self.backend = backend;
     }
 
-    /// The fused `qkv` projection.
+    /// The fused `qkv` projection (`[3·D, D]`: all heads' queries, then keys, then values).
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let attn = dinov2_model::layers::Attention::new(&cfg, vb)?;
+    /// assert_eq!(attn.qkv().weight().dims(), &[96, 32]);
+    /// # Ok(()) }
+    /// ```
     pub fn qkv(&self) -> &Linear {
         &self.qkv
     }
 
-    /// The output projection.
+    /// The output projection (`[D, D]`).
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let attn = dinov2_model::layers::Attention::new(&cfg, vb)?;
+    /// assert_eq!(attn.proj().weight().dims(), &[32, 32]);
+    /// # Ok(()) }
+    /// ```
     pub fn proj(&self) -> &Linear {
         &self.proj
     }
 
-    /// `[rows, D]` → `[rows, D]`, attending within each segment of `layout`.
+    /// `[rows, D]` → `[rows, D]`, attending within each segment of `layout`: sequences of different lengths
+    /// in one call, each attending only to itself.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{layers::Attention, SeqLayout, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// let attn = Attention::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+    /// let rows = (Tensor::arange(0f32, 8. * 32., &Device::Cpu)? * 0.05)?.sin()?.reshape((8, 32))?;
+    /// let packed = attn.forward_packed(&rows, &SeqLayout::from_lengths(&[3, 5]))?;
+    /// let second = attn.forward_packed(&rows.narrow(0, 3, 5)?, &SeqLayout::uniform(1, 5))?;
+    /// let diff = (packed.narrow(0, 3, 5)? - second)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5); // the second sequence never sees the first
+    /// # Ok(()) }
+    /// ```
     pub fn forward_packed(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
         let o = self.attend(&self.qkv.forward(x)?, layout)?;
         Ok(self.proj.forward(&o)?)
@@ -318,7 +536,24 @@ impl Attention {
             .attention(qkv, layout, self.num_heads, self.scale)?)
     }
 
-    /// Attention probabilities `[B, heads, T, T]` for a uniform batch of `batch` sequences in `x` `[B·T, D]`.
+    /// Attention probabilities `[B, heads, T, T]` for a uniform batch of `batch` sequences in `x` `[B·T, D]`
+    /// (the input of the attention layer, i.e. after `norm1` in a block).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, D};
+    /// use dinov2_model::{layers::Attention, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// let attn = Attention::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+    /// let x = (Tensor::arange(0f32, 10. * 32., &Device::Cpu)? * 0.05)?.sin()?.reshape((10, 32))?;
+    /// let p = attn.probabilities(&x, 2)?; // two sequences of 5 tokens
+    /// assert_eq!(p.dims(), &[2, 2, 5, 5]);
+    /// let sums = p.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+    /// assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    /// # Ok(()) }
+    /// ```
     pub fn probabilities(&self, x: &Tensor, batch: usize) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
         Ok(ops::attention_probs(
@@ -358,7 +593,22 @@ fn on_rows(
 }
 
 /// Feed-forward network: `Mlp` (`fc1` → exact GELU → `fc2`) or packed `SwiGLU` (`w12` → silu(x1)·x2 → `w3`).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use dinov2_model::{layers::Ffn, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// cfg.embed_dim = 32;
+/// let vm = candle_nn::VarMap::new();
+/// let ffn = Ffn::new(&cfg, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+/// assert!(matches!(&ffn, Ffn::Mlp { fc1, .. } if fc1.weight().dims() == [128, 32]));
+/// let x = Tensor::ones((2, 5, 32), DType::F32, &Device::Cpu)?;
+/// assert_eq!(ffn.forward(&x)?.dims(), &[2, 5, 32]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Ffn {
     /// `mlp.fc1`, `mlp.fc2`.
     Mlp {
@@ -379,7 +629,24 @@ pub enum Ffn {
 }
 
 impl Ffn {
-    /// From `vb` at `mlp`, of the configuration's kind, hidden width and bias.
+    /// From `vb` at `mlp`, of the configuration's kind, hidden width ([`VitConfig::ffn_hidden_dim`]) and bias.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{layers::Ffn, FfnKind, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.ffn) = (32, FfnKind::Swiglu);
+    /// let vm = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// match Ffn::new(&cfg, vb.pp("mlp"))? {
+    ///     // hidden: int(128 · 2/3) = 85, rounded up to a multiple of 8
+    ///     Ffn::Swiglu { w12, hidden, .. } => assert_eq!((w12.weight().dims(), hidden), (&[176, 32][..], 88)),
+    ///     _ => unreachable!("a SwiGLU configuration"),
+    /// }
+    /// assert!(vm.data().lock().unwrap().contains_key("mlp.w3.weight"));
+    /// # Ok(()) }
+    /// ```
     pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let (d, h, bias) = (cfg.embed_dim, cfg.ffn_hidden_dim(), cfg.ffn_bias);
         Ok(match cfg.ffn {
@@ -437,6 +704,15 @@ impl Module for Ffn {
 }
 
 /// How images are packed into rows: groups of `batch` images of `tokens` tokens each, in order.
+///
+/// ```
+/// use dinov2_model::Packing;
+/// // A list forward: 2 global crops of 5 tokens, then 3 local crops of 2 tokens.
+/// let packing = Packing { groups: vec![(2, 5), (3, 2)], is_list: true };
+/// let layout = packing.layout();
+/// assert_eq!(layout.total_rows(), 16);
+/// assert_eq!(layout.segments(), &[(0, 5), (5, 5), (10, 2), (12, 2), (14, 2)]);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packing {
     /// `(batch, tokens per image)` of each group.
@@ -448,6 +724,11 @@ pub struct Packing {
 
 impl Packing {
     /// One uniform group of `batch` images of `tokens` tokens.
+    ///
+    /// ```
+    /// use dinov2_model::Packing;
+    /// assert_eq!(Packing::uniform(4, 257), Packing { groups: vec![(4, 257)], is_list: false });
+    /// ```
     pub fn uniform(batch: usize, tokens: usize) -> Self {
         Packing {
             groups: vec![(batch, tokens)],
@@ -456,6 +737,12 @@ impl Packing {
     }
 
     /// One attention segment per image.
+    ///
+    /// ```
+    /// use dinov2_model::{Packing, SeqLayout};
+    /// assert_eq!(Packing::uniform(3, 50).layout(), SeqLayout::uniform(3, 50));
+    /// assert_eq!(Packing::uniform(3, 50).layout().uniform_len(), Some(50));
+    /// ```
     pub fn layout(&self) -> SeqLayout {
         let lengths: Vec<usize> = self
             .groups
@@ -471,6 +758,21 @@ impl Packing {
 /// [`Module::forward`] is the eval forward of a `[B, T, D]` batch (and so is candle's blanket
 /// [`ModuleT`](candle_core::ModuleT) implementation, whatever its flag); the training forward, with stochastic depth, is
 /// [`Block::forward_packed`] with the caller's generator (reproducible, checkpointable).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use dinov2_model::{layers::Block, Packing, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads) = (32, 2);
+/// let vm = candle_nn::VarMap::new();
+/// let block = Block::new(&cfg, 0.0, dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu))?;
+/// let x = (Tensor::arange(0f32, 320., &Device::Cpu)? * 0.05)?.sin()?.reshape((2, 5, 32))?;
+/// let y = block.forward(&x)?; // `[B, T, D]`
+/// let rows = block.forward_packed(&x.reshape((10, 32))?, &Packing::uniform(2, 5), None)?;
+/// assert!((y.reshape((10, 32))? - rows)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Block {
     norm1: LayerNorm,
@@ -506,6 +808,21 @@ fn fold(lin: &Linear, ls: Option<&LayerScale>) -> Result<(Tensor, Option<Arc<Vec
 impl Block {
     /// From `vb` at `blocks.{i}`, with stochastic-depth rate `drop_path` (see
     /// [`VitConfig::drop_path_rate_of_block`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{layers::Block, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.num_heads, cfg.layer_scale_init) = (32, 2, None); // no ls1 / ls2
+    /// let vm = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// Block::new(&cfg, cfg.drop_path_rate_of_block(3), vb.pp("blocks").pp(3))?;
+    /// let data = vm.data().lock().unwrap();
+    /// assert_eq!(data.len(), 12); // norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2: weight and bias each
+    /// assert!(data.contains_key("blocks.3.mlp.fc1.bias") && !data.contains_key("blocks.3.ls1.gamma"));
+    /// # Ok(()) }
+    /// ```
     pub fn new(cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Self> {
         let d = cfg.embed_dim;
         let ls = |name: &str| -> Result<Option<LayerScale>> {
@@ -525,16 +842,62 @@ impl Block {
     }
 
     /// The attention layer.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let block = dinov2_model::layers::Block::new(&cfg, 0.0, vb)?;
+    /// let x = Tensor::ones((2 * 5, 32), DType::F32, &Device::Cpu)?;
+    /// // What the block's attention sees: its input after `norm1`.
+    /// let p = block.attn().probabilities(&block.norm1().forward(&x)?, 2)?;
+    /// assert_eq!(p.dims(), &[2, 2, 5, 5]); // [B, heads, T, T]
+    /// # Ok(()) }
+    /// ```
     pub fn attn(&self) -> &Attention {
         &self.attn
     }
 
     /// The first LayerNorm (before attention).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let block = dinov2_model::layers::Block::new(&cfg, 0.0, vb)?;
+    /// let x = (Tensor::arange(0f32, 32., &Device::Cpu)? * 0.1)?.reshape((1, 32))?;
+    /// let mean = block.norm1().forward(&x)?.mean_all()?.to_scalar::<f32>()?;
+    /// assert!(mean.abs() < 1e-5); // initialised as the identity affine map: zero-mean rows
+    /// # Ok(()) }
+    /// ```
     pub fn norm1(&self) -> &LayerNorm {
         &self.norm1
     }
 
     /// Replaces the attention kernel.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use dinov2_model::ops::GenericAttention;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let mut block = dinov2_model::layers::Block::new(&cfg, 0.0, vb)?;
+    /// let x = (Tensor::arange(0f32, 320., &Device::Cpu)? * 0.05)?.sin()?.reshape((2, 5, 32))?;
+    /// let before = block.forward(&x)?;
+    /// block.set_attention_backend(Arc::new(GenericAttention));
+    /// assert!((before - block.forward(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn set_attention_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
         self.attn.set_backend(backend);
     }
@@ -555,6 +918,27 @@ impl Block {
     /// `x + ls(branch(x))` over packed rows `[rows, D]`: in eval mode when `drop_path_rng` is `None`, with
     /// stochastic depth drawn from it otherwise (both official forms: per-sample at rates ≤ 0.1, batch
     /// subsets above 0.1 and for list inputs).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{layers::Block, rand::{rngs::StdRng, SeedableRng}, Packing, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads) = (32, 2);
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let block = Block::new(&cfg, 0.5, vb)?; // drop-path rate 0.5
+    /// let x = (Tensor::arange(0f32, 4. * 5. * 32., &Device::Cpu)? * 0.05)?.sin()?.reshape((20, 32))?;
+    /// let packing = Packing::uniform(4, 5);
+    /// let train = |seed| -> dinov2_model::Result<Vec<Vec<f32>>> {
+    ///     let mut rng = StdRng::seed_from_u64(seed);
+    ///     Ok(block.forward_packed(&x, &packing, Some(&mut rng))?.to_vec2()?)
+    /// };
+    /// assert_eq!(train(3)?, train(3)?); // reproducible from the generator
+    /// // Above rate 0.1, a subset of 2 of the 4 images runs each branch (residual scaled by 4 / 2).
+    /// assert_ne!(train(3)?, block.forward_packed(&x, &packing, None)?.to_vec2::<f32>()?);
+    /// # Ok(()) }
+    /// ```
     pub fn forward_packed(
         &self,
         x: &Tensor,

@@ -7,7 +7,7 @@ use crate::hub::{resolve_weights, HubOptions};
 use crate::vit::DinoVisionTransformer;
 use crate::weights::{load_weights_with, LoadOptions, LoadedWeights};
 
-/// A loaded backbone and what was found next to it in the checkpoint.
+/// A loaded backbone and what was found next to it in the checkpoint (see [`load_model_with`]).
 #[derive(Debug)]
 pub struct LoadedModel {
     /// The backbone.
@@ -29,6 +29,23 @@ pub struct LoadedModel {
 /// assert_eq!(model.config().num_register_tokens, 4);
 /// # Ok(()) }
 /// ```
+///
+/// A local file needs no network:
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let mut cfg = dinov2_model::VitConfig::vit_small().with_registers(4);
+/// # (cfg.depth, cfg.img_size) = (1, 28);
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("dinov2_tiny_reg4.safetensors");
+/// # dinov2_model::weights::save_safetensors(&dinov2_model::init::init_state_dict(&cfg, 0)?, &path)?;
+/// let model = dinov2_model::load_model(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
+/// assert_eq!(model.config().num_register_tokens, 4);
+/// assert!(model.is_fused());
+/// assert_eq!(model.forward(&Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu)?)?.dims(), &[1, 384]);
+/// # Ok(()) }
+/// ```
 pub fn load_model(spec: &str, device: &Device, dtype: DType) -> Result<DinoVisionTransformer> {
     Ok(load_model_with(
         spec,
@@ -41,6 +58,23 @@ pub fn load_model(spec: &str, device: &Device, dtype: DType) -> Result<DinoVisio
 }
 
 /// [`load_model`] with explicit Hub and checkpoint options, returning the checkpoint's metadata too.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use dinov2_model::hub::HubOptions;
+/// use dinov2_model::weights::{LoadOptions, WeightFormat};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28); // not a released width
+/// let dir = tempfile::tempdir()?;
+/// dinov2_model::weights::save_transformers(&dinov2_model::init::init_state_dict(&cfg, 0)?, &cfg, dir.path())?;
+/// let hub = HubOptions { offline: true, ..HubOptions::from_env() }; // never download
+/// let loaded = dinov2_model::load_model_with(
+///     dir.path().to_str().unwrap(), &hub, &LoadOptions::default(), &Device::Cpu, DType::F32)?;
+/// assert_eq!(loaded.weights.format, WeightFormat::Transformers);
+/// assert_eq!(loaded.model.config().num_heads, 2); // from config.json
+/// # Ok(()) }
+/// ```
 pub fn load_model_with(
     spec: &str,
     hub: &HubOptions,

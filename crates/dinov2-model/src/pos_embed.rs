@@ -138,6 +138,22 @@ fn bicubic_aa_taps(in_size: usize, out_size: usize) -> AxisTaps {
 }
 
 /// A resampling of an `in_h × in_w` grid of D-vectors to `out_h × out_w`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::{pos_embed::GridResampler, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// // The released 37 x 37 table resampled for a 16 x 16 patch grid (224-pixel inputs), register-model mode.
+/// let mode = VitConfig::vit_small().with_registers(4).interpolation;
+/// let resampler = Arc::new(GridResampler::new(37, 16, 16, mode)?);
+/// let table = Tensor::ones((37 * 37, 8), DType::F32, &Device::Cpu)?;
+/// let out = resampler.apply(&table)?;
+/// assert_eq!(out.dims(), &[16 * 16, 8]);
+/// // Renormalised taps: a constant table stays constant.
+/// assert!((out - 1.0)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct GridResampler {
     in_h: usize,
@@ -150,7 +166,18 @@ pub struct GridResampler {
 }
 
 impl GridResampler {
-    /// The resampling the official code applies to an `m × m` table for an `h × w` patch grid.
+    /// The resampling the official code applies to an `m × m` table for an `h × w` patch grid. Empty grids
+    /// are an [`Error::InvalidArgument`]; an offset that does not give back an `h × w` grid (the official
+    /// code's assertion) an [`Error::InvalidConfig`].
+    ///
+    /// ```
+    /// use dinov2_model::{pos_embed::GridResampler, Error, PosEmbedInterpolation};
+    /// let offset = PosEmbedInterpolation { offset: 0.1, antialias: false }; // the non-register models
+    /// assert!(GridResampler::new(37, 16, 23, offset).is_ok()); // a 224 x 322 input
+    /// assert!(matches!(GridResampler::new(0, 16, 16, offset), Err(Error::InvalidArgument { .. })));
+    /// let bad = PosEmbedInterpolation { offset: 1.5, antialias: false }; // scale (16 + 1.5) / 37 floors to 17 rows
+    /// assert!(matches!(GridResampler::new(37, 16, 16, bad), Err(Error::InvalidConfig { .. })));
+    /// ```
     pub fn new(m: usize, h: usize, w: usize, mode: PosEmbedInterpolation) -> Result<Self> {
         if m == 0 || h == 0 || w == 0 {
             return Err(Error::invalid(
@@ -201,6 +228,22 @@ impl GridResampler {
     ///
     /// Computed in f32 as the official code (`pos_embed.float()`), except for f64 tables, which stay f64 (a
     /// more exact resampling for f64 models, whose use is gradient checking).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device, Var};
+    /// use dinov2_model::{pos_embed::GridResampler, PosEmbedInterpolation};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mode = PosEmbedInterpolation { offset: 0.1, antialias: false };
+    /// let resampler = Arc::new(GridResampler::new(2, 3, 4, mode)?); // 2 x 2 → 3 x 4
+    /// let table = Var::ones((2 * 2, 5), DType::F32, &Device::Cpu)?;
+    /// let out = resampler.apply(table.as_tensor())?;
+    /// assert_eq!(out.dims(), &[3 * 4, 5]);
+    /// // Differentiable: each output's weights sum to one, so the gradient of the sum adds up to 12 x 5.
+    /// let grad = out.sum_all()?.backward()?.get(&table).unwrap().sum_all()?.to_scalar::<f32>()?;
+    /// assert!((grad - 60.0).abs() < 1e-4);
+    /// # Ok(()) }
+    /// ```
     pub fn apply(self: &Arc<Self>, grid: &Tensor) -> Result<Tensor> {
         if grid.dtype() == DType::F64 {
             return self.apply_matrices(grid);
@@ -445,6 +488,28 @@ impl CustomOp1 for ResampleOp {
 /// Resamples a `[1, 1 + M², D]` position table for an input of `pixel_h × pixel_w` pixels with an
 /// `h × w` patch grid, exactly as the official `interpolate_pos_encoding` (including its shortcut: the
 /// table is returned unchanged when the image is square and the patch count equals `M²`).
+///
+/// `cache` keeps the resampling taps per grid size for the next call ([`ResamplerCache`]).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::pos_embed::{interpolate_pos_embed, ResamplerCache};
+/// use dinov2_model::VitConfig;
+/// # fn main() -> dinov2_model::Result<()> {
+/// let dev = Device::Cpu;
+/// let mode = VitConfig::vit_small().interpolation;
+/// // A 2 x 2 table (M = 2) with a class row of 7s and patch rows of 1s.
+/// let pos = Tensor::cat(&[Tensor::full(7f32, (1, 1, 8), &dev)?, Tensor::ones((1, 4, 8), DType::F32, &dev)?], 1)?;
+/// let same = interpolate_pos_embed(&pos, (2, 2), (28, 28), mode, None)?;
+/// assert_eq!(same.dims(), &[1, 5, 8]); // the official shortcut: returned as is
+/// let cache = ResamplerCache::default();
+/// let wide = interpolate_pos_embed(&pos, (2, 3), (28, 42), mode, Some(&cache))?;
+/// assert_eq!(wide.dims(), &[1, 1 + 6, 8]);
+/// assert_eq!(wide.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?, [7.0; 8]); // class row untouched
+/// let bad = Tensor::zeros((1, 6, 8), DType::F32, &dev)?; // 5 patch rows: not a square grid
+/// assert!(interpolate_pos_embed(&bad, (2, 2), (28, 28), mode, None).is_err());
+/// # Ok(()) }
+/// ```
 pub fn interpolate_pos_embed(
     pos_embed: &Tensor,
     grid: (usize, usize),
@@ -479,13 +544,38 @@ pub fn interpolate_pos_embed(
 type ResamplerKey = (usize, usize, usize, u64, bool);
 
 /// Cache of resamplers per (M, h, w, mode): the taps are computed once per grid size.
+///
+/// ```
+/// use std::sync::Arc;
+/// use dinov2_model::{pos_embed::ResamplerCache, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let cache = ResamplerCache::default();
+/// let mode = VitConfig::vit_small().interpolation;
+/// let first = cache.get(37, 16, 16, mode)?;
+/// assert!(Arc::ptr_eq(&first, &cache.get(37, 16, 16, mode)?)); // computed once
+/// assert!(!Arc::ptr_eq(&first, &cache.get(37, 16, 20, mode)?)); // another grid, another resampler
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct ResamplerCache {
     map: Mutex<HashMap<ResamplerKey, Arc<GridResampler>>>,
 }
 
 impl ResamplerCache {
-    /// The resampler for this grid size, computed on first use.
+    /// The resampler for this grid size, computed on first use (errors as [`GridResampler::new`]).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{pos_embed::ResamplerCache, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let cache = ResamplerCache::default();
+    /// let mode = VitConfig::vit_small().with_registers(4).interpolation;
+    /// let r = cache.get(4, 2, 3, mode)?; // a 4 x 4 grid → 2 x 3
+    /// assert_eq!(r.apply(&Tensor::zeros((16, 8), DType::F32, &Device::Cpu)?)?.dims(), &[6, 8]);
+    /// assert!(cache.get(4, 0, 3, mode).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn get(
         &self,
         m: usize,

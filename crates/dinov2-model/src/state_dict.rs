@@ -15,6 +15,20 @@ use crate::error::{Error, Result};
 use crate::params::{check_shape, not_found};
 
 /// Named tensors, sorted by name.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::StateDict;
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small();
+/// cfg.depth = 1;
+/// let sd: StateDict = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// assert_eq!(sd.get("pos_embed").map(|t| t.dims().to_vec()), Some(vec![1, 1370, 384]));
+/// // Any `(String, Tensor)` iterator collects into one, e.g. renamed keys.
+/// let renamed: StateDict = sd.into_iter().map(|(k, t)| (format!("backbone.{k}"), t)).collect();
+/// assert!(renamed.contains("backbone.blocks.0.attn.qkv.weight"));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct StateDict {
     tensors: BTreeMap<String, Tensor>,
@@ -22,47 +36,149 @@ pub struct StateDict {
 
 impl StateDict {
     /// An empty state dict.
+    ///
+    /// ```
+    /// let sd = dinov2_model::StateDict::new();
+    /// assert!(sd.is_empty());
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
-    /// Inserts (or replaces) a tensor.
+    /// Inserts (or replaces) a tensor; returns the one it replaced.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// assert!(sd.insert("norm.bias", Tensor::zeros(4, DType::F32, &Device::Cpu)?).is_none());
+    /// let old = sd.insert("norm.bias", Tensor::ones(4, DType::F32, &Device::Cpu)?).unwrap();
+    /// assert_eq!(old.to_vec1::<f32>()?, [0.0; 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn insert(&mut self, key: impl Into<String>, t: Tensor) -> Option<Tensor> {
         self.tensors.insert(key.into(), t)
     }
     /// The tensor called `key`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// sd.insert("mask_token", Tensor::zeros((1, 8), DType::F32, &Device::Cpu)?);
+    /// assert_eq!(sd.get("mask_token").unwrap().dims(), &[1, 8]);
+    /// assert!(sd.get("cls_token").is_none());
+    /// # Ok(()) }
+    /// ```
     pub fn get(&self, key: &str) -> Option<&Tensor> {
         self.tensors.get(key)
     }
     /// Removes and returns the tensor called `key`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// sd.insert("head.weight", Tensor::zeros((10, 8), DType::F32, &Device::Cpu)?);
+    /// assert_eq!(sd.remove("head.weight").unwrap().dims(), &[10, 8]);
+    /// assert!(sd.remove("head.weight").is_none() && sd.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn remove(&mut self, key: &str) -> Option<Tensor> {
         self.tensors.remove(key)
     }
     /// Whether `key` is present.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = dinov2_model::VitConfig::vit_small().with_registers(4);
+    /// cfg.depth = 1;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// assert!(sd.contains("register_tokens") && !sd.contains("blocks.1.norm1.weight"));
+    /// # Ok(()) }
+    /// ```
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }
     /// Names, sorted.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// for k in ["pos_embed", "cls_token", "norm.weight"] {
+    ///     sd.insert(k, Tensor::zeros(1, DType::F32, &Device::Cpu)?);
+    /// }
+    /// assert_eq!(sd.keys().collect::<Vec<_>>(), ["cls_token", "norm.weight", "pos_embed"]);
+    /// # Ok(()) }
+    /// ```
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }
     /// (name, tensor) pairs, sorted by name.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let elements: usize = sd.iter().map(|(_, t)| t.elem_count()).sum();
+    /// assert_eq!(elements, 2_529_024); // a one-block ViT-S/14 with its 37 x 37 position table
+    /// # Ok(()) }
+    /// ```
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
         self.tensors.iter()
     }
     /// Number of tensors.
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = dinov2_model::VitConfig::vit_small();
+    /// cfg.depth = 2;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// assert_eq!(sd.len(), 3 + 2 + 2 * 14 + 2); // tokens, patch embedding, blocks, final norm
+    /// # Ok(()) }
+    /// ```
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
     /// Whether there are no tensors.
+    ///
+    /// ```
+    /// assert!(dinov2_model::StateDict::default().is_empty());
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
     /// The underlying map.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = dinov2_model::StateDict::new();
+    /// sd.insert("cls_token", Tensor::zeros((1, 1, 8), DType::F32, &Device::Cpu)?);
+    /// let map: std::collections::BTreeMap<String, Tensor> = sd.into_inner();
+    /// assert_eq!(map["cls_token"].dims(), &[1, 1, 8]);
+    /// # Ok(()) }
+    /// ```
     pub fn into_inner(self) -> BTreeMap<String, Tensor> {
         self.tensors
     }
 
-    /// The tensor `key`, checked against `expected` shape: a typed error naming the key and both shapes otherwise.
+    /// The tensor `key`, checked against `expected` shape: a typed error naming the key and both shapes otherwise
+    /// ([`Error::MissingKey`], [`Error::ShapeMismatch`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{Error, StateDict};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = StateDict::new();
+    /// sd.insert("norm.weight", Tensor::ones(384, DType::F32, &Device::Cpu)?);
+    /// assert_eq!(sd.get_shaped("norm.weight", &[384])?.dims(), &[384]);
+    /// let err = sd.get_shaped("norm.weight", &[768]).unwrap_err();
+    /// assert!(matches!(err, Error::ShapeMismatch { ref actual, .. } if actual == &[384]));
+    /// assert!(matches!(sd.get_shaped("norm.bias", &[384]), Err(Error::MissingKey { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn get_shaped(&self, key: &str, expected: &[usize]) -> Result<&Tensor> {
         let t = self.tensors.get(key).ok_or_else(|| Error::MissingKey {
             key: key.to_string(),

@@ -17,6 +17,24 @@ use crate::pos_embed::{interpolate_pos_embed, ResamplerCache};
 use crate::state_dict::StateDict;
 
 /// Outputs of [`DinoVisionTransformer::forward_features`], named as the official dict.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::{DinoVisionTransformer, VitConfig};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small().with_registers(4);
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+/// let f = model.forward_features(&Tensor::zeros((2, 3, 28, 42), DType::F32, &Device::Cpu)?, None)?;
+/// assert_eq!(f.grid, (2, 3));
+/// assert_eq!(f.x_norm_clstoken.dims(), &[2, 32]);
+/// assert_eq!(f.x_norm_regtokens.dims(), &[2, 4, 32]);
+/// assert_eq!(f.x_norm_patchtokens.dims(), &[2, 6, 32]);
+/// assert_eq!(f.x_prenorm.dims(), &[2, 1 + 4 + 6, 32]);
+/// assert!(f.masks.is_none());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Features {
     /// Normalised class token `[B, D]`.
@@ -34,7 +52,27 @@ pub struct Features {
 }
 
 /// Which blocks [`DinoVisionTransformer::get_intermediate_layers`] returns.
+///
+/// ```
+/// use dinov2_model::{BlockSelection, IntermediateOptions};
+/// # use candle_core::{DType, Device, Tensor};
+/// # fn main() -> dinov2_model::Result<()> {
+/// # let mut cfg = dinov2_model::VitConfig::vit_small();
+/// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 3, 28);
+/// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// # let model = dinov2_model::DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+/// # let x = Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu)?;
+/// let blocks = |which| -> dinov2_model::Result<Vec<usize>> {
+///     let outs = model.get_intermediate_layers(&x, &which, IntermediateOptions::default())?;
+///     Ok(outs.iter().map(|o| o.block).collect())
+/// };
+/// assert_eq!(blocks(BlockSelection::Last(2))?, [1, 2]); // of a 3-block model
+/// assert_eq!(blocks(BlockSelection::Indices(vec![2, 0]))?, [0, 2]); // in block order
+/// assert!(blocks(BlockSelection::Indices(vec![3])).is_err()); // past the depth
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockSelection {
     /// The last `n` blocks (official `n: int`).
     Last(usize),
@@ -43,6 +81,12 @@ pub enum BlockSelection {
 }
 
 /// Options of [`DinoVisionTransformer::get_intermediate_layers`] (official defaults: all false but `norm`).
+///
+/// ```
+/// use dinov2_model::IntermediateOptions;
+/// let opts = IntermediateOptions { reshape: true, ..Default::default() };
+/// assert!(opts.norm && !opts.return_class_token);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntermediateOptions {
     /// Patch tokens as `[B, D, h, w]` instead of `[B, N, D]`.
@@ -133,6 +177,24 @@ impl DinoVisionTransformer {
     ///
     /// The model is not fused (see [`Self::fuse_for_inference`]); a checkpoint with unexpected keys is not
     /// detected here (see [`Self::check_state_dict`]).
+    ///
+    /// A model inside a larger one takes a prefixed builder:
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small().with_registers(4);
+    /// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+    /// let varmap = VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu);
+    /// let student = DinoVisionTransformer::new(&cfg, vb.pp("student").pp("backbone"))?;
+    /// assert!(varmap.data().lock().unwrap().contains_key("student.backbone.register_tokens"));
+    /// assert_eq!(student.named_parameters()[0].0, "cls_token"); // names relative to the backbone
+    /// assert!(!student.is_fused());
+    /// # Ok(()) }
+    /// ```
     pub fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (vb, seen) = Recorder::wrap(vb);
@@ -231,6 +293,27 @@ impl DinoVisionTransformer {
     /// copied), and fused for inference. The tensors must not be views of `Var`s made with `detach` (the fused
     /// weights would not follow their in-place updates): take a trainable model's weights with
     /// [`Self::state_dict`], which copies them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?; // or `weights::load_weights(path)?.state_dict`
+    /// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// assert!(model.is_fused());
+    /// // The fusions do not change the function: same features as the plain build, up to rounding.
+    /// let plain = DinoVisionTransformer::new(&cfg, sd.var_builder(DType::F32, &Device::Cpu))?;
+    /// let x = (Tensor::arange(0f32, 3. * 28. * 42., &Device::Cpu)? * 0.01)?.sin()?.reshape((1, 3, 28, 42))?;
+    /// let (a, b) = (model.forward_features(&x, None)?, plain.forward_features(&x, None)?);
+    /// let diff = (a.x_prenorm - b.x_prenorm)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// // In half precision, for instance:
+    /// let bf16 = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::BF16)?;
+    /// assert_eq!(bf16.forward_features(&x, None)?.x_norm_clstoken.dtype(), DType::BF16);
+    /// # Ok(()) }
+    /// ```
     pub fn from_state_dict(
         cfg: &VitConfig,
         sd: &StateDict,
@@ -317,6 +400,18 @@ impl DinoVisionTransformer {
     }
 
     /// Whether [`Self::fuse_for_inference`] has run.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// assert!(DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?.is_fused());
+    /// assert!(!DinoVisionTransformer::new(&cfg, sd.var_builder(DType::F32, &Device::Cpu))?.is_fused());
+    /// # Ok(()) }
+    /// ```
     pub fn is_fused(&self) -> bool {
         self.fused.is_some()
     }
@@ -362,21 +457,104 @@ impl DinoVisionTransformer {
     }
 
     /// The configuration.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// assert_eq!(model.config(), &cfg);
+    /// assert_eq!(model.config().depth, 2);
+    /// # Ok(()) }
+    /// ```
     pub fn config(&self) -> &VitConfig {
         &self.cfg
     }
 
     /// Token width D.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// assert_eq!(model.embed_dim(), 32);
+    /// assert_eq!(model.forward_features(&image(1, 28, 28)?, None)?.x_norm_clstoken.dims(), &[1, 32]);
+    /// # Ok(()) }
+    /// ```
     pub fn embed_dim(&self) -> usize {
         self.cfg.embed_dim
     }
 
     /// The blocks.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// assert_eq!(model.blocks().len(), cfg.depth);
+    /// assert_eq!(model.blocks()[1].attn().proj().weight().dims(), &[32, 32]);
+    /// # Ok(()) }
+    /// ```
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
     }
 
-    /// Replaces the attention kernel of every block (for example a CUDA varlen kernel).
+    /// Replaces the attention kernel of every block (for example a CUDA varlen kernel; see
+    /// [`AttentionBackend`] for writing one).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use dinov2_model::ops::GenericAttention;
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let mut model = model;
+    /// let x = image(2, 28, 28)?;
+    /// let fused_kernel = model.forward_features(&x, None)?;
+    /// model.set_attention_backend(Arc::new(GenericAttention));
+    /// let generic = model.forward_features(&x, None)?;
+    /// assert!(max_diff(&fused_kernel.x_prenorm, &generic.x_prenorm)? < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn set_attention_backend(&mut self, backend: Arc<dyn AttentionBackend>) {
         for b in &mut self.blocks {
             b.set_attention_backend(backend.clone());
@@ -385,6 +563,23 @@ impl DinoVisionTransformer {
 
     /// Parameters under their official names, in the official state-dict order (as the builder handed them
     /// out: `Var`s for a trainable model).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let varmap = VarMap::new();
+    /// let model = DinoVisionTransformer::new(&cfg, dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu))?;
+    /// let params = model.named_parameters();
+    /// let names: Vec<&str> = params.iter().take(4).map(|(n, _)| n.as_str()).collect();
+    /// assert_eq!(names, ["cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight"]);
+    /// assert_eq!(params.len(), DinoVisionTransformer::parameter_shapes(&cfg)?.len());
+    /// assert!(params.iter().all(|(_, t)| t.is_variable())); // trainable: the VarMap's Vars
+    /// # Ok(()) }
+    /// ```
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
         &self.params
     }
@@ -392,6 +587,24 @@ impl DinoVisionTransformer {
     /// The weights as a [`StateDict`] under the official names: a snapshot. For a model on immutable weights
     /// the tensors share storage with the model's; for a model on `Var`s (or a detached view of one) they are
     /// copies, detached from the graph, so later in-place updates do not reach them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// cfg.depth = 1;
+    /// let varmap = VarMap::new();
+    /// let model = DinoVisionTransformer::new(&cfg, dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu))?;
+    /// let snapshot = model.state_dict()?;
+    /// let ones = Tensor::ones(384, DType::F32, &Device::Cpu)?;
+    /// varmap.data().lock().unwrap()["norm.bias"].set(&ones)?; // an optimizer step, in place
+    /// let sum = |t: &Tensor| t.sum_all().and_then(|s| s.to_scalar::<f32>());
+    /// assert_eq!(sum(snapshot.get("norm.bias").unwrap())?, 0.0); // the snapshot keeps the old value
+    /// assert_eq!(sum(model.state_dict()?.get("norm.bias").unwrap())?, 384.0);
+    /// # Ok(()) }
+    /// ```
     pub fn state_dict(&self) -> Result<StateDict> {
         self.params
             .iter()
@@ -427,6 +640,31 @@ impl DinoVisionTransformer {
     }
 
     /// Patch embedding, optional mask tokens, CLS, positions, registers: `[B, 1 + R + N, D]` and the grid.
+    /// `masks` is `[B, N]` (any dtype, nonzero = masked); another shape is [`Error::MaskShape`].
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let (tokens, grid) = model.prepare_tokens(&image(2, 28, 42)?, None)?;
+    /// assert_eq!((tokens.dims(), grid), (&[2, 1 + 6, 32][..], (2, 3)));
+    /// // Every patch masked: the tokens no longer depend on the image.
+    /// let all = Tensor::ones((1, 6), DType::U8, &Device::Cpu)?;
+    /// let (a, _) = model.prepare_tokens(&image(1, 28, 42)?, Some(&all))?;
+    /// let (b, _) = model.prepare_tokens(&Tensor::zeros((1, 3, 28, 42), DType::F32, &Device::Cpu)?, Some(&all))?;
+    /// assert_eq!(max_diff(&a, &b)?, 0.0);
+    /// # Ok(()) }
+    /// ```
     pub fn prepare_tokens(
         &self,
         x: &Tensor,
@@ -524,6 +762,30 @@ impl DinoVisionTransformer {
     /// The official `forward_features(x, masks)` in eval mode: `x` is `[B, 3, H, W]` with H and W multiples
     /// of the patch size; `masks` (optional, `[B, N]`, nonzero = masked) replaces patch tokens by the mask
     /// token.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let x = image(2, 28, 28)?;
+    /// let masks = Tensor::new(&[[1u8, 0, 0, 0], [0, 0, 0, 0]], &Device::Cpu)?; // mask patch 0 of image 0
+    /// let f = model.forward_features(&x, Some(&masks))?;
+    /// assert_eq!(f.x_norm_patchtokens.dims(), &[2, 4, 32]);
+    /// let plain = model.forward_features(&x, None)?;
+    /// assert!(max_diff(&f.x_norm_clstoken.get(0)?, &plain.x_norm_clstoken.get(0)?)? > 0.0);
+    /// assert_eq!(max_diff(&f.x_norm_clstoken.get(1)?, &plain.x_norm_clstoken.get(1)?)?, 0.0);
+    /// # Ok(()) }
+    /// ```
     pub fn forward_features(&self, x: &Tensor, masks: Option<&Tensor>) -> Result<Features> {
         self.forward_features_t(x, masks, None)
     }
@@ -533,19 +795,23 @@ impl DinoVisionTransformer {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
-    /// use dinov2_model::{rand::SeedableRng, DinoVisionTransformer, VitConfig};
+    /// use dinov2_model::rand::{rngs::StdRng, SeedableRng};
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
     /// # fn main() -> dinov2_model::Result<()> {
     /// let mut cfg = VitConfig::vit_small();
     /// (cfg.depth, cfg.img_size, cfg.drop_path_rate, cfg.drop_path_uniform) = (2, 28, 0.5, true);
     /// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
     /// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
-    /// let x = Tensor::randn(0f32, 1.0, (4, 3, 28, 28), &Device::Cpu)?;
-    /// let run = |seed| -> dinov2_model::Result<Vec<f32>> {
-    ///     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    ///     let f = model.forward_features_t(&x, None, Some(&mut rng))?;
+    /// let x = (Tensor::arange(0f32, 4. * 3. * 28. * 28., &Device::Cpu)? * 0.01)?.sin()?.reshape((4, 3, 28, 28))?;
+    /// let run = |rng: Option<&mut StdRng>| -> dinov2_model::Result<Vec<f32>> {
+    ///     let rng = rng.map(|r| r as &mut dyn dinov2_model::rand::RngCore);
+    ///     let f = model.forward_features_t(&x, None, rng)?;
     ///     Ok(f.x_prenorm.flatten_all()?.to_vec1()?)
     /// };
-    /// assert_eq!(run(1)?, run(1)?); // same generator state, same draw
+    /// let mut rng = StdRng::seed_from_u64(1);
+    /// let first = run(Some(&mut rng))?;
+    /// assert_eq!(first, run(Some(&mut StdRng::seed_from_u64(1)))?); // same generator state, same draw
+    /// assert_ne!(first, run(None)?); // `None`: the eval forward, as `forward_features`
     /// # Ok(()) }
     /// ```
     pub fn forward_features_t(
@@ -570,6 +836,29 @@ impl DinoVisionTransformer {
     /// globals and 8 × 98 locals, say) in one packed sequence with block-diagonal attention. Equal to calling
     /// [`forward_features`](Self::forward_features) on each, in one pass over the weights. `masks` is empty
     /// or has one entry per input.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let (globals, locals) = (image(2, 42, 42)?, image(3, 28, 28)?); // 9 and 4 patches each
+    /// let both = model.forward_features_list(&[globals.clone(), locals.clone()], &[])?;
+    /// assert_eq!(both[0].x_norm_patchtokens.dims(), &[2, 9, 32]);
+    /// assert_eq!(both[1].x_norm_patchtokens.dims(), &[3, 4, 32]);
+    /// let alone = model.forward_features(&locals, None)?;
+    /// assert!(max_diff(&both[1].x_prenorm, &alone.x_prenorm)? < 1e-5);
+    /// # Ok(()) }
+    /// ```
     pub fn forward_features_list(
         &self,
         xs: &[Tensor],
@@ -580,6 +869,28 @@ impl DinoVisionTransformer {
 
     /// [`Self::forward_features_list`] in training mode when `drop_path_rng` is given (the student's
     /// forward: batch-subset stochastic depth per crop set, as the official list forward).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::rand::{rngs::StdRng, SeedableRng};
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// (cfg.drop_path_rate, cfg.drop_path_uniform) = (0.4, true);
+    /// let varmap = candle_nn::VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu);
+    /// let student = DinoVisionTransformer::new(&cfg, vb)?;
+    /// let globals = Tensor::ones((2, 3, 42, 42), DType::F32, &Device::Cpu)?;
+    /// let locals = Tensor::ones((4, 3, 28, 28), DType::F32, &Device::Cpu)?;
+    /// let crops = [globals, locals];
+    /// let masks = [Some(Tensor::zeros((2, 9), DType::U8, &Device::Cpu)?), None]; // iBOT masks of the globals
+    /// let mut rng = StdRng::seed_from_u64(0); // part of the trainer's checkpoint
+    /// let out = student.forward_features_list_t(&crops, &masks, Some(&mut rng))?;
+    /// assert_eq!((out.len(), out[1].x_norm_clstoken.dims()), (2, &[4, 32][..]));
+    /// assert!(out[0].x_norm_clstoken.track_op()); // a graph through the Vars, for backward
+    /// # Ok(()) }
+    /// ```
     pub fn forward_features_list_t(
         &self,
         xs: &[Tensor],
@@ -636,6 +947,32 @@ impl DinoVisionTransformer {
 
     /// The official `get_intermediate_layers`: outputs of the selected blocks (in block order), optionally
     /// normalised by the final norm, reshaped to `[B, D, h, w]`, with class tokens. Registers are dropped.
+    ///
+    /// ```
+    /// use dinov2_model::{BlockSelection, IntermediateOptions};
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let x = image(2, 28, 42)?;
+    /// let opts = IntermediateOptions { reshape: true, return_class_token: true, norm: true };
+    /// let outs = model.get_intermediate_layers(&x, &BlockSelection::Indices(vec![0, 1]), opts)?;
+    /// assert_eq!(outs[0].patch_tokens.dims(), &[2, 32, 2, 3]); // [B, D, h, w]
+    /// // The last block, normalised, is the final output of `forward_features`.
+    /// let last = &outs[1];
+    /// let f = model.forward_features(&x, None)?;
+    /// assert!(max_diff(last.class_token.as_ref().unwrap(), &f.x_norm_clstoken)? < 1e-6);
+    /// # Ok(()) }
+    /// ```
     pub fn get_intermediate_layers(
         &self,
         x: &Tensor,
@@ -710,6 +1047,31 @@ impl DinoVisionTransformer {
 
     /// Features plus the attention probabilities `[B, heads, T, T]` of the chosen blocks (token order:
     /// CLS, registers, patches). The official code cannot return these (xformers / SDPA hide them).
+    ///
+    /// ```
+    /// use candle_core::D;
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 2, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// # let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// # let image = |b: usize, h: usize, w: usize| -> candle_core::Result<Tensor> {
+    /// #     (Tensor::arange(0f32, (b * 3 * h * w) as f32, &Device::Cpu)? * 0.01)?.sin()?.reshape((b, 3, h, w))
+    /// # };
+    /// # let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+    /// #     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    /// # };
+    /// let x = image(1, 28, 28)?;
+    /// let (features, maps) = model.forward_with_attention(&x, &[1])?;
+    /// let (block, probs) = &maps[0];
+    /// assert_eq!((*block, probs.dims()), (1, &[1, 2, 5, 5][..])); // [B, heads, T, T], T = CLS + 4 patches
+    /// let cls_row = probs.get(0)?.get(0)?.get(0)?; // what the class token attends to, head 0
+    /// assert!((cls_row.sum(D::Minus1)?.to_scalar::<f32>()? - 1.0).abs() < 1e-5);
+    /// assert!(max_diff(&features.x_prenorm, &model.forward_features(&x, None)?.x_prenorm)? < 1e-6);
+    /// # Ok(()) }
+    /// ```
     pub fn forward_with_attention(
         &self,
         x: &Tensor,

@@ -77,7 +77,7 @@ fn download_fills_the_standard_cache_layout_and_is_cached_afterwards() {
 
     // What came down loads like the fixture directory itself.
     let a = load_weights(&snap).unwrap();
-    let b = load_weights(&fixture_hf()).unwrap();
+    let b = load_weights(fixture_hf()).unwrap();
     assert_eq!(a.format, WeightFormat::Transformers);
     assert_eq!(a.config, b.config);
     assert_eq!(a.state_dict.len(), b.state_dict.len());

@@ -51,7 +51,7 @@ fn every_layout_reproduces_the_official_outputs() {
             layouts.push("hf_classifier");
         }
         for layout in layouts {
-            let w = load_weights_with(&fam(f).join(layout), &opts).unwrap();
+            let w = load_weights_with(fam(f).join(layout), &opts).unwrap();
             let model = DinoVisionTransformer::from_state_dict(
                 &w.config,
                 &w.state_dict,

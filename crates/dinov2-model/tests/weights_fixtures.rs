@@ -31,7 +31,7 @@ fn with_config(family: &str) -> LoadOptions {
 }
 
 fn load_as(family: &str, file: &str) -> LoadedWeights {
-    load_weights_with(&fam(family).join(file), &with_config(family))
+    load_weights_with(fam(family).join(file), &with_config(family))
         .unwrap_or_else(|e| panic!("{family}/{file}: {e}"))
 }
 
@@ -80,7 +80,7 @@ fn official_files_need_the_heads_and_infer_everything_else() {
         let cfg = config_of(f);
         for file in ["official.safetensors", "official.pth"] {
             // Widths 32 / 48 are not released sizes: the number of heads cannot be inferred.
-            match load_weights(&fam(f).join(file)) {
+            match load_weights(fam(f).join(file)) {
                 Err(Error::InvalidConfig { field, reason }) => {
                     assert_eq!(field, "num_heads", "{f}/{file}: {reason}")
                 }
@@ -114,7 +114,7 @@ fn official_pth_equals_official_safetensors() {
 fn transformers_directories_load_with_their_config() {
     for f in FAMILIES {
         let r = reference(f);
-        let w = load_weights(&fam(f).join("hf")).unwrap();
+        let w = load_weights(fam(f).join("hf")).unwrap();
         assert_eq!(w.format, WeightFormat::Transformers);
         assert_eq!(
             w.config,
@@ -125,7 +125,7 @@ fn transformers_directories_load_with_their_config() {
         assert_same(&format!("{f} hf"), &w.state_dict, &r.state_dict);
     }
     let r = reference("plain");
-    let w = load_weights(&fam("plain").join("hf_classifier")).unwrap();
+    let w = load_weights(fam("plain").join("hf_classifier")).unwrap();
     assert_eq!(w.format, WeightFormat::Transformers);
     assert_eq!(w.config, config_of("plain"));
     assert_same("plain hf_classifier", &w.state_dict, &r.state_dict);
@@ -212,14 +212,14 @@ fn chunked_training_checkpoints_load_the_teacher_backbone() {
             checkpoint_key: Some("teacher".into()),
             ..with_config(f)
         };
-        let t = load_weights_with(&fam(f).join("train_ckpt.pth"), &opts).unwrap();
+        let t = load_weights_with(fam(f).join("train_ckpt.pth"), &opts).unwrap();
         assert_same(&format!("{f} train/teacher"), &t.state_dict, &r.state_dict);
         let opts = LoadOptions {
             checkpoint_key: Some("student".into()),
             ..with_config(f)
         };
         assert!(matches!(
-            load_weights_with(&fam(f).join("train_ckpt.pth"), &opts),
+            load_weights_with(fam(f).join("train_ckpt.pth"), &opts),
             Err(Error::Format { .. })
         ));
     }
@@ -246,8 +246,8 @@ fn saved_files_round_trip_and_match_the_transformers_layout() {
         // For the manual cross-check with Python (`tools/check_saved_transformers.py`).
         if let Some(export) = std::env::var_os("DINOV2_WEIGHTS_EXPORT_DIR") {
             let export = PathBuf::from(export);
-            save_transformers(&r.state_dict, &cfg, &export.join(f).join("hf")).unwrap();
-            save_safetensors(&r.state_dict, &export.join(f).join("official.safetensors")).unwrap();
+            save_transformers(&r.state_dict, &cfg, export.join(f).join("hf")).unwrap();
+            save_safetensors(&r.state_dict, export.join(f).join("official.safetensors")).unwrap();
         }
         let back = load_weights(&dir).unwrap();
         assert_eq!(
@@ -331,7 +331,7 @@ fn broken_and_foreign_files_give_typed_errors() {
     wrong.embed_dim = 48;
     wrong.num_heads = 3;
     match load_weights_with(
-        &fam("plain").join("official.pth"),
+        fam("plain").join("official.pth"),
         &LoadOptions {
             config: Some(wrong),
             checkpoint_key: None,
@@ -350,7 +350,7 @@ fn broken_and_foreign_files_give_typed_errors() {
     }
     // A register checkpoint with a no-register configuration.
     match load_weights_with(
-        &fam("reg").join("official.safetensors"),
+        fam("reg").join("official.safetensors"),
         &with_config("plain"),
     ) {
         Err(Error::UnexpectedKey { key, .. }) => assert_eq!(key, "register_tokens"),
@@ -377,7 +377,7 @@ fn broken_and_foreign_files_give_typed_errors() {
         "outputs_28x28.safetensors",
         "config.json",
     ] {
-        match load_weights(&fam("plain").join(file)) {
+        match load_weights(fam("plain").join(file)) {
             Err(Error::Format { path, reason }) => {
                 assert_eq!(path, fam("plain").join(file));
                 assert!(!reason.is_empty());
@@ -390,7 +390,7 @@ fn broken_and_foreign_files_give_typed_errors() {
     std::fs::create_dir(&empty).unwrap();
     assert!(matches!(load_weights(&empty), Err(Error::Format { path, .. }) if path == empty));
     assert!(matches!(
-        load_weights(&fam("plain")),
+        load_weights(fam("plain")),
         Err(Error::Format { .. })
     ));
 }

@@ -32,34 +32,36 @@ impl Fixtures {
             .map(|s| s.to_string())
             .collect()
     }
-    /// (shape, bytes) of a u8 tensor.
-    pub fn u8(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+    /// (shape, raw little-endian bytes) of a tensor, checking its dtype.
+    fn raw(&self, name: &str, dtype: safetensors::Dtype) -> (Vec<usize>, Vec<u8>) {
         let st = self.st();
         let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::U8, "{name}");
+        assert_eq!(t.dtype(), dtype, "{name}");
         (t.shape().to_vec(), t.data().to_vec())
     }
+    /// (shape, bytes) of a u8 tensor.
+    pub fn u8(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+        self.raw(name, safetensors::Dtype::U8)
+    }
+    /// Little-endian numbers of width `W` decoded with `from_le`.
+    fn numbers<const W: usize, T>(
+        &self,
+        name: &str,
+        dtype: safetensors::Dtype,
+        from_le: fn([u8; W]) -> T,
+    ) -> (Vec<usize>, Vec<T>) {
+        let (shape, b) = self.raw(name, dtype);
+        let v = b.chunks_exact(W).map(|b| from_le(b.try_into().unwrap()));
+        (shape, v.collect())
+    }
     pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        (t.shape().to_vec(), v)
+        self.numbers(name, safetensors::Dtype::F32, f32::from_le_bytes)
+    }
+    pub fn f64(&self, name: &str) -> (Vec<usize>, Vec<f64>) {
+        self.numbers(name, safetensors::Dtype::F64, f64::from_le_bytes)
     }
     pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), v)
+        self.numbers(name, safetensors::Dtype::I64, i64::from_le_bytes)
     }
     pub fn rgb(&self, name: &str) -> image::RgbImage {
         let (shape, data) = self.u8(name);
@@ -70,7 +72,7 @@ impl Fixtures {
 }
 
 pub fn load_png(name: &str) -> image::RgbImage {
-    dinov2_data::load_rgb(&fixture(name)).unwrap()
+    dinov2_data::load_rgb(fixture(name)).unwrap()
 }
 
 /// Max absolute difference between two images of the same size (panics on a size mismatch).

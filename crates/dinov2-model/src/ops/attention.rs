@@ -16,6 +16,14 @@ use super::cpu::{slice_f32, with_f32, SyncPtr};
 use super::softmax::softmax_rows;
 
 /// Where each sequence sits in a packed token matrix.
+///
+/// ```
+/// use dinov2_model::SeqLayout;
+/// let layout = SeqLayout::from_lengths(&[257, 257, 50]); // 2 global crops and a local one
+/// assert_eq!(layout.segments(), &[(0, 257), (257, 257), (514, 50)]);
+/// assert_eq!(layout.total_rows(), 564);
+/// assert_eq!(layout.uniform_len(), None);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeqLayout {
     /// `(first row, number of rows)` of each sequence, in order, contiguous and non-overlapping.
@@ -24,6 +32,11 @@ pub struct SeqLayout {
 
 impl SeqLayout {
     /// `batch` sequences of `len` tokens each.
+    ///
+    /// ```
+    /// let layout = dinov2_model::SeqLayout::uniform(3, 4);
+    /// assert_eq!(layout.segments(), &[(0, 4), (4, 4), (8, 4)]);
+    /// ```
     pub fn uniform(batch: usize, len: usize) -> Self {
         SeqLayout {
             segments: (0..batch).map(|b| (b * len, len)).collect(),
@@ -31,6 +44,12 @@ impl SeqLayout {
     }
 
     /// Sequences of the given lengths, packed in order.
+    ///
+    /// ```
+    /// use dinov2_model::SeqLayout;
+    /// assert_eq!(SeqLayout::from_lengths(&[2, 3]).segments(), &[(0, 2), (2, 3)]);
+    /// assert_eq!(SeqLayout::from_lengths(&[4, 4]), SeqLayout::uniform(2, 4));
+    /// ```
     pub fn from_lengths(lengths: &[usize]) -> Self {
         let mut off = 0;
         let segments = lengths
@@ -45,16 +64,34 @@ impl SeqLayout {
     }
 
     /// The `(first row, len)` pairs.
+    ///
+    /// ```
+    /// let layout = dinov2_model::SeqLayout::from_lengths(&[5, 2]);
+    /// let (start, len) = layout.segments()[1];
+    /// assert_eq!((start, len), (5, 2));
+    /// ```
     pub fn segments(&self) -> &[(usize, usize)] {
         &self.segments
     }
 
     /// Total number of rows.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::SeqLayout::from_lengths(&[5, 2]).total_rows(), 7);
+    /// assert_eq!(dinov2_model::SeqLayout::from_lengths(&[]).total_rows(), 0);
+    /// ```
     pub fn total_rows(&self) -> usize {
         self.segments.last().map(|&(o, l)| o + l).unwrap_or(0)
     }
 
     /// `Some(len)` when every sequence has the same length.
+    ///
+    /// ```
+    /// use dinov2_model::SeqLayout;
+    /// assert_eq!(SeqLayout::uniform(8, 50).uniform_len(), Some(50));
+    /// assert_eq!(SeqLayout::from_lengths(&[50, 257]).uniform_len(), None);
+    /// assert_eq!(SeqLayout::from_lengths(&[]).uniform_len(), None);
+    /// ```
     pub fn uniform_len(&self) -> Option<usize> {
         let first = self.segments.first()?.1;
         self.segments
@@ -64,6 +101,10 @@ impl SeqLayout {
     }
 
     /// Cumulative offsets `[0, l0, l0+l1, ...]`, as flash-attn varlen's `cu_seqlens`.
+    ///
+    /// ```
+    /// assert_eq!(dinov2_model::SeqLayout::from_lengths(&[3, 5, 2]).cu_seqlens(), [0, 3, 8, 10]);
+    /// ```
     pub fn cu_seqlens(&self) -> Vec<u32> {
         let mut v = Vec::with_capacity(self.segments.len() + 1);
         v.push(0);
@@ -77,6 +118,43 @@ impl SeqLayout {
 /// `qkv` is `[rows, 3·D]` with, per row, all heads' queries, then keys, then values (the official
 /// `qkv` Linear layout); the result is `[rows, D]` with heads concatenated. Implementations must be
 /// differentiable with respect to `qkv` when it tracks gradients.
+///
+/// A backend that counts its calls and delegates to [`GenericAttention`], plugged into a model:
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::ops::{AttentionBackend, GenericAttention, SeqLayout};
+/// use dinov2_model::{DinoVisionTransformer, VitConfig};
+///
+/// #[derive(Debug, Default)]
+/// struct Counting(AtomicUsize);
+///
+/// impl AttentionBackend for Counting {
+///     fn attention(
+///         &self,
+///         qkv: &Tensor,
+///         layout: &SeqLayout,
+///         num_heads: usize,
+///         scale: f64,
+///     ) -> candle_core::Result<Tensor> {
+///         self.0.fetch_add(1, Ordering::Relaxed);
+///         GenericAttention.attention(qkv, layout, num_heads, scale)
+///     }
+/// }
+///
+/// # fn main() -> dinov2_model::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 3, 28);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// let mut model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+/// let counter = Arc::new(Counting::default());
+/// model.set_attention_backend(counter.clone());
+/// model.forward_features(&Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu)?, None)?;
+/// assert_eq!(counter.0.load(Ordering::Relaxed), 3); // once per block
+/// # Ok(()) }
+/// ```
 pub trait AttentionBackend: Send + Sync + std::fmt::Debug {
     /// Computes `softmax(q·kᵀ·scale)·v` within each segment of `layout`.
     fn attention(
@@ -89,11 +167,38 @@ pub trait AttentionBackend: Send + Sync + std::fmt::Debug {
 }
 
 /// Fused CPU kernel (f32): reads q, k, v in place from the qkv matrix, one GEMM pair per (sequence, head),
-/// with a fused backward. Falls back to [`GenericAttention`] for other devices and dtypes.
+/// with a fused backward. Falls back to [`GenericAttention`] for other devices and dtypes. The default
+/// backend of every [`Attention`](crate::layers::Attention) layer.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{AttentionBackend, CpuFusedAttention, GenericAttention, SeqLayout};
+/// # fn main() -> candle_core::Result<()> {
+/// // 7 rows of qkv for 2 heads of width 4 (3 · 8 columns), as sequences of 3 and 4 tokens.
+/// let qkv = (Tensor::arange(0f32, 7. * 24., &Device::Cpu)? * 0.1)?.sin()?.reshape((7, 24))?;
+/// let layout = SeqLayout::from_lengths(&[3, 4]);
+/// let fused = CpuFusedAttention.attention(&qkv, &layout, 2, 0.5)?;
+/// let generic = GenericAttention.attention(&qkv, &layout, 2, 0.5)?;
+/// assert_eq!(fused.dims(), &[7, 8]);
+/// assert!((fused - generic)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuFusedAttention;
 
 /// Attention from primitive candle ops (batched matmuls and a differentiable softmax); works on every device.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{AttentionBackend, GenericAttention, SeqLayout};
+/// # fn main() -> candle_core::Result<()> {
+/// let qkv = Tensor::zeros((4, 6), candle_core::DType::F32, &Device::Cpu)?;
+/// // The rows must match the layout and the width must be 3 x heads x head width.
+/// assert!(GenericAttention.attention(&qkv, &SeqLayout::uniform(1, 5), 1, 1.0).is_err());
+/// assert!(GenericAttention.attention(&qkv, &SeqLayout::uniform(2, 2), 4, 1.0).is_err());
+/// assert_eq!(GenericAttention.attention(&qkv, &SeqLayout::uniform(2, 2), 2, 1.0)?.dims(), &[4, 2]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GenericAttention;
 
@@ -126,13 +231,26 @@ impl AttentionBackend for GenericAttention {
         num_heads: usize,
         scale: f64,
     ) -> Result<Tensor> {
-        check_qkv(qkv, layout, num_heads)?;
         attention_generic(qkv, layout, num_heads, scale)
     }
 }
 
 /// The default backend for a tensor's device: the fused CPU kernel (which itself defers to the
 /// generic path off the CPU).
+///
+/// ```
+/// # use candle_core::{DType, Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// # let dev = Device::Cpu;
+/// // One head of width 2, so qkv rows are [q0 q1 k0 k1 v0 v1]; q = k = 0 makes every weight equal.
+/// let v = Tensor::arange(0f32, 10., &dev)?.reshape((5, 2))?;
+/// let qkv = Tensor::cat(&[&Tensor::zeros((5, 4), DType::F32, &dev)?, &v], 1)?;
+/// let out = dinov2_model::ops::attention(&qkv, &dinov2_model::SeqLayout::from_lengths(&[2, 3]), 1, 1.0)?;
+/// // Each row is the mean of its own sequence's values.
+/// let expected = Tensor::new(&[[1f32, 2.], [1., 2.], [6., 7.], [6., 7.], [6., 7.]], &dev)?;
+/// assert!((out - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-5);
+/// # Ok(()) }
+/// ```
 pub fn attention(qkv: &Tensor, layout: &SeqLayout, num_heads: usize, scale: f64) -> Result<Tensor> {
     CpuFusedAttention.attention(qkv, layout, num_heads, scale)
 }
@@ -165,6 +283,17 @@ fn split_heads(qkv: &Tensor, b: usize, t: usize, heads: usize) -> Result<(Tensor
 }
 
 /// Attention probabilities `[B, heads, T, T]` of a uniform batch (`qkv` `[B·T, 3D]`), differentiable.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let qkv = Tensor::zeros((2 * 4, 3 * 8), DType::F32, &Device::Cpu)?; // 2 sequences of 4 tokens, D = 8
+/// let p = dinov2_model::ops::attention_probs(&qkv, 2, 2, 0.5)?;
+/// assert_eq!(p.dims(), &[2, 2, 4, 4]);
+/// assert!(p.flatten_all()?.to_vec1::<f32>()?.iter().all(|w| (w - 0.25).abs() < 1e-6)); // q = k = 0: uniform
+/// assert!(dinov2_model::ops::attention_probs(&qkv, 3, 2, 0.5).is_err()); // 8 rows are not 3 sequences
+/// # Ok(()) }
+/// ```
 pub fn attention_probs(qkv: &Tensor, batch: usize, num_heads: usize, scale: f64) -> Result<Tensor> {
     let rows = qkv.dim(0)?;
     if batch == 0 || rows % batch != 0 {
@@ -176,12 +305,27 @@ pub fn attention_probs(qkv: &Tensor, batch: usize, num_heads: usize, scale: f64)
 }
 
 /// Reference attention from primitive ops: each run of equal-length segments is one batched matmul.
+///
+/// ```
+/// # use candle_core::{DType, Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// # let dev = Device::Cpu;
+/// // One head of width 2, so qkv rows are [q0 q1 k0 k1 v0 v1]; q = k = 0 makes every weight equal.
+/// let v = Tensor::arange(0f32, 10., &dev)?.reshape((5, 2))?;
+/// let qkv = Tensor::cat(&[&Tensor::zeros((5, 4), DType::F32, &dev)?, &v], 1)?;
+/// let layout = dinov2_model::SeqLayout::from_lengths(&[2, 3]);
+/// let out = dinov2_model::ops::attention_generic(&qkv, &layout, 1, 1.0)?;
+/// let fused = dinov2_model::ops::attention(&qkv, &layout, 1, 1.0)?;
+/// assert!((out - fused)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
 pub fn attention_generic(
     qkv: &Tensor,
     layout: &SeqLayout,
     num_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    check_qkv(qkv, layout, num_heads)?;
     let d = qkv.dim(1)? / 3;
     let mut outs = Vec::new();
     let segs = layout.segments();

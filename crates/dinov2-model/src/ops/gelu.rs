@@ -7,6 +7,15 @@ use super::cpu::{fast_erf, simd_kernel, slice_f32};
 
 /// Exact GELU. f32 CPU tensors use a fused, vectorised kernel with PyTorch's CPU `erf` approximation
 /// (|error| < 1.5e-7); other devices use candle's `gelu_erf`. Differentiable everywhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let y = dinov2_model::ops::gelu_erf(&Tensor::new(&[-1f32, 0., 1.], &Device::Cpu)?)?.to_vec1::<f32>()?;
+/// // x · Φ(x): Φ(1) = 0.8413447
+/// assert!((y[0] + 0.1586553).abs() < 1e-6 && y[1] == 0.0 && (y[2] - 0.8413447).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if super::use_cpu_kernel(x) {
         x.contiguous()?.apply_op1(GeluOp)
@@ -16,6 +25,16 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 /// candle's own erf GELU (reference and non-CPU path).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{gelu_erf, gelu_erf_generic};
+/// # fn main() -> candle_core::Result<()> {
+/// let x = (Tensor::arange(-40f32, 40., &Device::Cpu)? * 0.1)?;
+/// let diff = (gelu_erf(&x)? - gelu_erf_generic(&x)?)?.abs()?.max(0)?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-6);
+/// # Ok(()) }
+/// ```
 pub fn gelu_erf_generic(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }

@@ -8,6 +8,22 @@ use super::cpu::{rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (biased variance, as PyTorch).
 ///
 /// Differentiable with respect to all three inputs on every device; f32 CPU tensors use a fused kernel.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use dinov2_model::ops::layer_norm;
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[1f32, 2., 3.]], &dev)?;
+/// let (w, b) = (Tensor::ones(3, DType::F32, &dev)?, Tensor::zeros(3, DType::F32, &dev)?);
+/// let y = layer_norm(x.as_tensor(), &w, &b, 0.0)?;
+/// let v = y.to_vec2::<f32>()?; // (x - 2) / sqrt(2/3)
+/// assert!((v[0][0] + 1.2247449).abs() < 1e-6 && v[0][1].abs() < 1e-6 && (v[0][2] - 1.2247449).abs() < 1e-6);
+/// // A backward pass (candle-nn's fused LayerNorm has none): the normalised row sums to zero whatever x.
+/// let g = y.sum_all()?.backward()?.get(&x).unwrap().to_vec2::<f32>()?;
+/// assert!(g[0].iter().all(|v| v.abs() < 1e-5));
+/// # Ok(()) }
+/// ```
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if super::use_cpu_kernel(x) && super::use_cpu_kernel(weight) && super::use_cpu_kernel(bias) {
         let x = x.contiguous()?;
@@ -22,6 +38,18 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 /// [`layer_norm`] composed of primitive candle ops (the reference and the non-CPU path).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{layer_norm, layer_norm_generic};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = (Tensor::arange(0f32, 32., &dev)? * 0.7)?.sin()?.reshape((4, 8))?;
+/// let (w, b) = ((Tensor::arange(0f32, 8., &dev)? * 0.1)?, Tensor::ones(8, candle_core::DType::F32, &dev)?);
+/// let diff = (layer_norm(&x, &w, &b, 1e-6)? - layer_norm_generic(&x, &w, &b, 1e-6)?)?.abs()?.flatten_all()?.max(0)?;
+/// assert!(diff.to_scalar::<f32>()? < 1e-5);
+/// # Ok(()) }
+/// ```
 pub fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;

@@ -12,6 +12,19 @@ use super::gelu::{gelu_in_place, PAR_CHUNK};
 ///
 /// Differentiable on every device. On the CPU in f32 the bias is written before the GEMM accumulates into it
 /// (one pass over the output instead of two).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = Tensor::new(&[[[1f32, 2.]]], &dev)?; // [1, 1, 2]: any leading dimensions
+/// let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev)?;
+/// let b = Tensor::new(&[0f32, 0., 10.], &dev)?;
+/// let y = dinov2_model::ops::linear(&x, &w, Some(&b))?;
+/// assert_eq!(y.to_vec3::<f32>()?, [[[1.0, 2.0, 13.0]]]);
+/// assert_eq!(dinov2_model::ops::linear(&x, &w, None)?.to_vec3::<f32>()?, [[[1.0, 2.0, 3.0]]]);
+/// # Ok(()) }
+/// ```
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b)
@@ -103,6 +116,19 @@ impl CustomOp3 for ResidualLinearOp {
 }
 
 /// [`linear`] from primitive ops.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{linear, linear_generic};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = (Tensor::arange(0f32, 24., &dev)? * 0.3)?.sin()?.reshape((2, 3, 4))?;
+/// let w = (Tensor::arange(0f32, 20., &dev)? * 0.2)?.cos()?.reshape((5, 4))?;
+/// let b = Tensor::arange(0f32, 5., &dev)?;
+/// let diff = (linear(&x, &w, Some(&b))? - linear_generic(&x, &w, Some(&b))?)?.abs()?.flatten_all()?.max(0)?;
+/// assert!(diff.to_scalar::<f32>()? < 1e-5);
+/// # Ok(()) }
+/// ```
 pub fn linear_generic(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.broadcast_matmul(&weight.t()?)?;
     match bias {

@@ -6,6 +6,21 @@ use rayon::prelude::*;
 use super::cpu::{fast_exp, max_lanes, rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
 
 /// Softmax over the last dimension, differentiable on every device (unlike `candle_nn::ops::softmax_last_dim`).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use dinov2_model::ops::softmax_last_dim;
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Var::new(&[[0f32, 3f32.ln()]], &Device::Cpu)?;
+/// let p = softmax_last_dim(x.as_tensor())?;
+/// let v = p.to_vec2::<f32>()?;
+/// assert!((v[0][0] - 0.25).abs() < 1e-6 && (v[0][1] - 0.75).abs() < 1e-6);
+/// // Differentiable: the sum of the probabilities is constant, so its gradient is zero.
+/// let grads = p.sum_all()?.backward()?;
+/// let g = grads.get(&x).unwrap().to_vec2::<f32>()?;
+/// assert!(g[0].iter().all(|v| v.abs() < 1e-6));
+/// # Ok(()) }
+/// ```
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if super::use_cpu_kernel(x) {
         x.contiguous()?.apply_op1(SoftmaxOp)
@@ -15,6 +30,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// [`softmax_last_dim`] from primitive ops.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{softmax_last_dim, softmax_last_dim_generic};
+/// # fn main() -> candle_core::Result<()> {
+/// let x = (Tensor::arange(0f32, 24., &Device::Cpu)? * 0.3)?.sin()?.reshape((4, 6))?;
+/// let diff = (softmax_last_dim(&x)? - softmax_last_dim_generic(&x)?)?.abs()?.flatten_all()?.max(0)?;
+/// assert!(diff.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
 pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;

@@ -34,8 +34,23 @@ use io::{format_err, io_err, Container};
 /// Tensors with their names, as read from a file.
 type NamedTensors = Vec<(String, Tensor)>;
 
-/// The layout a checkpoint was stored in.
+/// The layout a checkpoint was stored in (recognised by the keys, not the file name).
+///
+/// ```
+/// use dinov2_model::weights::{load_weights, save_safetensors, save_transformers, WeightFormat};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small();
+/// (cfg.depth, cfg.img_size) = (1, 28);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// let dir = tempfile::tempdir()?;
+/// save_safetensors(&sd, &dir.path().join("official.safetensors"))?;
+/// save_transformers(&sd, &cfg, &dir.path().join("hf"))?;
+/// assert_eq!(load_weights(&dir.path().join("official.safetensors"))?.format, WeightFormat::OfficialSafetensors);
+/// assert_eq!(load_weights(&dir.path().join("hf"))?.format, WeightFormat::Transformers);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum WeightFormat {
     /// Official names in a PyTorch (zip) file, e.g. `dinov2_vits14_pretrain.pth`.
     OfficialPth,
@@ -50,6 +65,28 @@ pub enum WeightFormat {
 }
 
 /// Backbone weights under the official names plus what was found around them.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use dinov2_model::weights::{load_weights, save_safetensors};
+/// use dinov2_model::{DinoVisionTransformer, LinearClassifier};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small();
+/// (cfg.depth, cfg.img_size) = (1, 28);
+/// let mut sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// sd.insert("head.weight", Tensor::zeros((10, 2 * 384), DType::F32, &Device::Cpu)?); // not the backbone
+/// sd.insert("head.bias", Tensor::zeros(10, DType::F32, &Device::Cpu)?);
+/// let dir = tempfile::tempdir()?;
+/// save_safetensors(&sd, &dir.path().join("with_head.safetensors"))?;
+///
+/// let w = load_weights(&dir.path().join("with_head.safetensors"))?;
+/// assert_eq!(w.config, cfg); // inferred from the shapes
+/// assert!(!w.state_dict.contains("head.weight"));
+/// let model = DinoVisionTransformer::from_state_dict(&w.config, &w.state_dict, &Device::Cpu, DType::F32)?;
+/// let head = LinearClassifier::from_state_dict(&w.extra, "head.", 1, model.embed_dim())?;
+/// assert_eq!(head.num_classes(), 10);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LoadedWeights {
     /// Canonical official names, `f32` on the CPU, backbone only (`mask_token` included when present).
@@ -63,6 +100,24 @@ pub struct LoadedWeights {
 }
 
 /// Options of [`load_weights_with`].
+///
+/// A given configuration is checked against the tensors, strictly:
+///
+/// ```
+/// use dinov2_model::weights::{load_weights_with, save_safetensors, LoadOptions};
+/// use dinov2_model::Error;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small();
+/// (cfg.depth, cfg.img_size) = (1, 28);
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("one_block.safetensors");
+/// save_safetensors(&dinov2_model::init::init_state_dict(&cfg, 0)?, &path)?;
+/// let two_blocks = dinov2_model::VitConfig { depth: 2, ..cfg.clone() };
+/// let opts = LoadOptions { config: Some(two_blocks), ..Default::default() };
+/// let err = load_weights_with(&path, &opts).unwrap_err();
+/// assert!(matches!(err, Error::MissingKey { ref key, .. } if key.starts_with("blocks.1.")));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Use this configuration instead of inferring one (needed when the width is not one of the released
@@ -98,22 +153,42 @@ pub struct LoadOptions {
 /// # Ok(())
 /// # }
 /// ```
-pub fn load_weights(path: &Path) -> Result<LoadedWeights> {
+pub fn load_weights(path: impl AsRef<Path>) -> Result<LoadedWeights> {
     load_weights_with(path, &LoadOptions::default())
 }
 
 /// [`load_weights`] with an explicit configuration and/or checkpoint key.
 ///
+/// A width that is not a released size needs its configuration (the number of heads is not in the tensors):
+///
+/// ```
+/// use dinov2_model::weights::{load_weights, load_weights_with, save_safetensors, LoadOptions};
+/// use dinov2_model::{Error, VitConfig};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tiny.safetensors");
+/// save_safetensors(&dinov2_model::init::init_state_dict(&cfg, 0)?, &path)?;
+/// assert!(matches!(load_weights(&path), Err(Error::InvalidConfig { field: "num_heads", .. })));
+/// let opts = LoadOptions { config: Some(cfg.clone()), ..Default::default() };
+/// assert_eq!(load_weights_with(&path, &opts)?.config.num_heads, 2);
+/// # Ok(()) }
+/// ```
+///
+/// The student of an official training checkpoint:
+///
 /// ```no_run
 /// use dinov2_model::weights::{load_weights_with, LoadOptions};
 /// # fn main() -> dinov2_model::Result<()> {
 /// let opts = LoadOptions { config: None, checkpoint_key: Some("student".into()) };
-/// let w = load_weights_with("eval/training_12499/teacher_checkpoint.pth".as_ref(), &opts)?;
+/// let w = load_weights_with("eval/training_12499/teacher_checkpoint.pth", &opts)?;
 /// println!("{} blocks, extra heads: {:?}", w.config.depth, w.extra.keys().collect::<Vec<_>>());
 /// # Ok(())
 /// # }
 /// ```
-pub fn load_weights_with(path: &Path, opts: &LoadOptions) -> Result<LoadedWeights> {
+pub fn load_weights_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedWeights> {
+    let path = path.as_ref();
     let raw = read_raw(path, opts)?;
     let (canon, extra, format) = canonicalize(raw.tensors, raw.container, raw.key_used, opts)
         .map_err(|e| match e {
@@ -678,8 +753,8 @@ fn dims_of<'a>(sd: &'a StateDict, key: &str) -> Option<&'a [usize]> {
 ///
 /// `hf_config` is a `transformers` `config.json`: it gives the number of heads (and LayerNorm eps,
 /// LayerScale value) and is cross-checked against the tensors. Without it, the number of heads comes from
-/// the released sizes (384 → 6, 768 → 12, 1024 → 16, 1536 → 24); other widths give [`Error::Config`] asking
-/// for an explicit configuration ([`LoadOptions::config`]).
+/// the released sizes (384 → 6, 768 → 12, 1024 → 16, 1536 → 24); other widths give
+/// [`Error::InvalidConfig`] asking for an explicit configuration ([`LoadOptions::config`]).
 ///
 /// The interpolation of the position table is a property of the model family, not of the file:
 /// register models (R > 0) get the size path with antialias, the others the `+0.1` scale-factor path.
@@ -948,7 +1023,8 @@ pub fn infer_config(sd: &StateDict, hf_config: Option<&serde_json::Value>) -> Re
 /// # Ok(())
 /// # }
 /// ```
-pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
+pub fn save_safetensors(sd: &StateDict, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
     io::write_safetensors(
         path,
         sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
@@ -968,13 +1044,34 @@ pub fn save_safetensors(sd: &StateDict, path: &Path) -> Result<()> {
 /// ```no_run
 /// use dinov2_model::weights::{load_weights, save_transformers};
 /// # fn main() -> dinov2_model::Result<()> {
-/// let w = load_weights("dinov2_vits14_pretrain.pth".as_ref())?;
-/// save_transformers(&w.state_dict, &w.config, "dinov2-small-hf".as_ref())?;
+/// let w = load_weights("dinov2_vits14_pretrain.pth")?;
+/// save_transformers(&w.state_dict, &w.config, "dinov2-small-hf")?;
 /// // Python: transformers.Dinov2Model.from_pretrained("dinov2-small-hf")
 /// # Ok(())
 /// # }
 /// ```
-pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<()> {
+///
+/// The directory loads back to the same weights:
+///
+/// ```
+/// use dinov2_model::weights::{load_weights, save_transformers, WeightFormat};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = dinov2_model::VitConfig::vit_small().with_registers(4);
+/// (cfg.depth, cfg.img_size) = (1, 28);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// let dir = tempfile::tempdir()?;
+/// save_transformers(&sd, &cfg, dir.path())?;
+/// assert!(dir.path().join("config.json").is_file() && dir.path().join("model.safetensors").is_file());
+/// let back = load_weights(dir.path())?;
+/// assert_eq!((back.format, &back.config), (WeightFormat::Transformers, &cfg));
+/// for (name, t) in sd.iter() {
+///     let diff = (t - back.state_dict.get(name).unwrap())?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+///     assert_eq!(diff, 0.0, "{name}"); // qkv split into query/key/value and fused back: exact
+/// }
+/// # Ok(()) }
+/// ```
+pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
     cfg.validate()?;
     let mut checked = sd.clone();
     if !checked.contains("mask_token") {
@@ -1094,6 +1191,16 @@ pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: &Path) -> Result<
 }
 
 /// The `transformers` `config.json` describing `cfg` (`Dinov2Config` or `Dinov2WithRegistersConfig`).
+///
+/// ```
+/// use dinov2_model::{weights::transformers_config, VitConfig};
+/// let json = transformers_config(&VitConfig::vit_giant2().with_registers(4));
+/// assert_eq!(json["model_type"], "dinov2_with_registers");
+/// assert_eq!(json["hidden_size"], 1536);
+/// assert_eq!(json["num_register_tokens"], 4);
+/// assert_eq!(json["use_swiglu_ffn"], true);
+/// assert_eq!(json["mlp_ratio"], 4); // an integer, as transformers declares it
+/// ```
 pub fn transformers_config(cfg: &VitConfig) -> serde_json::Value {
     use serde_json::json;
     let regs = cfg.num_register_tokens > 0;

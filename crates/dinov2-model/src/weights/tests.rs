@@ -509,7 +509,7 @@ fn save_and_load_round_trips_for_both_writers() {
         assert_eq!(w.config, c);
         assert_same(&w.state_dict, &sd);
         // Addressed by its model.safetensors file, the sibling config.json still gives the heads.
-        let w = load_weights(&hf.join("model.safetensors")).unwrap();
+        let w = load_weights(hf.join("model.safetensors")).unwrap();
         assert_eq!(w.config, c);
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap())
@@ -602,7 +602,7 @@ fn file_level_errors_are_typed() {
         matches!(load_weights(&q), Err(Error::Format { reason, .. }) if reason.contains("legacy"))
     );
     assert!(matches!(
-        load_weights(&dir.join("nope.pth")),
+        load_weights(dir.join("nope.pth")),
         Err(Error::Io { .. })
     ));
     let empty = dir.join("empty_dir");
@@ -621,7 +621,7 @@ fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
     let c = tiny(FfnKind::Mlp, 0); // width 16: heads not inferable without help
     let mut sd = random_sd(&c);
     sd.remove("mask_token"); // timm layout
-    save_safetensors(&sd, &dir.join("model.safetensors")).unwrap();
+    save_safetensors(&sd, dir.join("model.safetensors")).unwrap();
     // A timm repository's config.json: not a transformers config, its numbers are not used.
     std::fs::write(
         dir.join("config.json"),

@@ -1,34 +1,51 @@
 //! Timing driver for `tools/bench_curate.py`: runs one operation on `.npy` inputs and prints one JSON line.
 //!
 //! ```text
-//! bench_ops knn <base.npy> <queries.npy> <k>
-//! bench_ops assign <data.npy> <centroids.npy>
-//! bench_ops kmeans <data.npy> <k> <iters> <seed> [random|kmeans++]
+//! cargo bench -p dinov2-curate --bench bench_ops -- knn <base.npy> <queries.npy> <k>
+//! cargo bench -p dinov2-curate --bench bench_ops -- assign <data.npy> <centroids.npy>
+//! cargo bench -p dinov2-curate --bench bench_ops -- kmeans <data.npy> <k> <iters> <seed> [random|kmeans++]
 //! ```
 //! Inputs are used as stored (the benchmark script writes them L2-normalised). Only the operation is timed.
+//! The `--bench` flag `cargo bench` appends is ignored. `cargo bench` runs it in `crates/dinov2-curate/`: give absolute
+//! paths.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use dinov2_curate::kmeans::{self, Init, KMeansConfig};
 use dinov2_curate::knn::exact_knn;
 use dinov2_curate::store::Embeddings;
-use dinov2_curate::Result;
+use dinov2_curate::{Error, Result};
 
 fn arg<T: std::str::FromStr>(a: &[String], i: usize) -> Result<T> {
-    a.get(i).and_then(|s| s.parse().ok()).ok_or_else(|| {
-        dinov2_curate::CurateError::InvalidArgument(format!("argument {i} missing or invalid"))
-    })
+    a.get(i)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::InvalidArgument {
+            name: "arguments",
+            reason: format!(
+                "argument {i} is missing or invalid (see the usage in benches/bench_ops.rs)"
+            ),
+        })
 }
 
-fn main() -> Result<()> {
-    let a: Vec<String> = std::env::args().collect();
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let a: Vec<String> = std::env::args().filter(|s| s != "--bench").collect();
     let op: String = arg(&a, 1)?;
     let threads = rayon::current_num_threads();
     match op.as_str() {
         "knn" => {
-            let base = Embeddings::open(Path::new(&a[2]))?;
-            let q = Embeddings::open(Path::new(&a[3]))?;
+            let base = Embeddings::open(&arg::<PathBuf>(&a, 2)?)?;
+            let q = Embeddings::open(&arg::<PathBuf>(&a, 3)?)?;
             let k: usize = arg(&a, 4)?;
             // Touch the mapped pages first so file I/O is not timed.
             let _ = base.max_norm_deviation();
@@ -42,8 +59,8 @@ fn main() -> Result<()> {
             );
         }
         "assign" => {
-            let x = Embeddings::open(Path::new(&a[2]))?;
-            let c = Embeddings::open(Path::new(&a[3]))?;
+            let x = Embeddings::open(&arg::<PathBuf>(&a, 2)?)?;
+            let c = Embeddings::open(&arg::<PathBuf>(&a, 3)?)?;
             let _ = x.max_norm_deviation();
             let t = Instant::now();
             let (_, dist) = kmeans::assign(x.as_slice(), x.dim(), c.as_slice())?;
@@ -54,7 +71,7 @@ fn main() -> Result<()> {
             );
         }
         "kmeans" => {
-            let x = Embeddings::open(Path::new(&a[2]))?;
+            let x = Embeddings::open(&arg::<PathBuf>(&a, 2)?)?;
             let (k, iters, seed): (usize, usize, u64) = (arg(&a, 3)?, arg(&a, 4)?, arg(&a, 5)?);
             let init = match a.get(6).map(String::as_str) {
                 Some("kmeans++") => Init::KMeansPlusPlus,
@@ -82,9 +99,10 @@ fn main() -> Result<()> {
             );
         }
         other => {
-            return Err(dinov2_curate::CurateError::InvalidArgument(format!(
-                "unknown op {other}"
-            )));
+            return Err(Error::InvalidArgument {
+                name: "op",
+                reason: format!("unknown op {other:?}: use knn, assign or kmeans"),
+            });
         }
     }
     Ok(())

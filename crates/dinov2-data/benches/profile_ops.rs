@@ -1,6 +1,6 @@
 //! Per-operation timing of the augmentation building blocks on one decoded image (development aid).
 //!
-//! `cargo run -p dinov2-data --example profile_ops -- <image>`
+//! `cargo bench -p dinov2-data --bench profile_ops -- [<image>]` (without an image: a synthetic 500x375 JPEG).
 
 use std::time::Instant;
 
@@ -19,14 +19,28 @@ fn time<F: FnMut()>(name: &str, n: usize, mut f: F) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let p = std::env::args()
-        .nth(1)
-        .ok_or("usage: profile_ops <image>")?;
-    let bytes = std::fs::read(&p)?;
+    // `cargo bench` appends `--bench`: flags are not ours
+    let path = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let bytes = match &path {
+        Some(p) => std::fs::read(p)?,
+        None => {
+            let img = dinov2_data::image::RgbImage::from_fn(500, 375, |x, y| {
+                dinov2_data::image::Rgb([
+                    (x * 7 % 256) as u8,
+                    (y * 5 % 256) as u8,
+                    ((x ^ y) % 256) as u8,
+                ])
+            });
+            let mut jpeg = Vec::new();
+            dinov2_data::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                .encode_image(&img)?;
+            jpeg
+        }
+    };
     time("decode", 10, || {
         let _ = dinov2_data::decode_rgb(&bytes, &Default::default());
     });
-    let img = dinov2_data::load_rgb(std::path::Path::new(&p))?;
+    let img = dinov2_data::decode_rgb(&bytes, &Default::default())?;
     let (w, h) = img.dimensions();
     let b = CropBox {
         left: w / 8,

@@ -1,0 +1,141 @@
+//! The `dinov2` command line: [`Cli`] (clap) and [`run`], which dispatches to the model subcommands
+//! ([`model`]) and the curation stages ([`curate`]).
+
+mod curate;
+mod model;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use self::model::{ModelArgs, OutFormat, PreprocessMode};
+
+/// `dinov2 [--threads N] <command>`.
+#[derive(Parser)]
+#[command(
+    name = "dinov2",
+    version,
+    about = "DINOv2 in Rust: features, PCA pictures, weight conversion, data curation"
+)]
+pub struct Cli {
+    /// Worker threads (default: all cores; also RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed images (or a pixel tensor) into x_norm_clstoken / x_norm_patchtokens / x_norm_regtokens / x_prenorm.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Image files or directories (searched recursively).
+        #[arg(long, num_args = 1.., required_unless_present = "pixel_values", conflicts_with = "pixel_values")]
+        images: Vec<std::path::PathBuf>,
+        /// A safetensors file with `pixel_values` f32 [B, 3, H, W], already normalised.
+        #[arg(long)]
+        pixel_values: Option<std::path::PathBuf>,
+        /// Output safetensors file.
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// How images are brought to the model's input.
+        #[arg(long, value_enum, default_value_t = PreprocessMode::Eval)]
+        preprocess: PreprocessMode,
+        /// Eval mode: shorter side before cropping.
+        #[arg(long, default_value_t = 256)]
+        resize: u32,
+        /// Eval mode: center-crop size.
+        #[arg(long, default_value_t = 224)]
+        crop: u32,
+        /// Resize mode: target shorter side.
+        #[arg(long)]
+        size: Option<u32>,
+        /// Skip unreadable images (listed at the end) instead of stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Write the first-3-principal-components picture of an image's patch features as a PNG.
+    Pca {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input image.
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Shorter side of the model input (rounded to the patch size).
+        #[arg(long, default_value_t = 448)]
+        size: u32,
+    },
+    /// Convert weights to official-named safetensors or a transformers directory.
+    Convert {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output file (official) or directory (transformers).
+        #[arg(long)]
+        output: std::path::PathBuf,
+        #[arg(long, value_enum, default_value_t = OutFormat::Official)]
+        format: OutFormat,
+    },
+    /// Print a checkpoint's detected format and configuration.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Data curation: embed, dedup, knn, retrieve, kmeans, hkmeans, sample.
+    #[command(subcommand)]
+    Curate(curate::CurateCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(t) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot size the thread pool")?;
+    }
+    match cli.command {
+        Command::Embed {
+            model,
+            images,
+            pixel_values,
+            output,
+            batch_size,
+            preprocess,
+            resize,
+            crop,
+            size,
+            skip_bad,
+        } => {
+            let pre = model::preprocess_of(preprocess, resize, crop, size, model::patch_of(&model));
+            model::embed(
+                &model,
+                &images,
+                pixel_values.as_ref(),
+                &output,
+                batch_size,
+                pre,
+                skip_bad,
+            )
+        }
+        Command::Pca {
+            model,
+            image,
+            output,
+            size,
+        } => model::pca(&model, &image, &output, size),
+        Command::Convert {
+            model,
+            output,
+            format,
+        } => model::convert(&model, &output, format),
+        Command::Info { model } => model::info(&model),
+        Command::Curate(cmd) => curate::run(cmd),
+    }
+}
