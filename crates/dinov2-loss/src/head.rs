@@ -11,7 +11,6 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use dinov2_model::StateDict;
 
@@ -276,32 +275,6 @@ pub struct DinoHead {
     mutable: bool,
 }
 
-/// Hands out zero-cost placeholders (a broadcast scalar): a build over it lists the parameters.
-struct ShapeProbe;
-
-impl SimpleBackend for ShapeProbe {
-    fn get(
-        &self,
-        s: Shape,
-        _: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::CannotFindTensor {
-            path: name.to_string(),
-        })
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        false
-    }
-}
-
 impl DinoHead {
     /// Builds the head from `vb` positioned at the head (e.g. `vb.pp("dino_head")`): `mlp.*` (`mlp.{i}.weight`
     /// / `.bias` in `nn.Sequential` numbering, `mlp.weight` for one layer, BatchNorm `weight` / `bias` and,
@@ -408,8 +381,10 @@ impl DinoHead {
 
     /// A head of configuration `cfg` on placeholder tensors.
     fn probe(cfg: &DinoHeadConfig) -> Result<Self> {
-        let vb = VarBuilder::from_backend(Box::new(ShapeProbe), DType::F32, Device::Cpu);
-        Self::new(cfg, vb)
+        Self::new(
+            cfg,
+            dinov2_model::params::placeholders(DType::F32, &Device::Cpu),
+        )
     }
 
     /// Strict check of the head's tensors under `prefix` in `sd` (as the official

@@ -101,7 +101,25 @@ pub fn seeded(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarB
 /// ```
 pub fn init_state_dict(cfg: &VitConfig, seed: u64) -> Result<StateDict> {
     let varmap = VarMap::new();
-    DinoVisionTransformer::new(cfg, seeded(&varmap, seed, DType::F32, &Device::Cpu))?.state_dict()
+    let model = DinoVisionTransformer::new(cfg, seeded(&varmap, seed, DType::F32, &Device::Cpu))?;
+    let names: Vec<String> = model
+        .named_parameters()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    drop(model);
+    // The VarMap is private and dropped here: its storage is handed over, not copied (peak memory 1x the
+    // model, not 2x as `state_dict` of a model on Vars would take).
+    let vars = std::mem::take(
+        &mut *varmap
+            .data()
+            .lock()
+            .map_err(|_| crate::Error::invalid("varmap", "its lock is poisoned"))?,
+    );
+    Ok(names
+        .into_iter()
+        .filter_map(|k| vars.get(&k).map(|v| (k, v.as_tensor().detach())))
+        .collect())
 }
 
 struct SeededInit {
@@ -174,10 +192,12 @@ impl SimpleBackend for SeededInit {
         }
         let mut rng = StdRng::seed_from_u64(self.seed ^ name_hash(name));
         let values = sample(hint, &s, &mut rng)?;
-        let t = Tensor::from_vec(values, s, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?;
-        let v = Var::from_tensor(&t)?;
+        let v = if dtype == DType::F32 && dev.is_cpu() {
+            Var::from_vec(values, s, dev)? // no copy
+        } else {
+            let t = Tensor::from_vec(values, s, &Device::Cpu)?;
+            Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?
+        };
         let out = v.as_tensor().clone();
         data.insert(name.to_string(), v);
         Ok(out)

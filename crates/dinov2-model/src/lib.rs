@@ -38,7 +38,7 @@ pub mod init;
 pub mod layers;
 pub mod loader;
 pub mod ops;
-mod params;
+pub mod params;
 pub mod pos_embed;
 pub mod state_dict;
 #[cfg(test)]

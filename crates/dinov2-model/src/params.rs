@@ -1,8 +1,8 @@
 //! [`VarBuilder`] backends that watch a model being built: which parameters it asks for, with which shapes.
 //!
 //! They are how the official names stay written in one place (the layers' `new`): the list of a
-//! configuration's parameters ([`meta_build`]) and a model's named parameters ([`Recorder`]) are read off a
-//! build instead of being written down again.
+//! configuration's parameters and a model's named parameters are read off a build instead of being written
+//! down again. [`placeholders`] is the public one: a builder of zero-cost tensors for such dry builds.
 
 use std::sync::{Arc, Mutex};
 
@@ -91,8 +91,25 @@ impl SimpleBackend for Recorder<'_> {
 }
 
 /// Hands out zero-cost placeholders (a broadcast scalar) and records each request's name and shape.
+#[derive(Default)]
 struct Meta {
     seen: Requests<Vec<usize>>,
+}
+
+/// A [`VarBuilder`] that hands out zero-cost placeholders of the requested shapes (a broadcast zero scalar,
+/// nothing allocated): building a layer on it lists or checks its parameters without their values, for any
+/// model size. Layers must not compute on their weights in `new` (none of this workspace's do).
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use dinov2_model::{layers::Linear, params::placeholders};
+/// # fn main() -> dinov2_model::Result<()> {
+/// let fc = Linear::new(4096, 4096, true, placeholders(DType::F32, &Device::Cpu))?;
+/// assert_eq!(fc.weight().dims(), &[4096, 4096]);
+/// # Ok(()) }
+/// ```
+pub fn placeholders(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Meta::default()), dtype, device.clone())
 }
 
 impl SimpleBackend for Meta {
