@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cargo_bench import CargoError, bench_executable  # noqa: E402
 
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = "2"
@@ -134,26 +136,11 @@ class RustStep:
 
 
 def build_rust(target_dir, profile):
-    """Builds the bench_loss benchmark target and returns its executable (benchmark targets get a hashed
-    file name, so ask cargo where it put it; a no-op build when up to date)."""
-    cmd = ["cargo", "build", "--profile", profile, "-p", "dinov2-loss", "--bench", "bench_loss",
-           "--message-format=json"]
-    print(f"building ours: CARGO_TARGET_DIR={target_dir} {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
-    r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        sys.exit(f"cargo build failed (exit {r.returncode})")
-    exe = None
-    for line in r.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "bench_loss":
-            exe = msg.get("executable") or exe
-    if not exe or not Path(exe).is_file():
-        sys.exit("cargo build succeeded but reported no bench_loss executable")
-    return exe
+    """Builds the bench_loss benchmark target and returns its executable."""
+    try:
+        return str(bench_executable("dinov2-loss", "bench_loss", profile, target_dir))
+    except CargoError as e:
+        sys.exit(str(e))
 
 
 PHASES = ["total_ms", "teacher_head_ms", "targets_ms", "student_head_ms", "loss_ms", "backward_ms"]

@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cargo_bench import CargoError, bench_executable  # noqa: E402
 IMPLS = ("ours", "timm", "official", "base")
 DEFAULT_IMPLS = "ours,timm,official"
 DEFAULT_ROWS = "s:224:1,s:224:16,s:518:1,b:224:16"
@@ -147,26 +149,10 @@ def ensure_binary(args) -> Path:
         if not b.is_file():
             raise BenchError(f"--bin {b} does not exist")
         return b
-    target = Path(args.target_dir)
-    # Benchmark targets get a hashed file name: ask cargo where it put the executable (a no-op when up to date).
-    cmd = ["cargo", "build", "--profile", "bench-release", "-p", "dinov2-model", "--bench", "bench_forward",
-           "--message-format=json"]
-    print(f"building ours: CARGO_TARGET_DIR={target} {' '.join(cmd)} (fat LTO: takes minutes)", flush=True)
-    env = dict(os.environ, CARGO_TARGET_DIR=str(target))
-    r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise BenchError(f"cargo build failed (exit {r.returncode})")
-    exe = None
-    for line in r.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "bench_forward":
-            exe = msg.get("executable") or exe
-    if not exe or not Path(exe).is_file():
-        raise BenchError("cargo build succeeded but reported no bench_forward executable")
-    return Path(exe)
+    try:
+        return bench_executable("dinov2-model", "bench_forward", "bench-release", Path(args.target_dir))
+    except CargoError as e:
+        raise BenchError(f"{e} (fat LTO build: takes minutes the first time)") from e
 
 
 def resolve_dinov2_src(arg):

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
+use dinov2_model::init::{ONES, TRUNC_NORMAL_002, ZEROS};
 use dinov2_model::StateDict;
 
 use crate::error::{Error, Result};
@@ -163,15 +164,6 @@ const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
 const LAST_LAYER: &str = "last_layer";
 const WEIGHT_G: (&str, &str) = ("weight_g", "parametrizations.weight.original0");
 const WEIGHT_V: (&str, &str) = ("weight_v", "parametrizations.weight.original1");
-
-/// Init hint of the MLP's Linear weights: official `trunc_normal_(std=0.02)` (bounds ±2, i.e. 100σ: the
-/// plain normal).
-const TRUNC_NORMAL_002: Init = Init::Randn {
-    mean: 0.0,
-    stdev: 0.02,
-};
-const ZEROS: Init = Init::Const(0.0);
-const ONES: Init = Init::Const(1.0);
 
 /// `prefix.name`, or `name` for an empty prefix.
 fn join(prefix: &str, name: &str) -> String {

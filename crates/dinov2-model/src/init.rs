@@ -43,20 +43,24 @@ use crate::params::{check_shape, not_found};
 use crate::state_dict::StateDict;
 use crate::vit::DinoVisionTransformer;
 
-/// Init hint of Linear weights and `pos_embed` (official `trunc_normal_(std=0.02)`).
-pub(crate) const TRUNC_NORMAL_002: Init = Init::Randn {
+/// Init hint of Linear weights and `pos_embed` (official `trunc_normal_(std=0.02)`; also the DINO head's MLP).
+///
+/// ```
+/// assert!(matches!(dinov2_model::init::TRUNC_NORMAL_002, candle_nn::Init::Randn { stdev, .. } if stdev == 0.02));
+/// ```
+pub const TRUNC_NORMAL_002: Init = Init::Randn {
     mean: 0.0,
     stdev: 0.02,
 };
 /// Init hint of the class token and registers (official `normal_(std=1e-6)`).
-pub(crate) const NORMAL_1E6: Init = Init::Randn {
+pub const NORMAL_1E6: Init = Init::Randn {
     mean: 0.0,
     stdev: 1e-6,
 };
-/// Zeros.
-pub(crate) const ZEROS: Init = Init::Const(0.0);
-/// Ones.
-pub(crate) const ONES: Init = Init::Const(1.0);
+/// Zeros (biases, the mask token).
+pub const ZEROS: Init = Init::Const(0.0);
+/// Ones (LayerNorm weights).
+pub const ONES: Init = Init::Const(1.0);
 
 /// A [`VarBuilder`] over `varmap` whose missing parameters are created as `Var`s from their init hints,
 /// deterministically in `seed` (see the [module docs](self)). Parameters already in `varmap` are returned

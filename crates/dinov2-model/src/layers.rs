@@ -945,18 +945,19 @@ impl Block {
         packing: &Packing,
         drop_path_rng: Option<&mut dyn RngCore>,
     ) -> Result<Tensor> {
-        self.forward_rows(x, packing, drop_path_rng, None)
+        self.forward_rows(x, packing, &packing.layout(), drop_path_rng, None)
     }
 
     /// [`Self::forward_packed`] with the model's folded inference weights when it has them.
+    /// `layout` is `packing.layout()`, computed once by the caller for all blocks.
     pub(crate) fn forward_rows(
         &self,
         x: &Tensor,
         packing: &Packing,
+        layout: &SeqLayout,
         drop_path_rng: Option<&mut dyn RngCore>,
         folded: Option<&FoldedOutputs>,
     ) -> Result<Tensor> {
-        let layout = packing.layout();
         match drop_path_rng {
             Some(rng) if self.drop_path > 0.0 => {
                 let r = self.drop_path;
@@ -967,18 +968,18 @@ impl Block {
                     let x = drop_add_residual_subset(x, packing, r, &attn, ls1, rng)?;
                     drop_add_residual_subset(&x, packing, r, &ffn, ls2, rng)
                 } else {
-                    let y = scale(&attn(x, &layout)?, ls1)?;
+                    let y = scale(&attn(x, layout)?, ls1)?;
                     let x = (x + drop_path_per_sample(&y, packing, r, rng)?)?;
-                    let y = scale(&ffn(&x, &layout)?, ls2)?;
+                    let y = scale(&ffn(&x, layout)?, ls2)?;
                     Ok((&x + drop_path_per_sample(&y, packing, r, rng)?)?)
                 }
             }
             _ if ops::use_cpu_kernel(x) && !x.track_op() && !self.tracks() => match folded {
-                Some(f) => self.forward_inference(x, &layout, f),
-                None => self.forward_inference(x, &layout, &self.fold()?),
+                Some(f) => self.forward_inference(x, layout, f),
+                None => self.forward_inference(x, layout, &self.fold()?),
             },
             _ => {
-                let x = (x + scale(&self.attn_branch(x, &layout)?, self.ls1.as_ref())?)?;
+                let x = (x + scale(&self.attn_branch(x, layout)?, self.ls1.as_ref())?)?;
                 Ok((&x + scale(&self.ffn_branch(&x)?, self.ls2.as_ref())?)?)
             }
         }

@@ -726,6 +726,7 @@ impl DinoVisionTransformer {
         mut visit: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let last = until.unwrap_or(self.blocks.len().saturating_sub(1));
+        let layout = packing.layout();
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
             let folded = self
                 .fused
@@ -733,11 +734,30 @@ impl DinoVisionTransformer {
                 .and_then(|f| f.folded.as_ref())
                 .map(|f| &f[i]);
             let rng = drop_path_rng.as_mut().map(|r| &mut **r as &mut dyn RngCore);
-            let next = blk.forward_rows(&rows, packing, rng, folded)?;
+            let next = blk.forward_rows(&rows, packing, &layout, rng, folded)?;
             visit(i, &rows, &next)?;
             rows = next;
         }
         Ok(rows)
+    }
+
+    /// [`Self::run_blocks`] on a uniform batch of tokens `[B, T, D]`; the result is `[B, T, D]` too.
+    fn run_batch(
+        &self,
+        tokens: &Tensor,
+        until: Option<usize>,
+        drop_path_rng: Option<&mut dyn RngCore>,
+        visit: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = tokens.dims3()?;
+        let rows = self.run_blocks(
+            tokens.reshape((b * t, d))?,
+            &Packing::uniform(b, t),
+            until,
+            drop_path_rng,
+            visit,
+        )?;
+        Ok(rows.reshape((b, t, d))?)
     }
 
     fn split_features(
@@ -821,15 +841,8 @@ impl DinoVisionTransformer {
         drop_path_rng: Option<&mut dyn RngCore>,
     ) -> Result<Features> {
         let (tokens, grid) = self.prepare_tokens(x, masks)?;
-        let (b, t, d) = tokens.dims3()?;
-        let rows = self.run_blocks(
-            tokens.reshape((b * t, d))?,
-            &Packing::uniform(b, t),
-            None,
-            drop_path_rng,
-            |_, _, _| Ok(()),
-        )?;
-        self.split_features(rows.reshape((b, t, d))?, masks, grid)
+        let prenorm = self.run_batch(&tokens, None, drop_path_rng, |_, _, _| Ok(()))?;
+        self.split_features(prenorm, masks, grid)
     }
 
     /// The official `forward_features_list` in eval mode: several crop sets of different sizes (2 × 224
@@ -1008,18 +1021,12 @@ impl DinoVisionTransformer {
         let (b, t, d) = tokens.dims3()?;
         let mut raw = Vec::new();
         let last = wanted.iter().next_back().copied();
-        self.run_blocks(
-            tokens.reshape((b * t, d))?,
-            &Packing::uniform(b, t),
-            last,
-            None,
-            |i, _, out| {
-                if wanted.contains(&i) {
-                    raw.push((i, out.reshape((b, t, d))?));
-                }
-                Ok(())
-            },
-        )?;
+        self.run_batch(&tokens, last, None, |i, _, out| {
+            if wanted.contains(&i) {
+                raw.push((i, out.reshape((b, t, d))?));
+            }
+            Ok(())
+        })?;
         let r = self.cfg.num_register_tokens;
         raw.into_iter()
             .map(|(block, out)| {
@@ -1082,26 +1089,17 @@ impl DinoVisionTransformer {
             return Err(Error::BlockIndex { index, depth });
         }
         let (tokens, grid) = self.prepare_tokens(x, None)?;
-        let (b, t, d) = tokens.dims3()?;
+        let b = tokens.dim(0)?;
         let mut maps = Vec::new();
-        let rows = self.run_blocks(
-            tokens.reshape((b * t, d))?,
-            &Packing::uniform(b, t),
-            None,
-            None,
-            |i, before, _| {
-                if blocks.contains(&i) {
-                    let blk = &self.blocks[i];
-                    let normed = blk.norm1().forward(before)?;
-                    maps.push((i, blk.attn().probabilities(&normed, b)?));
-                }
-                Ok(())
-            },
-        )?;
-        Ok((
-            self.split_features(rows.reshape((b, t, d))?, None, grid)?,
-            maps,
-        ))
+        let prenorm = self.run_batch(&tokens, None, None, |i, before, _| {
+            if blocks.contains(&i) {
+                let blk = &self.blocks[i];
+                let normed = blk.norm1().forward(before)?;
+                maps.push((i, blk.attn().probabilities(&normed, b)?));
+            }
+            Ok(())
+        })?;
+        Ok((self.split_features(prenorm, None, grid)?, maps))
     }
 }
 

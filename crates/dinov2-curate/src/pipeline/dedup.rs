@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    finished, load_plain, map_ids, read_json, to_json, write_rows, write_summary, Index, IndexInfo,
-    IndexParams, Input, Outcome, Progress, Reporter, Stage,
+    load_plain, map_ids, read_json, run_stage, to_json, write_rows, Index, IndexInfo, IndexParams,
+    Input, Outcome, Progress, Reporter, Stage,
 };
 use crate::dedup::{self as algo, DedupResult, RelativeResult, Searcher};
 use crate::error::{io_err, Error, Result};
@@ -237,10 +237,12 @@ pub struct DedupSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn dedup(params: &DedupParams, progress: &dyn Progress) -> Result<Outcome<DedupSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<DedupSummary> {
     let r = Reporter::new(progress, Stage::Dedup);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -268,7 +270,9 @@ pub fn dedup(params: &DedupParams, progress: &dyn Progress) -> Result<Outcome<De
     let fp_json = to_json(&fingerprint, &ppath)?;
     if ppath.exists() && read_json(&ppath)? != fp_json {
         if !params.force {
-            return Err(Error::ParamsChanged { path: out.clone() });
+            return Err(Error::ParamsChanged {
+                path: out.to_path_buf(),
+            });
         }
         let _ = std::fs::remove_dir_all(&edge_dir);
     }
@@ -358,8 +362,7 @@ pub fn dedup(params: &DedupParams, progress: &dyn Progress) -> Result<Outcome<De
         recall_seconds: recall_s,
         seconds: t.elapsed().as_secs_f64() - recall_s,
     };
-    write_summary(out, &summary)?;
-    Ok(Outcome::Completed(summary))
+    Ok(summary)
 }
 
 fn write_edges(path: &Path, e: &[(i64, i64)]) -> Result<()> {

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{finished, write_rows, write_summary, Input, Outcome, Progress, Reporter, Stage};
+use super::{run_stage, write_rows, Input, Outcome, Progress, Reporter, Stage};
 use crate::embed::write_json;
 use crate::error::{invalid, io_err, Error, Result};
 use crate::hkmeans::{self as algo, Level, LevelConfig, Pick};
@@ -146,10 +146,12 @@ pub struct LevelSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn hkmeans(params: &HkmeansParams, progress: &dyn Progress) -> Result<Outcome<HkmeansSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &HkmeansParams, progress: &dyn Progress, out: &Path) -> Result<HkmeansSummary> {
     let r = Reporter::new(progress, Stage::Hkmeans);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -195,8 +197,7 @@ pub fn hkmeans(params: &HkmeansParams, progress: &dyn Progress) -> Result<Outcom
         d,
         seconds: t.elapsed().as_secs_f64(),
     };
-    write_summary(out, &s)?;
-    Ok(Outcome::Completed(s))
+    Ok(s)
 }
 
 fn per_level<T: Copy>(v: &[T], levels: usize, name: &'static str) -> Result<Vec<T>> {

@@ -1,13 +1,12 @@
 //! The `kmeans` stage: k-means with periodic checkpoints, resumed automatically.
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::json;
 
-use super::{
-    finished, read_json, write_rows, write_summary, Input, Outcome, Progress, Reporter, Stage,
-};
+use super::{read_json, run_stage, write_rows, Input, Outcome, Progress, Reporter, Stage};
 use crate::embed::write_json;
 use crate::error::{io_err, Error, Result};
 use crate::kmeans::{self as algo, Init, KMeansCheckpoint, KMeansConfig};
@@ -141,10 +140,12 @@ pub struct KmeansSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn kmeans(params: &KmeansParams, progress: &dyn Progress) -> Result<Outcome<KmeansSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<KmeansSummary> {
     let r = Reporter::new(progress, Stage::Kmeans);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -257,6 +258,5 @@ pub fn kmeans(params: &KmeansParams, progress: &dyn Progress) -> Result<Outcome<
         train_seconds: train_s,
         seconds: t.elapsed().as_secs_f64(),
     };
-    write_summary(out, &s)?;
-    Ok(Outcome::Completed(s))
+    Ok(s)
 }

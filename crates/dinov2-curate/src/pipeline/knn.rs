@@ -1,11 +1,12 @@
 //! The `knn` stage: k nearest neighbours (exact or IVF) or an exact threshold query.
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{
-    finished, load_plain, map_ids, write_summary, Index, IndexInfo, IndexParams, Input, Outcome,
-    Progress, Reporter, Stage,
+    load_plain, map_ids, run_stage, Index, IndexInfo, IndexParams, Input, Outcome, Progress,
+    Reporter, Stage,
 };
 use crate::error::Result;
 use crate::{knn as algo, npy};
@@ -163,10 +164,12 @@ pub enum KnnSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn knn(params: &KnnParams, progress: &dyn Progress) -> Result<Outcome<KnnSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &KnnParams, progress: &dyn Progress, out: &Path) -> Result<KnnSummary> {
     let r = Reporter::new(progress, Stage::Knn);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -194,8 +197,7 @@ pub fn knn(params: &KnnParams, progress: &dyn Progress) -> Result<Outcome<KnnSum
             pairs: ids.len(),
             seconds: t.elapsed().as_secs_f64(),
         });
-        write_summary(out, &s)?;
-        return Ok(Outcome::Completed(s));
+        return Ok(s);
     }
     let k = params.k;
     let index = Index::build(&x, &params.index, &r)?;
@@ -235,6 +237,5 @@ pub fn knn(params: &KnnParams, progress: &dyn Progress) -> Result<Outcome<KnnSum
         search_seconds: search_s,
         queries_per_second: nq as f64 / search_s.max(1e-9),
     });
-    write_summary(out, &s)?;
-    Ok(Outcome::Completed(s))
+    Ok(s)
 }

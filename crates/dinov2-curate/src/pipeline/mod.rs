@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dedup::Searcher;
 use crate::error::{invalid, io_err, Error, Result};
-use crate::ivf::{measure_edge_recall, measure_recall, IvfFlat, IvfParams, RecallSpec};
+use crate::ivf::{measure_edge_recall, measure_recall, IvfFlat, IvfParams, RecallSpec, SearchFn};
 use crate::store::{read_ids, Embeddings};
 
 mod dedup;
@@ -497,12 +497,26 @@ impl Index {
         }
     }
 
-    /// The IVF index and its `nprobe` when recall is measured (IVF search and a positive sample).
-    fn ivf_sampled(&self, sample: usize) -> Option<(&IvfFlat, usize)> {
-        match self {
-            Index::Ivf(index, nprobe) if sample > 0 => Some((index, *nprobe)),
-            _ => None,
-        }
+    /// The IVF search and the sampling of a recall measurement against exact search: `None` for exact search
+    /// or a zero sample.
+    fn recall_setup(
+        &self,
+        k: usize,
+        sample: usize,
+        self_search: bool,
+    ) -> Option<(Box<SearchFn<'_>>, RecallSpec)> {
+        let (index, nprobe) = match self {
+            Index::Ivf(index, nprobe) if sample > 0 => (index, *nprobe),
+            _ => return None,
+        };
+        let search = Box::new(move |q: &[f32], off: Option<usize>| index.search(q, k, nprobe, off));
+        let spec = RecallSpec {
+            k,
+            n_sample: sample,
+            self_search,
+            seed: RECALL_SEED,
+        };
+        Some((search, spec))
     }
 
     /// `(recall@k, recall@1)` of IVF against exact on sampled queries; `None` for exact search.
@@ -515,17 +529,9 @@ impl Index {
         sample: usize,
         self_search: bool,
     ) -> Result<Option<(f64, f64)>> {
-        let Some((index, nprobe)) = self.ivf_sampled(sample) else {
-            return Ok(None);
-        };
-        let f = |q: &[f32], off: Option<usize>| index.search(q, k, nprobe, off);
-        let spec = RecallSpec {
-            k,
-            n_sample: sample,
-            self_search,
-            seed: RECALL_SEED,
-        };
-        Ok(Some(measure_recall(&f, queries, base, d, &spec)?))
+        self.recall_setup(k, sample, self_search)
+            .map(|(f, spec)| measure_recall(&f, queries, base, d, &spec))
+            .transpose()
     }
 
     /// Sampled recall of the threshold edges of a self-search (`None` for exact search).
@@ -537,17 +543,9 @@ impl Index {
         sample: usize,
         threshold: f32,
     ) -> Result<Option<(f64, usize)>> {
-        let Some((index, nprobe)) = self.ivf_sampled(sample) else {
-            return Ok(None);
-        };
-        let f = |q: &[f32], off: Option<usize>| index.search(q, k, nprobe, off);
-        let spec = RecallSpec {
-            k,
-            n_sample: sample,
-            self_search: true,
-            seed: RECALL_SEED,
-        };
-        Ok(Some(measure_edge_recall(&f, x, x, d, &spec, threshold)?))
+        self.recall_setup(k, sample, true)
+            .map(|(f, spec)| measure_edge_recall(&f, x, x, d, &spec, threshold))
+            .transpose()
     }
 
     fn info(&self) -> IndexInfo {
@@ -566,6 +564,22 @@ fn require_path(name: &'static str, p: &Path) -> Result<()> {
         return Err(invalid(name, "no path given"));
     }
     Ok(())
+}
+
+/// Runs a stage: skipped when `output/summary.json` exists (unless `force`), otherwise `body` computes and writes
+/// the outputs and returns the summary, which is written last, so a stage counts as done only when all its files
+/// are there.
+fn run_stage<S: serde::Serialize>(
+    output: &Path,
+    force: bool,
+    body: impl FnOnce(&Path) -> Result<S>,
+) -> Result<Outcome<S>> {
+    if let Some(summary) = finished(output, force)? {
+        return Ok(Outcome::Skipped { summary });
+    }
+    let summary = body(output)?;
+    write_summary(output, &summary)?;
+    Ok(Outcome::Completed(summary))
 }
 
 /// Prepares the output directory; `Some(summary path)` if the stage is already finished (and not forced).

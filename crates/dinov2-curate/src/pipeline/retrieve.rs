@@ -1,11 +1,12 @@
 //! The `retrieve` stage: pool images for curated query sets, sample- or cluster-based.
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{
-    finished, load_plain, map_ids, require_path, write_summary, Index, IndexParams, Input, Outcome,
-    Progress, Reporter, Stage,
+    load_plain, map_ids, require_path, run_stage, Index, IndexParams, Input, Outcome, Progress,
+    Reporter, Stage,
 };
 use crate::error::{Error, Result};
 use crate::kmeans::{self, KMeansConfig};
@@ -157,10 +158,12 @@ pub fn retrieve(
     params: &RetrieveParams,
     progress: &dyn Progress,
 ) -> Result<Outcome<RetrieveSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &RetrieveParams, progress: &dyn Progress, out: &Path) -> Result<RetrieveSummary> {
     let r = Reporter::new(progress, Stage::Retrieve);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -213,8 +216,7 @@ pub fn retrieve(
         result: res,
         seconds: t.elapsed().as_secs_f64(),
     };
-    write_summary(out, &s)?;
-    Ok(Outcome::Completed(s))
+    Ok(s)
 }
 
 /// Centroids and pool labels of a `kmeans` output directory over `rows` rows of dimension `d`.

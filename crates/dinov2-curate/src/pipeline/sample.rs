@@ -1,9 +1,10 @@
 //! The `sample` stage: balanced hierarchical sampling from an `hkmeans` output.
 
+use std::path::Path;
 use std::path::PathBuf;
 
 use super::hkmeans::load_level;
-use super::{finished, map_ids, require_path, write_summary, Outcome, Progress};
+use super::{map_ids, require_path, run_stage, Outcome, Progress};
 use crate::error::{Error, Result};
 use crate::hkmeans::{self as algo, Pick};
 use crate::npy;
@@ -114,11 +115,13 @@ pub struct SampleSummary {
 /// assert_eq!(npy::read_i64(&dir.path().join("sel/selection.npy"))?.0.len(), 8);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn sample(params: &SampleParams, _progress: &dyn Progress) -> Result<Outcome<SampleSummary>> {
-    let out = &params.output;
-    if let Some(summary) = finished(out, params.force)? {
-        return Ok(Outcome::Skipped { summary });
-    }
+pub fn sample(params: &SampleParams, progress: &dyn Progress) -> Result<Outcome<SampleSummary>> {
+    run_stage(&params.output, params.force, |out| {
+        run(params, progress, out)
+    })
+}
+
+fn run(params: &SampleParams, _progress: &dyn Progress, out: &Path) -> Result<SampleSummary> {
     require_path("clustering", &params.clustering)?;
     let level_dir = |t: usize| params.clustering.join(format!("level{t}"));
     let mut levels = Vec::new();
@@ -172,6 +175,5 @@ pub fn sample(params: &SampleParams, _progress: &dyn Progress) -> Result<Outcome
         strategy: params.strategy,
         levels: levels.len(),
     };
-    write_summary(out, &s)?;
-    Ok(Outcome::Completed(s))
+    Ok(s)
 }
