@@ -8,3 +8,6 @@ pub mod config;
 mod error;
 
 pub use error::{Error, Result};
+pub mod optim;
+pub mod param_groups;
+pub mod schedules;
