@@ -101,7 +101,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        key: impl Into<String>,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::InvalidConfig {
             key: key.into(),
             value: value.to_string(),

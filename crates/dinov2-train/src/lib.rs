@@ -8,6 +8,8 @@ pub mod config;
 mod error;
 
 pub use error::{Error, Result};
+pub mod ema;
+pub mod meta_arch;
 pub mod optim;
 pub mod param_groups;
 pub mod schedules;

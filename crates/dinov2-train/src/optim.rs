@@ -331,7 +331,11 @@ fn tensor_norm(g: &Tensor) -> Result<f64> {
                 }
             }
         }
-        _ => g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        _ => g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?,
     };
     Ok(sq.sqrt())
 }
@@ -374,7 +378,9 @@ mod tests {
             weight_decay: 0.1,
         };
         for step in 1..=3i32 {
-            let target = Tensor::arange(0f32, n as f32, &dev)?.affine(0.001 * step as f64, 0.0)?.cos()?;
+            let target = Tensor::arange(0f32, n as f32, &dev)?
+                .affine(0.001 * step as f64, 0.0)?
+                .cos()?;
             let loss = (w.as_tensor() * &target)?.sqr()?.sum_all()?;
             let grads = loss.backward()?;
             let g = (grads.get(w.as_tensor()).unwrap() * 0.5)?;

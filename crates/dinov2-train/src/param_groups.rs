@@ -121,11 +121,17 @@ mod tests {
         let shapes = dinov2_model::DinoVisionTransformer::parameter_shapes(&cfg).unwrap();
         for (name, _) in shapes {
             let g = param_group(&name, 2, 0.5, 0.2);
-            let decayed = !(name.ends_with(".bias") || name.contains("norm") || name.ends_with("gamma"));
+            let decayed =
+                !(name.ends_with(".bias") || name.contains("norm") || name.ends_with("gamma"));
             assert_eq!(g.wd_multiplier == 1.0, decayed, "{name}");
             assert!(!g.is_last_layer);
             let want = if LAYER_ZERO.iter().any(|k| name.starts_with(k)) {
-                0.125 * if name.starts_with("patch_embed") { 0.2 } else { 1.0 }
+                0.125
+                    * if name.starts_with("patch_embed") {
+                        0.2
+                    } else {
+                        1.0
+                    }
             } else if name.starts_with("blocks.0.") {
                 0.25
             } else if name.starts_with("blocks.1.") {

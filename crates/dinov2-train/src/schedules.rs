@@ -83,8 +83,7 @@ impl CosineScheduler {
         }
         let i = (i - self.warmup_iters) as f64;
         let len = (self.total_iters - self.warmup_iters - self.freeze_iters) as f64;
-        self.final_value
-            + 0.5 * (self.base_value - self.final_value) * (1.0 + (PI * i / len).cos())
+        self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + (PI * i / len).cos())
     }
 
     /// `total_iters`.
@@ -311,7 +310,10 @@ mod tests {
         };
         assert!(matches!(
             Schedules::new(&cfg),
-            Err(Error::InvalidArgument { name: "warmup_iters", .. })
+            Err(Error::InvalidArgument {
+                name: "warmup_iters",
+                ..
+            })
         ));
     }
 }
