@@ -442,6 +442,25 @@ impl DinoV2Loss {
         let b = half_batch(two_b, "teacher cls_logits", cls.dims())?;
         let swapped = Tensor::cat(&[cls.narrow(0, b, b)?, cls.narrow(0, 0, b)?], 0)?.detach();
         let masked = match (&self.ibot, teacher.masked_patch_logits) {
+            // No masked patch in this step (possible with small patch grids): no iBOT target and no centre
+            // update (the official code would average zero rows into a NaN centre).
+            (Some(_), Some(m)) if m.dims().first() == Some(&0) => {
+                let dino = match self.cfg.target_mode {
+                    TargetMode::Centering => {
+                        let t = self.dino.softmax_center_teacher(&swapped, teacher_temp)?;
+                        self.dino.update_center(&swapped)?;
+                        t
+                    }
+                    TargetMode::SinkhornKnopp { n_iterations } => {
+                        self.dino
+                            .sinkhorn_knopp_teacher(&swapped, teacher_temp, n_iterations)?
+                    }
+                };
+                return Ok(TeacherTargets {
+                    dino,
+                    ibot: Some(m.detach()),
+                });
+            }
             (Some(_), Some(m)) => Some(m.detach()),
             (Some(_), None) => {
                 return Err(Error::MissingInput {
@@ -716,7 +735,12 @@ impl DinoV2Loss {
             })?;
             let t = Self::ibot_targets(targets)?;
             let masks = Self::masks(student.masks.as_ref())?;
-            let v = loss.forward_masked(s, t, masks)?;
+            let v = if t.dims().first() == Some(&0) {
+                // no masked patch in this step: the term is an empty sum
+                (s.sum_all()? * 0.0)?
+            } else {
+                loss.forward_masked(s, t, masks)?
+            };
             // `loss_scales (2) × ibot_loss_scale (1 / n_global_crops)`
             let v = (v * (2.0 / N_GLOBAL as f64))?;
             total.add(&v, self.cfg.ibot_loss_weight)?;

@@ -8,8 +8,10 @@ pub mod config;
 mod error;
 
 pub use error::{Error, Result};
+pub mod checkpoint;
 pub mod ema;
 pub mod meta_arch;
 pub mod optim;
 pub mod param_groups;
 pub mod schedules;
+pub mod trainer;
