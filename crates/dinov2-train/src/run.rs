@@ -1,0 +1,396 @@
+//! A whole run from a [`TrainConfig`]: data, model, resume, checkpoints, metrics, export (what `dinov2 train`
+//! does; `train/train.py: do_train`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use dinov2_data::{DinoPipeline, Loader, LoaderConfig, ShardedInfiniteSampler};
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::meta_arch::{SslMetaArch, SslMetaArchConfig, StepBatch};
+use crate::optim::AdamWConfig;
+use crate::schedules::ScheduleConfig;
+use crate::trainer::{OptimSettings, StepReport, Trainer};
+
+/// The metrics file: one JSON object per logged iteration.
+pub const METRICS_FILE: &str = "training_metrics.jsonl";
+/// The loss-curve plot next to it.
+pub const PLOT_FILE: &str = "training_metrics.png";
+/// The exported teacher backbone (official key names, its `VitConfig` in the metadata).
+pub const TEACHER_FILE: &str = "teacher.safetensors";
+/// The merged configuration of the run.
+pub const CONFIG_FILE: &str = "config.yaml";
+/// The checkpoint directory.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where everything goes.
+    pub output_dir: PathBuf,
+    /// Resume from the latest checkpoint in `output_dir` when there is one (the default, as official).
+    pub resume: bool,
+    /// Save and stop once this many iterations are complete (the schedules are unchanged).
+    pub stop_after_iters: Option<u64>,
+    /// Set it (from a Ctrl-C handler, say) to save and stop after the current iteration.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RunOptions {
+    /// Resume on, no early stop.
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            resume: true,
+            stop_after_iters: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Progress of a run, for a progress bar or a log.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// The run starts at `start_iter` of `max_iter` (resumed from a checkpoint, or not).
+    Started {
+        /// First iteration to run.
+        start_iter: u64,
+        /// Iterations of the whole run.
+        max_iter: u64,
+        /// The checkpoint resumed from.
+        resumed_from: Option<&'a Path>,
+        /// Dataset size.
+        dataset_len: usize,
+    },
+    /// One iteration done.
+    Step {
+        /// What it did.
+        report: &'a StepReport,
+        /// Images per second over the logging window.
+        images_per_s: f64,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Its directory.
+        path: &'a Path,
+    },
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// All iterations done.
+    Finished,
+    /// `stop_after_iters` reached.
+    StopAfterIters,
+    /// The stop flag was set (Ctrl-C).
+    Interrupted,
+}
+
+/// The outcome of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Completed iterations of the run (all sessions).
+    pub iteration: u64,
+    /// Iterations of the whole run.
+    pub max_iter: u64,
+    /// The last checkpoint written.
+    pub checkpoint: PathBuf,
+    /// The exported teacher backbone.
+    pub teacher: PathBuf,
+    /// Why it stopped.
+    pub reason: StopReason,
+}
+
+/// The meta-architecture of a configuration (official init, seeded by `train.seed`; `student.pretrained_weights`
+/// loaded into the student's backbone when set; the teacher a copy of the student).
+pub fn build_arch(cfg: &TrainConfig, device: &Device) -> Result<SslMetaArch> {
+    let student = cfg.student_vit()?;
+    let d = student.embed_dim;
+    let arch_cfg = SslMetaArchConfig {
+        student,
+        dino_head: cfg.dino_head(d),
+        ibot_head: cfg.ibot_head(d),
+        loss: cfg.loss(),
+    };
+    let arch = SslMetaArch::new(arch_cfg, cfg.train.seed, device)?;
+    let pretrained = cfg.student.pretrained_weights.trim();
+    if pretrained.is_empty() {
+        return Ok(arch);
+    }
+    // official: a non-strict load into the student backbone, before the teacher copy
+    let w = dinov2_model::weights::load_weights(pretrained)?;
+    let mut loaded = 0;
+    for (prefix, params) in [
+        ("backbone.", arch.student_parameters()),
+        ("backbone.", arch.teacher_parameters()),
+    ] {
+        for (k, v) in params {
+            if let Some(t) = k.strip_prefix(prefix).and_then(|k| w.state_dict.get(k)) {
+                if t.dims() != v.dims() {
+                    return Err(Error::invalid(
+                        "student.pretrained_weights",
+                        pretrained,
+                        format!("`{k}` has shape {:?} there, {:?} in this model", t.dims(), v.dims()),
+                    ));
+                }
+                v.set(&t.to_dtype(v.dtype())?.to_device(device)?)?;
+                loaded += 1;
+            }
+        }
+    }
+    if loaded == 0 {
+        return Err(Error::invalid(
+            "student.pretrained_weights",
+            pretrained,
+            "no tensor of the file matches the student backbone",
+        ));
+    }
+    Ok(arch)
+}
+
+/// The optimisation settings of a configuration (`lr` by the scaling rule for one process).
+pub fn optim_settings(cfg: &TrainConfig) -> OptimSettings {
+    let (o, t) = (&cfg.optim, &cfg.teacher);
+    OptimSettings {
+        schedules: ScheduleConfig {
+            lr: cfg.lr(1),
+            min_lr: o.min_lr,
+            epochs: o.epochs,
+            epoch_length: cfg.train.OFFICIAL_EPOCH_LENGTH,
+            warmup_epochs: o.warmup_epochs,
+            freeze_last_layer_epochs: o.freeze_last_layer_epochs,
+            weight_decay: o.weight_decay,
+            weight_decay_end: o.weight_decay_end,
+            momentum_teacher: t.momentum_teacher,
+            final_momentum_teacher: t.final_momentum_teacher,
+            warmup_teacher_temp: t.warmup_teacher_temp,
+            teacher_temp: t.teacher_temp,
+            warmup_teacher_temp_epochs: t.warmup_teacher_temp_epochs,
+        },
+        adamw: AdamWConfig {
+            beta1: o.adamw_beta1,
+            beta2: o.adamw_beta2,
+            ..AdamWConfig::default()
+        },
+        layerwise_decay: o.layerwise_decay,
+        patch_embed_lr_mult: o.patch_embed_lr_mult,
+        clip_grad: o.clip_grad,
+    }
+}
+
+/// Trains as configured (see the [module docs](self)). Resumes from the latest checkpoint of
+/// `opts.output_dir` unless `opts.resume` is off; otherwise starts from `MODEL.WEIGHTS` when it names a
+/// checkpoint directory. A non-finite loss stops the run with [`Error::NonFiniteLoss`] naming the last good
+/// checkpoint.
+pub fn run(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<RunSummary> {
+    cfg.validate()?;
+    let out = &opts.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut saved_cfg = cfg.clone();
+    saved_cfg.apply_scaling_rules(1);
+    checkpoint::atomic_write(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
+
+    let device = Device::Cpu;
+    let mut trainer = Trainer::new(build_arch(cfg, &device)?, &optim_settings(cfg), cfg.train.seed)?;
+    let ckpt_dir = out.join(CHECKPOINT_DIR);
+    let mut resumed_from = None;
+    if opts.resume {
+        resumed_from = checkpoint::latest(&ckpt_dir)?;
+    }
+    let weights = cfg.model.weights.trim();
+    if resumed_from.is_none() && !weights.is_empty() {
+        resumed_from = Some(PathBuf::from(weights));
+    }
+    if let Some(p) = &resumed_from {
+        trainer.restore(p)?;
+    }
+    let start = trainer.iteration();
+    let max_iter = trainer.max_iter();
+    trim_metrics(&out.join(METRICS_FILE), start)?;
+
+    let dataset = dinov2_data::open_dataset(&cfg.train.dataset_path)?;
+    let dataset_len = dataset.len();
+    let batch_size = cfg.train.batch_size_per_gpu;
+    let mut sampler = ShardedInfiniteSampler::new(dataset_len, cfg.train.seed, 0, 1, true)?;
+    sampler.seek(trainer.sampler_position());
+    let pipeline = DinoPipeline {
+        augmentation: cfg.augmentation()?,
+        masking: cfg.masking(),
+    };
+    let loader_cfg = LoaderConfig {
+        batch_size,
+        num_threads: cfg.train.num_workers.max(1),
+        seed: cfg.train.seed,
+        start_step: start,
+        drop_last: true,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Loader::new(dataset, sampler, Arc::new(pipeline), loader_cfg)?;
+    on_event(Event::Started {
+        start_iter: start,
+        max_iter,
+        resumed_from: resumed_from.as_deref(),
+        dataset_len,
+    });
+
+    let period = cfg.checkpoint_period().max(1);
+    let log_period = cfg.train.log_period.max(1);
+    let mut last_checkpoint = resumed_from.clone();
+    let mut window = (Instant::now(), 0usize);
+    let reason = loop {
+        let it = trainer.iteration();
+        if it >= max_iter {
+            break StopReason::Finished;
+        }
+        if opts.stop_after_iters.is_some_and(|n| it >= n) {
+            break StopReason::StopAfterIters;
+        }
+        if opts.stop.load(Ordering::SeqCst) {
+            break StopReason::Interrupted;
+        }
+        let loaded = loader.next().ok_or_else(|| Error::InvalidArgument {
+            name: "train.dataset_path",
+            reason: "the data loader stopped".into(),
+        })??;
+        let batch = StepBatch::from_batch(&loaded.batch, &device)?;
+        let report = match trainer.step(&batch) {
+            Err(Error::NonFiniteLoss {
+                iteration, terms, ..
+            }) => {
+                return Err(Error::NonFiniteLoss {
+                    iteration,
+                    terms,
+                    last_checkpoint,
+                })
+            }
+            r => r?,
+        };
+        trainer.set_sampler_position(loaded.next_position);
+        window.1 += batch_size;
+        let done = trainer.iteration();
+        let logged = done % log_period == 0 || done == max_iter || it == start;
+        let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+        let images_per_s = window.1 as f64 / secs;
+        on_event(Event::Step {
+            report: &report,
+            images_per_s,
+        });
+        if logged {
+            append_metrics(&out.join(METRICS_FILE), &report, images_per_s, batch_size)?;
+            window = (Instant::now(), 0);
+        }
+        if done % period == 0 && done < max_iter {
+            let p = save_all(&mut trainer, out, cfg)?;
+            on_event(Event::Checkpoint { path: &p });
+            last_checkpoint = Some(p);
+        }
+    };
+    drop(loader);
+    let checkpoint = match &last_checkpoint {
+        Some(p) if p.starts_with(&ckpt_dir) && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i) == Some(trainer.iteration()) => p.clone(),
+        _ => {
+            let p = save_all(&mut trainer, out, cfg)?;
+            on_event(Event::Checkpoint { path: &p });
+            p
+        }
+    };
+    Ok(RunSummary {
+        iteration: trainer.iteration(),
+        max_iter,
+        checkpoint,
+        teacher: out.join(TEACHER_FILE),
+        reason,
+    })
+}
+
+/// Checkpoint, pruning, teacher export and plot.
+fn save_all(trainer: &mut Trainer, out: &Path, cfg: &TrainConfig) -> Result<PathBuf> {
+    let dir = out.join(CHECKPOINT_DIR);
+    let p = trainer.save(&dir)?;
+    checkpoint::prune(&dir, cfg.train.checkpoints_to_keep.max(1))?;
+    export_teacher(trainer.arch(), &out.join(TEACHER_FILE))?;
+    let metrics = out.join(METRICS_FILE);
+    if metrics.exists() {
+        crate::plot::plot_losses(&metrics, out.join(PLOT_FILE))?;
+    }
+    Ok(p)
+}
+
+/// Writes the teacher backbone with official key names and its `VitConfig` in the metadata (loadable by
+/// `dinov2 embed --model FILE` and `dinov2_model::load_model`), atomically.
+pub fn export_teacher(arch: &SslMetaArch, path: &Path) -> Result<()> {
+    let backbone = &arch.teacher().backbone;
+    let sd = backbone.state_dict()?;
+    let cfg = arch.config().teacher();
+    dinov2_model::weights::save_safetensors_with_config(&sd, &cfg, path)?;
+    Ok(())
+}
+
+fn append_metrics(path: &Path, r: &StepReport, images_per_s: f64, batch_size: usize) -> Result<()> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("iteration".into(), r.iteration.into());
+    let logged = r.losses.official_log();
+    let total: f64 = logged.iter().map(|(_, v)| v).sum();
+    obj.insert("total_loss".into(), json_f64(total));
+    for (k, v) in &logged {
+        obj.insert((*k).into(), json_f64(*v));
+    }
+    let s = &r.schedule;
+    for (k, v) in [
+        ("lr", s.lr),
+        ("wd", s.weight_decay),
+        ("mom", s.momentum),
+        ("last_layer_lr", s.last_layer_lr),
+        ("teacher_temp", s.teacher_temp),
+        ("images_per_s", images_per_s),
+    ] {
+        obj.insert(k.into(), json_f64(v));
+    }
+    obj.insert("current_batch_size".into(), batch_size.into());
+    for (k, v) in &r.grad_norms {
+        obj.insert(format!("grad_norm_{k}"), json_f64(*v));
+    }
+    let line = serde_json::Value::Object(obj).to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
+}
+
+fn json_f64(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// Drops metric lines of iterations at or after `start` (re-run after a resume), atomically.
+fn trim_metrics(path: &Path, start: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("iteration").and_then(|i| i.as_u64()))
+                .is_some_and(|i| i < start)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::atomic_write(path, kept.as_bytes())
+}

@@ -1,0 +1,110 @@
+//! `dinov2 train`: DINOv2 pretraining from a YAML configuration (a thin layer over `dinov2_train::run`).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dinov2_train::run::{Event, RunOptions, StopReason};
+use dinov2_train::TrainConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// `dinov2 train` arguments.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// YAML configuration merged onto the defaults (official keys, e.g. the official train/vitl14.yaml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output directory (checkpoints, teacher.safetensors, metrics); default `train.output_dir`.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Start over even if the output directory holds a checkpoint.
+    #[arg(long)]
+    no_resume: bool,
+    /// Save a checkpoint and exit once N iterations are complete (schedules unchanged).
+    #[arg(long, value_name = "N")]
+    stop_after_iters: Option<u64>,
+    /// Official-style overrides, e.g. `optim.epochs=10 train.dataset_path=photos/`.
+    #[arg(value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+/// Runs `dinov2 train`.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
+    let output_dir = args
+        .output_dir
+        .unwrap_or_else(|| PathBuf::from(&cfg.train.output_dir));
+    let mut opts = RunOptions::new(&output_dir);
+    opts.resume = !args.no_resume;
+    opts.stop_after_iters = args.stop_after_iters;
+    let stop = opts.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted twice: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving a checkpoint after this iteration (press again to exit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let summary = dinov2_train::run::run(&cfg, &opts, &mut |e| match e {
+        Event::Started {
+            start_iter,
+            max_iter,
+            resumed_from,
+            dataset_len,
+        } => {
+            bar.set_length(max_iter);
+            bar.set_position(start_iter);
+            match resumed_from {
+                Some(p) => bar.println(format!("resuming from {} (iteration {start_iter})", p.display())),
+                None => bar.println(format!(
+                    "training from scratch: {dataset_len} images, {max_iter} iterations"
+                )),
+            }
+        }
+        Event::Step {
+            report,
+            images_per_s,
+        } => {
+            bar.set_position(report.iteration + 1);
+            let terms: Vec<String> = report
+                .losses
+                .official_log()
+                .iter()
+                .map(|(k, v)| format!("{}={v:.3}", k.trim_end_matches("_loss")))
+                .collect();
+            bar.set_message(format!(
+                "loss {:.3} ({}) lr {:.2e} {images_per_s:.1} img/s",
+                report.losses.total,
+                terms.join(" "),
+                report.schedule.lr
+            ));
+        }
+        Event::Checkpoint { path } => bar.println(format!("checkpoint {}", path.display())),
+        _ => {}
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    let how = match summary.reason {
+        StopReason::Finished => "finished",
+        StopReason::StopAfterIters => "stopped (--stop-after-iters)",
+        StopReason::Interrupted => "interrupted",
+        _ => "stopped",
+    };
+    println!(
+        "{how} at iteration {}/{}; checkpoint {}; teacher {}",
+        summary.iteration,
+        summary.max_iter,
+        summary.checkpoint.display(),
+        summary.teacher.display()
+    );
+    Ok(())
+}
