@@ -7,4 +7,5 @@
 pub mod config;
 mod error;
 
+pub use config::TrainConfig;
 pub use error::{Error, Result};
