@@ -1097,7 +1097,7 @@ fn merge_into(dst: &mut Value, src: Mapping, prefix: &str) -> Result<()> {
 }
 
 fn merge_value(slot: &mut Value, v: Value, key: &str) -> Result<()> {
-    let opaque = key.starts_with(OPAQUE_SECTION) && key != OPAQUE_SECTION;
+    let opaque = key.starts_with(&format!("{OPAQUE_SECTION}."));
     match (&mut *slot, v) {
         (Value::Mapping(_), Value::Mapping(m)) => merge_into(slot, m, key),
         (Value::Mapping(_), Value::Null) => Ok(()), // an empty section, e.g. all its keys commented out
