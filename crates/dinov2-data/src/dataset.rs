@@ -8,15 +8,18 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use image::RgbImage;
 
 use crate::decode::{decode_rgb, load_rgb_with, DecodeOptions};
 use crate::error::{Error, Result};
 
-/// Extensions recognised as images when listing folders (torchvision's `IMG_EXTENSIONS` plus GIF), case-insensitive.
+/// Extensions recognised as images when listing folders, case-insensitive: torchvision's `IMG_EXTENSIONS`, then
+/// every other extension of a format this crate's `image` build decodes (GIF, JFIF, APNG and the other PNM names).
 pub const IMAGE_EXTENSIONS: &[&str] = &[
-    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif",
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif", "jfif", "apng", "pbm",
+    "pam", "pnm",
 ];
 
 /// One decoded sample (what [`Dataset::get`] returns).
@@ -677,5 +680,149 @@ impl Dataset for TarDataset {
     }
     fn label(&self, index: usize) -> Option<i64> {
         self.entries.get(index).and_then(|e| e.label)
+    }
+}
+
+/// The forms [`open_dataset`] accepts, for messages.
+pub const DATASET_FORMS: &str =
+    "an image folder, ImageNet:split=TRAIN|VAL:root=DIR, ImageFolder:root=DIR, \
+     FileList:path=FILE[:root=DIR], Tar:root=DIR";
+
+/// The datasets of the `Name:key=value:...` form: (name, required keys, optional keys).
+const DATASET_KINDS: &[(&str, &[&str], &[&str])] = &[
+    ("ImageNet", &["split", "root"], &["extra"]),
+    ("ImageFolder", &["root"], &[]),
+    ("FileList", &["path"], &["root"]),
+    ("Tar", &["root"], &[]),
+];
+
+/// Opens the dataset a training configuration names (`train.dataset_path`):
+///
+/// * an existing folder: every image below it, recursively, unlabelled ([`FileDataset::unlabeled_folder`]; any
+///   extension of [`IMAGE_EXTENSIONS`]);
+/// * the official dataset-string form `Name:key=value:...` for the datasets of this crate:
+///   * `ImageNet:split=TRAIN|VAL:root=DIR` ([`FileDataset::imagenet`]; the official `extra=DIR` is accepted and
+///     not needed: the folders are listed);
+///   * `ImageFolder:root=DIR`: labelled by class subfolder ([`FileDataset::image_folder`]);
+///   * `FileList:path=FILE[:root=DIR]`: a txt/CSV list, relative paths against `root` or the list's folder
+///     ([`FileDataset::file_list`]);
+///   * `Tar:root=DIR`: the `*.tar` shards of a folder, or one `.tar` file ([`TarDataset`]).
+///
+/// Errors: [`Error::DatasetNotFound`] (a path that does not exist), [`Error::UnknownDataset`] (a name not listed
+/// above), [`Error::DatasetSpec`] (an unknown, missing or repeated key, a bad split, a file given as a folder), and
+/// those of the datasets ([`Error::NoImages`], ...).
+///
+/// ```
+/// use dinov2_data::{open_dataset, Error};
+/// let root = tempfile::tempdir()?;
+/// std::fs::create_dir_all(root.path().join("cats/a"))?;
+/// image::RgbImage::new(4, 4).save(root.path().join("cats/a/0.png"))?;
+/// image::RgbImage::new(4, 4).save(root.path().join("1.jpg"))?;
+/// let folder = open_dataset(root.path().to_str().unwrap())?; // recursive, unlabelled
+/// assert_eq!((folder.len(), folder.label(0)), (2, None));
+/// let classes = open_dataset(&format!("ImageFolder:root={}", root.path().display()))?;
+/// assert_eq!((classes.len(), classes.label(0)), (1, Some(0))); // only the images inside class folders
+/// assert!(matches!(open_dataset("ImageNet22k"), Err(Error::UnknownDataset { .. })));
+/// assert!(matches!(open_dataset("ImageFolder:root=/no/such/dir"), Err(Error::DatasetNotFound { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn open_dataset(spec: &str) -> Result<Arc<dyn Dataset>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(Arc::new(FileDataset::unlabeled_folder(path)?));
+    }
+    if path.is_file() {
+        return Err(spec_error(
+            spec,
+            "",
+            "is a file, not a folder: write FileList:path=FILE for a list, Tar:root=FILE for a tar shard",
+        ));
+    }
+    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    let is_name = name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !is_name {
+        return Err(Error::DatasetNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let Some(&(_, required, optional)) = DATASET_KINDS.iter().find(|(n, _, _)| *n == name) else {
+        return Err(Error::UnknownDataset {
+            spec: spec.to_string(),
+            name: name.to_string(),
+        });
+    };
+    let mut keys: HashMap<&str, &str> = HashMap::new();
+    for part in rest.split(':').filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(spec_error(spec, part, format!("`{part}` is not key=value")));
+        };
+        if !required.contains(&k) && !optional.contains(&k) {
+            let valid: Vec<&str> = required.iter().chain(optional).copied().collect();
+            return Err(spec_error(
+                spec,
+                k,
+                format!("{name} has no key `{k}`; valid keys: {}", valid.join(", ")),
+            ));
+        }
+        if keys.insert(k, v).is_some() {
+            return Err(spec_error(spec, k, format!("key `{k}` is given twice")));
+        }
+    }
+    if let Some(missing) = required.iter().find(|k| !keys.contains_key(*k)) {
+        return Err(spec_error(
+            spec,
+            missing,
+            format!("{name} needs `{missing}=...` (the forms: {DATASET_FORMS})"),
+        ));
+    }
+    let existing = |key: &str| -> Result<&Path> {
+        let p = Path::new(keys[key]);
+        if p.exists() {
+            Ok(p)
+        } else {
+            Err(Error::DatasetNotFound {
+                path: p.to_path_buf(),
+            })
+        }
+    };
+    Ok(match name {
+        "ImageNet" => {
+            let split = match keys["split"].to_ascii_uppercase().as_str() {
+                "TRAIN" => ImageNetSplit::Train,
+                "VAL" => ImageNetSplit::Val,
+                other => {
+                    return Err(spec_error(
+                        spec,
+                        "split",
+                        format!("split `{other}` is not TRAIN or VAL (TEST has no class folders)"),
+                    ))
+                }
+            };
+            Arc::new(FileDataset::imagenet(existing("root")?, split)?)
+        }
+        "ImageFolder" => Arc::new(FileDataset::image_folder(existing("root")?)?),
+        "FileList" => {
+            let list = existing("path")?;
+            Arc::new(match keys.contains_key("root") {
+                true => FileDataset::file_list_with_root(list, existing("root")?)?,
+                false => FileDataset::file_list(list)?,
+            })
+        }
+        _ => {
+            let root = existing("root")?;
+            Arc::new(match root.is_dir() {
+                true => TarDataset::open_dir(root)?,
+                false => TarDataset::open([root])?,
+            })
+        }
+    })
+}
+
+fn spec_error(spec: &str, key: &str, reason: impl Into<String>) -> Error {
+    Error::DatasetSpec {
+        spec: spec.to_string(),
+        key: key.to_string(),
+        reason: reason.into(),
     }
 }

@@ -132,6 +132,37 @@ pub enum Error {
         /// The shards.
         shards: Vec<PathBuf>,
     },
+    /// A dataset path (a folder, a root, a list) that does not exist.
+    #[error(
+        "dataset path {} does not exist; give an existing image folder or a dataset string ({})",
+        .path.display(),
+        crate::dataset::DATASET_FORMS
+    )]
+    DatasetNotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A dataset string (`Name:key=value:...`) naming a dataset this crate does not have.
+    #[error(
+        "unknown dataset `{name}` in `{spec}`; valid: {}",
+        crate::dataset::DATASET_FORMS
+    )]
+    UnknownDataset {
+        /// The whole dataset string.
+        spec: String,
+        /// The name.
+        name: String,
+    },
+    /// A dataset string with an unknown, missing or repeated key, or a bad value.
+    #[error("dataset `{spec}`: {reason}")]
+    DatasetSpec {
+        /// The whole dataset string.
+        spec: String,
+        /// The key at fault (empty when the string as a whole is).
+        key: String,
+        /// What is wrong and what to write instead.
+        reason: String,
+    },
     /// A dataset with no samples was given to the loader.
     #[error("the dataset is empty")]
     EmptyDataset,

@@ -13,7 +13,8 @@
 //!   probabilities;
 //! * [`masking`] and [`collate`](mod@collate): the official block masking and batch collation (crop-major crops,
 //!   stratified mask ratios, `mask_indices_list`, `masks_weight`, `upperbound`);
-//! * [`dataset`]: image folders, file lists (txt/CSV), the ImageNet-1k layout, tar shards;
+//! * [`dataset`]: image folders, file lists (txt/CSV), the ImageNet-1k layout, tar shards, and [`open_dataset`] for a
+//!   folder or a dataset string (`ImageFolder:root=DIR`, ...);
 //! * [`sampler`]: sharded infinite sampler with exact resume, epoch sampler;
 //! * [`loader`]: parallel loader with bounded prefetch, identical batches for any thread count, bad files skipped
 //!   and counted (or fail fast);
@@ -70,7 +71,8 @@ pub use augment::{
 };
 pub use collate::{collate, Batch, MaskBatch, MaskCollate};
 pub use dataset::{
-    Dataset, FileDataset, ImageNetSplit, Sample, TarDataset, TarEntry, IMAGE_EXTENSIONS,
+    open_dataset, Dataset, FileDataset, ImageNetSplit, Sample, TarDataset, TarEntry, DATASET_FORMS,
+    IMAGE_EXTENSIONS,
 };
 pub use decode::{decode_rgb, load_rgb, load_rgb_with, DecodeOptions, DEFAULT_MAX_PIXELS};
 pub use error::{Error, Result};

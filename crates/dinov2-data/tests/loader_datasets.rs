@@ -417,3 +417,194 @@ fn tar_shards_with_labels_and_a_truncated_shard() {
     assert_eq!(ds.get(4, &o).unwrap().image.width(), 33);
     assert!(ds.describe(3).ends_with("a.tar:s/broken.jpg"));
 }
+
+#[test]
+fn image_extensions_are_exactly_what_image_decodes() {
+    use image::ImageFormat;
+    for ext in dinov2_data::IMAGE_EXTENSIONS {
+        let format = ImageFormat::from_extension(ext);
+        assert!(
+            format.is_some_and(|f| f.reading_enabled()),
+            "{ext} is listed but not decodable"
+        );
+    }
+    for format in ImageFormat::all().filter(|f| f.reading_enabled()) {
+        for ext in format.extensions_str() {
+            assert!(
+                dinov2_data::IMAGE_EXTENSIONS.contains(ext),
+                "{format:?} decodes .{ext}, which is not listed"
+            );
+        }
+    }
+}
+
+#[test]
+fn open_dataset_reads_a_folder_recursively_in_every_decodable_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+        6,
+        4,
+        image::Rgb([10, 200, 30]),
+    ));
+    std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+    let files = [
+        ("a/b/deep.png", image::ImageFormat::Png),
+        ("photo.JFIF", image::ImageFormat::Jpeg),
+        ("a/grey.pgm", image::ImageFormat::Pnm),
+        ("a/colour.ppm", image::ImageFormat::Pnm),
+        ("x.tif", image::ImageFormat::Tiff),
+        ("y.webp", image::ImageFormat::WebP),
+        ("z.bmp", image::ImageFormat::Bmp),
+        ("g.gif", image::ImageFormat::Gif),
+    ];
+    for (name, format) in files {
+        let img = if name.ends_with("pgm") {
+            image::DynamicImage::ImageLuma8(img.to_luma8())
+        } else {
+            img.clone()
+        };
+        img.save_with_format(dir.path().join(name), format).unwrap();
+    }
+    std::fs::write(dir.path().join("a/readme.md"), "not an image").unwrap();
+    let ds = dinov2_data::open_dataset(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(ds.len(), files.len());
+    for i in 0..ds.len() {
+        let s = ds
+            .get(i, &DecodeOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", ds.describe(i)));
+        assert_eq!(
+            (s.image.dimensions(), s.label),
+            ((6, 4), None),
+            "{}",
+            ds.describe(i)
+        );
+    }
+}
+
+#[test]
+fn open_dataset_parses_the_dataset_string_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_folder(&root.join("folder"));
+    make_folder(&root.join("inet/val"));
+    let show = |p: &str| root.join(p).display().to_string();
+    let dims = |ds: &Arc<dyn Dataset>, i| {
+        ds.get(i, &DecodeOptions::default())
+            .unwrap()
+            .image
+            .dimensions()
+    };
+    // ImageFolder: labelled by subfolder
+    let ds = dinov2_data::open_dataset(&format!("ImageFolder:root={}", show("folder"))).unwrap();
+    let expected = FileDataset::image_folder(root.join("folder")).unwrap();
+    assert_eq!(
+        (ds.len(), ds.label(0), ds.label(14)),
+        (expected.len(), Some(0), Some(1))
+    );
+    // ImageNet: split in either case, the official extra accepted
+    for spec in [
+        format!("ImageNet:split=VAL:root={}", show("inet")),
+        format!("ImageNet:root={}:split=val:extra=/unused", show("inet")),
+    ] {
+        let ds = dinov2_data::open_dataset(&spec).unwrap();
+        assert_eq!((ds.len(), ds.label(14)), (15, Some(1)), "{spec}");
+    }
+    // FileList, relative to the list's folder or to root
+    std::fs::write(
+        root.join("list.txt"),
+        "folder/cat/0.png 3\nfolder/dog/2.png 4\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("folder/rel.txt"), "cat/0.png\n").unwrap();
+    let ds = dinov2_data::open_dataset(&format!("FileList:path={}", show("list.txt"))).unwrap();
+    assert_eq!((ds.len(), ds.label(1)), (2, Some(4)));
+    assert_eq!(dims(&ds, 0), (40, 30));
+    let spec = format!(
+        "FileList:path={}:root={}",
+        show("folder/rel.txt"),
+        show("folder")
+    );
+    let ds = dinov2_data::open_dataset(&spec).unwrap();
+    assert_eq!(dims(&ds, 0), (40, 30));
+    // Tar: a folder of shards, or one shard
+    std::fs::create_dir(root.join("shards")).unwrap();
+    for (shard, n) in [("a.tar", 2u32), ("b.tar", 3)] {
+        let mut t = Vec::new();
+        for i in 0..n {
+            tar_member(&mut t, &format!("s/{i}.png"), &png_bytes(8 + i, 8, i));
+        }
+        t.extend_from_slice(&[0u8; 1024]);
+        std::fs::write(root.join("shards").join(shard), &t).unwrap();
+    }
+    let ds = dinov2_data::open_dataset(&format!("Tar:root={}", show("shards"))).unwrap();
+    assert_eq!(ds.len(), 5);
+    let ds = dinov2_data::open_dataset(&format!("Tar:root={}", show("shards/b.tar"))).unwrap();
+    assert_eq!((ds.len(), dims(&ds, 2)), (3, (10, 8)));
+}
+
+#[test]
+fn open_dataset_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    make_folder(dir.path());
+    let root = dir.path().display().to_string();
+    let missing = dir.path().join("missing").display().to_string();
+    let spec_key = |spec: &str| match dinov2_data::open_dataset(spec) {
+        Err(Error::DatasetSpec { key, reason, .. }) => (key, reason),
+        Err(other) => panic!("{spec}: {other}"),
+        Ok(_) => panic!("{spec}: opened"),
+    };
+    for spec in [
+        missing.clone(),
+        "relative/missing".into(),
+        format!("ImageFolder:root={missing}"),
+    ] {
+        match dinov2_data::open_dataset(&spec) {
+            Err(e @ Error::DatasetNotFound { .. }) => {
+                assert!(e.to_string().contains("ImageFolder:root=DIR"), "{e}")
+            }
+            Err(other) => panic!("{spec}: {other}"),
+            Ok(_) => panic!("{spec}: opened"),
+        }
+    }
+    for spec in ["ImageNet22k", "Places:root=/x", "ImageNet22k:split=TRAIN"] {
+        let err = dinov2_data::open_dataset(spec).err().unwrap();
+        assert!(matches!(err, Error::UnknownDataset { .. }), "{spec}: {err}");
+        assert!(
+            err.to_string()
+                .contains("FileList:path=FILE[:root=DIR], Tar:root=DIR"),
+            "{err}"
+        );
+    }
+    let (key, reason) = spec_key(&format!("ImageFolder:root={root}:split=TRAIN"));
+    assert_eq!(
+        (key.as_str(), reason.contains("valid keys: root")),
+        ("split", true),
+        "{reason}"
+    );
+    assert_eq!(spec_key("ImageFolder").0, "root");
+    assert_eq!(spec_key(&format!("ImageNet:root={root}")).0, "split");
+    assert_eq!(
+        spec_key(&format!("ImageNet:split=TEST:root={root}")).0,
+        "split"
+    );
+    assert_eq!(
+        spec_key(&format!("ImageFolder:root={root}:root={root}")).0,
+        "root"
+    );
+    assert_eq!(spec_key("ImageFolder:rootdir").0, "rootdir");
+    assert_eq!(
+        spec_key(&dir.path().join("cat/0.png").display().to_string()).0,
+        ""
+    );
+    // the datasets' own errors come through
+    let empty = tempfile::tempdir().unwrap();
+    let spec = format!("ImageFolder:root={}", empty.path().display());
+    assert!(matches!(
+        dinov2_data::open_dataset(&spec),
+        Err(Error::NoClassFolders { .. })
+    ));
+    assert!(matches!(
+        dinov2_data::open_dataset(empty.path().to_str().unwrap()),
+        Err(Error::NoImages { .. })
+    ));
+}

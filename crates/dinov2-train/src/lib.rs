@@ -7,6 +7,7 @@
 pub mod config;
 mod error;
 
+pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub mod checkpoint;
 pub mod ema;
