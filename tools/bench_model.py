@@ -143,16 +143,23 @@ def parse_rows(spec: str):
     return rows
 
 
-def ensure_binary(args) -> Path:
-    if args.bin:
-        b = Path(args.bin)
+def given_or_built(given, flag, package, bench, profile, target_dir, hint) -> Path:
+    """The executable `given` with `flag` (checked), else the benchmark target `bench` of `package` built by cargo;
+    `hint` is appended to a build error."""
+    if given:
+        b = Path(given)
         if not b.is_file():
-            raise BenchError(f"--bin {b} does not exist")
+            raise BenchError(f"{flag} {b} does not exist")
         return b
     try:
-        return bench_executable("dinov2-model", "bench_forward", "bench-release", Path(args.target_dir))
+        return bench_executable(package, bench, profile, Path(target_dir))
     except CargoError as e:
-        raise BenchError(f"{e} (fat LTO build: takes minutes the first time)") from e
+        raise BenchError(f"{e} ({hint})") from e
+
+
+def ensure_binary(args) -> Path:
+    return given_or_built(args.bin, "--bin", "dinov2-model", "bench_forward", "bench-release", args.target_dir,
+                          "fat LTO build: takes minutes the first time")
 
 
 def resolve_dinov2_src(arg):
@@ -201,7 +208,7 @@ def run_process(cmd, env, timeout: float, label: str):
                 p.kill()
                 os.wait4(p.pid, 0)
                 p.returncode = -9
-                raise BenchError(f"{label}: timed out after {timeout:.0f} s (raise --timeout or lower --max-iters); "
+                raise BenchError(f"{label}: timed out after {timeout:.0f} s (raise --timeout or run fewer iterations); "
                                  f"command: {shlex.join(map(str, cmd))}")
             time.sleep(0.02)
         wall = time.monotonic() - t0
@@ -251,13 +258,13 @@ def fmt_load(la):
     return " / ".join(f"{x:.2f}" for x in la)
 
 
-def git_head():
+def git_head(crate="crates/dinov2-model"):
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                            timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "crates/dinov2-model"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", crate], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return r.stdout.strip() + (" (crates/dinov2-model modified)" if dirty else "")
+        return r.stdout.strip() + (f" ({crate} modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -326,11 +333,16 @@ def main() -> int:
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    return dispatch(args, run_worker, drive)
 
+
+def dispatch(args, worker, driver) -> int:
+    """Runs `worker(args)` when `args.worker` is set, else `driver(args)`; BenchError and Ctrl-C become an exit
+    status with a message."""
     try:
         if args.worker:
-            return run_worker(args)
-        return drive(args)
+            return worker(args)
+        return driver(args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,15 +20,14 @@ What is reference and what is glue:
   (the sum over one rank), because `iBOTPatchLoss.sinkhorn_knopp_teacher` calls it unconditionally.
 * `SSLMetaArch.forward_backward` runs on a stub `self`: the backbones are stubs that return fixed (leaf)
   `x_norm_clstoken` / `x_norm_patchtokens` tensors, the heads are real `DINOHead`s. Modules the training
-  package imports but the loss path does not use are stubbed (`xformers.ops.fmha.BlockDiagonalMask` is
-  replaced by its documented semantics: concatenate `[1, n_i, D]` inputs along dim 1, split the output back;
-  `fvcore` checkpointers; FSDP resharding is a no-op; `Tensor.cuda` returns the tensor). The xformers fused
-  cross-entropy is therefore not used: `iBOTPatchLoss` falls back to its own torch `lossfunc`, which the
+  package imports but the loss path does not use are stubbed by `tools/official_stubs.py` (xformers'
+  `fmha.BlockDiagonalMask` by its documented semantics: concatenate `[1, n_i, D]` inputs along dim 1, split the
+  output back; `fvcore` checkpointers; FSDP resharding is a no-op; `Tensor.cuda` returns the tensor). The xformers
+  fused cross-entropy is therefore not used: `iBOTPatchLoss` falls back to its own torch `lossfunc`, which the
   official comment says computes the same value.
 """
 
 import argparse
-import copy
 import os
 import sys
 import types
@@ -36,57 +35,15 @@ import types
 import torch
 from safetensors.torch import save_file
 
-
-def stub_module(name, **attrs):
-    m = types.ModuleType(name)
-    m.__dict__.update(attrs)
-    sys.modules[name] = m
-    return m
-
-
-class _Anything:
-    def __init__(self, *a, **k):
-        pass
-
-
-class _BlockDiagonalMaskStub:
-    """xformers' BlockDiagonalMask as used by SSLMetaArch: a concat/split helper along dim 1."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    @classmethod
-    def from_tensor_list(cls, tensors):
-        sizes = [t.shape[1] for t in tensors]
-        return cls(sizes), torch.cat(tensors, dim=1)
-
-    def split(self, x):
-        return list(torch.split(x, self.sizes, dim=1))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_stubs  # noqa: E402
 
 
 def import_official(src):
-    if src:
-        sys.path.insert(0, src)
-    stub_module("xformers")
-    stub_module("xformers.ops", fmha=types.SimpleNamespace(BlockDiagonalMask=_BlockDiagonalMaskStub))
-    stub_module("fvcore")
-    stub_module("fvcore.common")
-    stub_module("fvcore.common.checkpoint", Checkpointer=_Anything, PeriodicCheckpointer=_Anything)
-    import dinov2
-
-    # Import dinov2.train.ssl_meta_arch without running dinov2/train/__init__.py (the training script).
-    pkg = types.ModuleType("dinov2.train")
-    pkg.__path__ = [os.path.join(os.path.dirname(dinov2.__file__), "train")]
-    sys.modules["dinov2.train"] = pkg
-    import dinov2.train.ssl_meta_arch as ssl_meta_arch
+    ssl_meta_arch = official_stubs.import_official(src)
     from dinov2.layers import DINOHead
     from dinov2.loss import DINOLoss, iBOTPatchLoss, KoLeoLoss
 
-    # single process: all_reduce over one rank is the identity
-    torch.distributed.all_reduce = lambda t, *a, **k: None
-    assert not torch.distributed.is_initialized()
-    ssl_meta_arch.reshard_fsdp_model = lambda m: None
-    torch.Tensor.cuda = lambda self, *a, **k: self
     return ssl_meta_arch, DINOHead, DINOLoss, iBOTPatchLoss, KoLeoLoss
 
 
