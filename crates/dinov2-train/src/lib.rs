@@ -14,5 +14,6 @@ pub mod ema;
 pub mod meta_arch;
 pub mod optim;
 pub mod param_groups;
+pub mod run;
 pub mod schedules;
 pub mod trainer;

@@ -190,6 +190,22 @@ impl Trainer {
         })
     }
 
+    /// The DINO and iBOT centres with any pending update folded in (what the next step will use; folding
+    /// early gives the same values bit for bit).
+    pub fn centers_after_update(&mut self) -> Result<(Tensor, Option<Tensor>)> {
+        let loss = self.arch.loss_mut();
+        loss.dino_loss_mut().center_mut().apply_pending()?;
+        let dino = loss.dino_loss().center().tensor().clone();
+        let ibot = match loss.ibot_loss_mut() {
+            Some(l) => {
+                l.center_mut().apply_pending()?;
+                Some(l.center().tensor().clone())
+            }
+            None => None,
+        };
+        Ok((dino, ibot))
+    }
+
     /// Saves a full checkpoint under `dir` (see [`checkpoint`]) and returns its path.
     pub fn save(&mut self, dir: impl AsRef<Path>) -> Result<PathBuf> {
         let state = TrainerState {
