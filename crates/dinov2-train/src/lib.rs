@@ -12,4 +12,5 @@ pub mod ema;
 pub mod meta_arch;
 pub mod optim;
 pub mod param_groups;
+pub mod plot;
 pub mod schedules;
