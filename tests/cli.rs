@@ -203,6 +203,62 @@ fn embed_reports_bad_input_clearly_and_writes_nothing() {
 }
 
 #[test]
+fn embed_reads_the_configuration_from_the_weights_metadata() {
+    // 40 wide with 2 heads and 16-pixel patches: neither the heads nor anything else needs --config.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dinov2_model::VitConfig::vit_small();
+    (cfg.embed_dim, cfg.num_heads, cfg.depth) = (40, 2, 1);
+    (cfg.patch_size, cfg.img_size) = (16, 32);
+    let weights = dir.path().join("teacher.safetensors");
+    let sd = dinov2_model::init::init_state_dict(&cfg, 7).unwrap();
+    dinov2_model::weights::save_safetensors_with_config(&sd, &cfg, &weights).unwrap();
+    let out = dir.path().join("emb.safetensors");
+    let image = root().join("examples/images/checker.png");
+    ok(&dinov2(&[
+        "embed",
+        "--model",
+        weights.to_str().unwrap(),
+        "--images",
+        image.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--preprocess",
+        "pad",
+    ]));
+    let got = load(&out);
+    assert_eq!(got["x_norm_clstoken"].dims(), &[1, 40]);
+    // 300x200 padded to multiples of the model's 16-pixel patch (not 14): 19x13 patches.
+    assert_eq!(got["x_norm_patchtokens"].dims(), &[1, 19 * 13, 40]);
+    // The same numbers as the library with the configuration given explicitly.
+    let model =
+        dinov2_model::DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)
+            .unwrap();
+    let pre = dinov2_data::preprocess::Preprocess::CenterPad { multiple: 16 };
+    let x = dinov2::embed::stack(
+        &[dinov2::embed::load_image(&image, &pre).unwrap()],
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(max_diff(&model.forward(&x).unwrap(), &got["x_norm_clstoken"]) < 1e-5);
+    // `info` shows the stored configuration; `convert` keeps it.
+    let info = dinov2(&["info", "--model", weights.to_str().unwrap()]);
+    ok(&info);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"num_heads\": 2"));
+    let copy = dir.path().join("copy.safetensors");
+    ok(&dinov2(&[
+        "convert",
+        "--model",
+        weights.to_str().unwrap(),
+        "--output",
+        copy.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        dinov2_model::weights::load_weights(&copy).unwrap().config,
+        cfg
+    );
+}
+
+#[test]
 fn pca_writes_a_picture_of_the_patch_grid() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pca.png");

@@ -113,7 +113,8 @@ pub fn run(cli: Cli) -> Result<()> {
             size,
             skip_bad,
         } => {
-            let pre = model::preprocess_of(preprocess, resize, crop, size, model::patch_of(&model));
+            // The patch size is the loaded model's (its --config, its metadata or its tensors).
+            let pre = |patch| model::preprocess_of(preprocess, resize, crop, size, patch);
             model::embed(
                 &model,
                 &images,

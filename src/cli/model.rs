@@ -12,7 +12,7 @@ use dinov2::embed::{
 };
 use dinov2_data::preprocess::Preprocess;
 use dinov2_model::hub::HubOptions;
-use dinov2_model::weights::{save_safetensors, save_transformers, LoadOptions};
+use dinov2_model::weights::{save_safetensors_with_config, save_transformers, LoadOptions};
 use dinov2_model::{load_model_with, LoadedModel, VitConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -67,7 +67,7 @@ pub(super) enum PreprocessMode {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(super) enum OutFormat {
-    /// Official parameter names, safetensors.
+    /// Official parameter names, safetensors (the model configuration in its metadata).
     Official,
     /// Hugging Face transformers directory (config.json + model.safetensors).
     Transformers,
@@ -121,17 +121,6 @@ pub(super) fn preprocess_of(
     }
 }
 
-/// Patch size for preprocessing before the model is loaded: from --config when given, else 14 (every release).
-pub(super) fn patch_of(model: &ModelArgs) -> u32 {
-    model
-        .config
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| serde_json::from_str::<VitConfig>(&s).ok())
-        .map(|c| c.patch_size as u32)
-        .unwrap_or(14)
-}
-
 fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     if let Ok(style) = ProgressStyle::with_template(&format!(
@@ -150,7 +139,7 @@ pub(super) fn embed(
     pixel_values: Option<&PathBuf>,
     output: &Path,
     batch_size: usize,
-    pre: Preprocess,
+    pre: impl FnOnce(u32) -> Preprocess,
     skip_bad: bool,
 ) -> Result<()> {
     if batch_size == 0 {
@@ -158,6 +147,7 @@ pub(super) fn embed(
     }
     let loaded = load(model)?;
     let m = &loaded.model;
+    let pre = pre(m.config().patch_size as u32);
     let mut out = EmbeddingOutputs::default();
     let mut meta = HashMap::new();
     meta.insert("model".to_string(), model.model.clone());
@@ -247,7 +237,7 @@ pub(super) fn convert(model: &ModelArgs, output: &Path, format: OutFormat) -> Re
     let loaded = load(model)?;
     let sd = &loaded.weights.state_dict;
     match format {
-        OutFormat::Official => save_safetensors(sd, output)?,
+        OutFormat::Official => save_safetensors_with_config(sd, &loaded.weights.config, output)?,
         OutFormat::Transformers => save_transformers(sd, &loaded.weights.config, output)?,
     }
     eprintln!("wrote {}", output.display());

@@ -14,6 +14,7 @@ pub mod ema;
 pub mod meta_arch;
 pub mod optim;
 pub mod param_groups;
+pub mod plot;
 pub mod run;
 pub mod schedules;
 pub mod trainer;

@@ -88,8 +88,14 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
+/// A safetensors file's tensors and its `__metadata__` string map.
+pub(crate) struct SafetensorsFile {
+    pub(crate) tensors: Vec<(String, Tensor)>,
+    pub(crate) metadata: HashMap<String, String>,
+}
+
 /// Reads every tensor of a safetensors file one at a time (peak memory: the tensors, not the file twice).
-pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+pub(crate) fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
     let mut f = File::open(path).map_err(|e| io_err(path, e))?;
     let len = f.metadata().map_err(|e| io_err(path, e))?.len();
     let truncated = |what: &str| format_err(path, format!("truncated safetensors file ({what})"));
@@ -133,7 +139,10 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             .map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
         out.push((name, t));
     }
-    Ok(out)
+    Ok(SafetensorsFile {
+        tensors: out,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    })
 }
 
 /// Reads the tensors of a zip `.pth` file, from the top-level entry `key` (or the top-level dict itself).
@@ -223,14 +232,19 @@ pub(crate) fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Atomic safetensors write with `{"format": "pt"}` metadata (what `transformers` expects).
-pub(crate) fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+/// Atomic safetensors write with `{"format": "pt"}` metadata (what `transformers` expects) plus `extra_metadata`.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    extra_metadata: Vec<(String, String)>,
+) -> Result<()> {
     let mut tensors = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.contiguous()?)))
         .collect::<Result<Vec<_>>>()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut meta: HashMap<String, String> = extra_metadata.into_iter().collect();
+    meta.insert("format".to_string(), "pt".to_string());
     atomic_write(path, |tmp| {
         safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k, t)), Some(meta), tmp)
             .map_err(|e| format_err(tmp, format!("cannot write safetensors: {e}")))

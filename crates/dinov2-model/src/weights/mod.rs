@@ -34,6 +34,14 @@ use io::{format_err, io_err, Container};
 /// Tensors with their names, as read from a file.
 type NamedTensors = Vec<(String, Tensor)>;
 
+/// The safetensors metadata key under which [`save_safetensors_with_config`] stores the model's [`VitConfig`]
+/// (its serde JSON). [`load_weights_with`] uses it when no configuration is given.
+///
+/// ```
+/// assert_eq!(dinov2_model::weights::CONFIG_METADATA_KEY, "dinov2_config");
+/// ```
+pub const CONFIG_METADATA_KEY: &str = "dinov2_config";
+
 /// The layout a checkpoint was stored in (recognised by the keys, not the file name).
 ///
 /// ```
@@ -91,7 +99,8 @@ pub enum WeightFormat {
 pub struct LoadedWeights {
     /// Canonical official names, `f32` on the CPU, backbone only (`mask_token` included when present).
     pub state_dict: StateDict,
-    /// The configuration: inferred from the tensors (and `config.json` for `transformers`), or the one given.
+    /// The configuration: the one given, else the one in the safetensors metadata
+    /// ([`CONFIG_METADATA_KEY`]), else inferred from the tensors (and `config.json` for `transformers`).
     pub config: VitConfig,
     /// The layout the file was in.
     pub format: WeightFormat,
@@ -121,8 +130,9 @@ pub struct LoadedWeights {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Use this configuration instead of inferring one (needed when the width is not one of the released
-    /// sizes and there is no `transformers` `config.json` to give the number of heads). The tensors are
-    /// checked against it.
+    /// sizes and there is neither a configuration in the safetensors metadata, as
+    /// [`save_safetensors_with_config`] writes, nor a `transformers` `config.json` to give the number of heads).
+    /// It takes precedence over the metadata, which is then not read. The tensors are checked against it.
     pub config: Option<VitConfig>,
     /// For `.pth` files: the top-level entry holding the state dict (`"teacher"`, `"student"`, `"model"`).
     /// Without it `"teacher"`, then `"model"`, then the top level itself are tried. `"student"` also selects the
@@ -158,6 +168,11 @@ pub fn load_weights(path: impl AsRef<Path>) -> Result<LoadedWeights> {
 }
 
 /// [`load_weights`] with an explicit configuration and/or checkpoint key.
+///
+/// The configuration is, in order: `opts.config`; the [`VitConfig`] stored in the safetensors metadata under
+/// [`CONFIG_METADATA_KEY`] (by [`save_safetensors_with_config`]; a malformed one is an [`Error::Format`]
+/// naming the file, and one that does not match the tensors too); a `transformers` `config.json`; inference
+/// from the tensor shapes. Whichever it is, the tensors are checked against it strictly.
 ///
 /// A width that is not a released size needs its configuration (the number of heads is not in the tensors):
 ///
@@ -214,12 +229,14 @@ pub fn load_weights_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<L
         };
         return Err(format_err(path, reason));
     }
-    let config = match &opts.config {
-        Some(c) => {
+    let from_metadata = opts.config.is_none() && raw.metadata_config.is_some();
+    let config = match (&opts.config, &raw.metadata_config) {
+        (Some(c), _) => {
             c.validate()?;
             c.clone()
         }
-        None => {
+        (None, Some((file, json))) => metadata_config(file, json)?,
+        (None, None) => {
             // A config.json is only trusted when it describes a transformers DINOv2 model (a timm repository
             // also has a config.json, with other fields).
             let is_dinov2 = |c: &serde_json::Value| {
@@ -243,7 +260,21 @@ pub fn load_weights_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<L
             Tensor::zeros((1, d), DType::F32, &Device::Cpu)?,
         );
     }
-    DinoVisionTransformer::check_state_dict(&config, &canon)?;
+    match (
+        DinoVisionTransformer::check_state_dict(&config, &canon),
+        &raw.metadata_config,
+    ) {
+        (Err(e), Some((file, _))) if from_metadata => {
+            return Err(format_err(
+                file,
+                format!(
+                    "the `{CONFIG_METADATA_KEY}` configuration in the metadata does not match the tensors: {e}; \
+                     pass an explicit configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`) to override it"
+                ),
+            ))
+        }
+        (r, _) => r?,
+    }
     let state_dict = to_f32(canon)?;
     let extra = to_f32(extra)?;
     Ok(LoadedWeights {
@@ -261,6 +292,45 @@ struct RawWeights {
     /// The top-level `.pth` entry the tensors came from.
     key_used: Option<String>,
     hf_config: Option<serde_json::Value>,
+    /// The safetensors file holding a [`CONFIG_METADATA_KEY`] entry, and that entry (unparsed: it is only read
+    /// when no configuration is given).
+    metadata_config: Option<(PathBuf, String)>,
+}
+
+/// What one weights file gave.
+struct FileWeights {
+    tensors: NamedTensors,
+    key_used: Option<String>,
+    metadata_config: Option<(PathBuf, String)>,
+}
+
+/// Reads a safetensors file, keeping its [`CONFIG_METADATA_KEY`] entry.
+fn read_safetensors_file(path: &Path) -> Result<FileWeights> {
+    let f = io::read_safetensors(path)?;
+    Ok(FileWeights {
+        tensors: f.tensors,
+        key_used: None,
+        metadata_config: f
+            .metadata
+            .get(CONFIG_METADATA_KEY)
+            .map(|j| (path.to_path_buf(), j.clone())),
+    })
+}
+
+/// Parses and validates a configuration stored in the metadata of `file`.
+fn metadata_config(file: &Path, json: &str) -> Result<VitConfig> {
+    let bad = |why: String| {
+        format_err(
+            file,
+            format!(
+                "the `{CONFIG_METADATA_KEY}` metadata entry is not a valid VitConfig ({why}); pass an explicit \
+                 configuration (`LoadOptions::config`, CLI `--config <VitConfig JSON>`) to override it"
+            ),
+        )
+    };
+    let cfg: VitConfig = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
 }
 
 fn read_raw(path: &Path, opts: &LoadOptions) -> Result<RawWeights> {
@@ -269,7 +339,11 @@ fn read_raw(path: &Path, opts: &LoadOptions) -> Result<RawWeights> {
         return read_dir(path, opts);
     }
     let container = io::sniff(path)?;
-    let (tensors, key_used) = read_file(path, container, opts)?;
+    let FileWeights {
+        tensors,
+        key_used,
+        metadata_config,
+    } = read_file(path, container, opts)?;
     // A `model.safetensors` next to its `config.json` (a `transformers` directory addressed by file).
     let hf_config = match path.parent() {
         Some(dir) if container == Container::Safetensors => {
@@ -282,16 +356,18 @@ fn read_raw(path: &Path, opts: &LoadOptions) -> Result<RawWeights> {
         container,
         key_used,
         hf_config,
+        metadata_config,
     })
 }
 
-fn read_file(
-    path: &Path,
-    container: Container,
-    opts: &LoadOptions,
-) -> Result<(NamedTensors, Option<String>)> {
+fn read_file(path: &Path, container: Container, opts: &LoadOptions) -> Result<FileWeights> {
+    let pth = |tensors: NamedTensors, key: Option<&str>| FileWeights {
+        tensors,
+        key_used: key.map(str::to_string),
+        metadata_config: None,
+    };
     match container {
-        Container::Safetensors => Ok((io::read_safetensors(path)?, None)),
+        Container::Safetensors => read_safetensors_file(path),
         Container::LegacyPickle => Err(format_err(
             path,
             "legacy (non-zip) PyTorch serialization is not supported; re-save it with a current torch: \
@@ -300,10 +376,10 @@ fn read_file(
         Container::Zip => {
             if let Some(k) = &opts.checkpoint_key {
                 match io::read_pth(path, Some(k)) {
-                    Ok(t) => return Ok((t, Some(k.clone()))),
+                    Ok(t) => return Ok(pth(t, Some(k))),
                     // `student` inside a `{"model": {"student.…": …}}` checkpoint.
                     Err(e) if k == "student" => match io::read_pth(path, Some("model")) {
-                        Ok(t) if !t.is_empty() => return Ok((t, Some("model".into()))),
+                        Ok(t) if !t.is_empty() => return Ok(pth(t, Some("model"))),
                         _ => return Err(e),
                     },
                     Err(e) => return Err(e),
@@ -315,11 +391,11 @@ fn read_file(
                 if let Ok(names) = io::pth_tensor_names(path, Some(k)) {
                     // candle applies the key only to a top-level dict; otherwise it returns the top level.
                     if !names.is_empty() && names != top {
-                        return Ok((io::read_pth(path, Some(k))?, Some(k.to_string())));
+                        return Ok(pth(io::read_pth(path, Some(k))?, Some(k)));
                     }
                 }
             }
-            Ok((io::read_pth(path, None)?, None))
+            Ok(pth(io::read_pth(path, None)?, None))
         }
     }
 }
@@ -339,8 +415,8 @@ fn read_dir(dir: &Path, opts: &LoadOptions) -> Result<RawWeights> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let bin = dir.join("pytorch_model.bin");
-    let (tensors, container, key_used) = if single.is_file() {
-        (io::read_safetensors(&single)?, Container::Safetensors, None)
+    let (file, container) = if single.is_file() {
+        (read_safetensors_file(&single)?, Container::Safetensors)
     } else if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
@@ -350,7 +426,11 @@ fn read_dir(dir: &Path, opts: &LoadOptions) -> Result<RawWeights> {
             .and_then(|m| m.as_object())
             .ok_or_else(|| format_err(&index, "no `weight_map` object"))?;
         let shards: BTreeSet<&str> = map.values().filter_map(|s| s.as_str()).collect();
-        let mut all = Vec::new();
+        let mut all = FileWeights {
+            tensors: Vec::new(),
+            key_used: None,
+            metadata_config: None,
+        };
         for s in shards {
             if s.contains('/') || s.contains('\\') || s.starts_with('.') {
                 return Err(format_err(
@@ -358,13 +438,14 @@ fn read_dir(dir: &Path, opts: &LoadOptions) -> Result<RawWeights> {
                     format!("shard name `{s}` is not a plain file name"),
                 ));
             }
-            all.extend(io::read_safetensors(&dir.join(s))?);
+            let shard = read_safetensors_file(&dir.join(s))?;
+            all.tensors.extend(shard.tensors);
+            all.metadata_config = all.metadata_config.or(shard.metadata_config);
         }
-        (all, Container::Safetensors, None)
+        (all, Container::Safetensors)
     } else if bin.is_file() {
         let c = io::sniff(&bin)?;
-        let (t, k) = read_file(&bin, c, opts)?;
-        (t, c, k)
+        (read_file(&bin, c, opts)?, c)
     } else {
         return Err(format_err(
             dir,
@@ -372,10 +453,11 @@ fn read_dir(dir: &Path, opts: &LoadOptions) -> Result<RawWeights> {
         ));
     };
     Ok(RawWeights {
-        tensors,
+        tensors: file.tensors,
         container,
-        key_used,
+        key_used: file.key_used,
         hf_config,
+        metadata_config: file.metadata_config,
     })
 }
 
@@ -1028,6 +1110,54 @@ pub fn save_safetensors(sd: &StateDict, path: impl AsRef<Path>) -> Result<()> {
     io::write_safetensors(
         path,
         sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
+        Vec::new(),
+    )
+}
+
+/// [`save_safetensors`] that also stores `cfg` (its serde JSON) in the file's metadata under
+/// [`CONFIG_METADATA_KEY`], next to `{"format": "pt"}`, so that [`load_weights`] (and `dinov2 embed --model`)
+/// loads any width without an explicit configuration.
+///
+/// The backbone tensors of `sd` (official names) are checked against `cfg` first, strictly, so the file
+/// always loads back; other tensors (heads) are written too and come back in [`LoadedWeights::extra`].
+///
+/// ```
+/// use dinov2_model::weights::{load_weights, save_safetensors_with_config};
+/// use dinov2_model::VitConfig;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (40, 2, 1, 28); // not a released width
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("teacher.safetensors");
+/// save_safetensors_with_config(&dinov2_model::init::init_state_dict(&cfg, 0)?, &cfg, &path)?;
+/// assert_eq!(load_weights(&path)?.config, cfg); // no LoadOptions::config needed
+/// # Ok(()) }
+/// ```
+pub fn save_safetensors_with_config(
+    sd: &StateDict,
+    cfg: &VitConfig,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    let path = path.as_ref();
+    cfg.validate()?;
+    let mut backbone: StateDict = sd
+        .iter()
+        .filter(|(k, _)| is_backbone_name(k))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    if !backbone.contains("mask_token") {
+        backbone.insert(
+            "mask_token",
+            Tensor::zeros((1, cfg.embed_dim), DType::F32, &Device::Cpu)?,
+        );
+    }
+    DinoVisionTransformer::check_state_dict(cfg, &backbone)?;
+    let json = serde_json::to_string(cfg)
+        .map_err(|e| Error::invalid("cfg", format!("cannot serialise the configuration: {e}")))?;
+    io::write_safetensors(
+        path,
+        sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
+        vec![(CONFIG_METADATA_KEY.to_string(), json)],
     )
 }
 
@@ -1186,7 +1316,7 @@ pub fn save_transformers(sd: &StateDict, cfg: &VitConfig, dir: impl AsRef<Path>)
     let text = serde_json::to_string_pretty(&config)
         .map_err(|e| Error::invalid("cfg", format!("cannot serialise config.json: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    io::write_safetensors(&dir.join("model.safetensors"), out)?;
+    io::write_safetensors(&dir.join("model.safetensors"), out, Vec::new())?;
     io::atomic_write_bytes(&dir.join("config.json"), format!("{text}\n").as_bytes())
 }
 

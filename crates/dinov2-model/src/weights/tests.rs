@@ -544,7 +544,9 @@ fn save_transformers_fills_neutral_parameters() {
     let mut sd = random_sd(&c);
     sd.remove("mask_token");
     save_transformers(&sd, &c, &dir).unwrap();
-    let raw = io::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let raw = io::read_safetensors(&dir.join("model.safetensors"))
+        .unwrap()
+        .tensors;
     let get = |k: &str| {
         raw.iter()
             .find(|(n, _)| n == k)
@@ -666,5 +668,168 @@ fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
             ..
         })
     ));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// 40 wide with 2 heads: a width whose number of heads cannot be inferred.
+fn odd_width() -> VitConfig {
+    let mut c = tiny(FfnKind::Mlp, 0);
+    c.embed_dim = 40;
+    c
+}
+
+/// Writes `sd` with `json` as its metadata configuration, whatever it is.
+fn save_with_metadata_config(sd: &StateDict, json: &str, path: &Path) {
+    io::write_safetensors(
+        path,
+        sd.iter().map(|(k, t)| (k.clone(), t.clone())).collect(),
+        vec![(CONFIG_METADATA_KEY.to_string(), json.to_string())],
+    )
+    .unwrap();
+}
+
+/// A fresh directory, the [`odd_width`] config, its random weights and a `teacher.safetensors` path.
+fn odd_width_case(tag: &str) -> (PathBuf, VitConfig, StateDict, PathBuf) {
+    let dir = tmpdir(tag);
+    let cfg = odd_width();
+    let sd = random_sd(&cfg);
+    let path = dir.join("teacher.safetensors");
+    (dir, cfg, sd, path)
+}
+
+fn metadata_of(path: &Path) -> std::collections::HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+#[test]
+fn a_config_in_the_metadata_loads_a_width_inference_cannot_handle() {
+    let (dir, cfg, sd, path) = odd_width_case("meta-roundtrip");
+    // Without the metadata the number of heads is unknown.
+    save_safetensors(&sd, &path).unwrap();
+    assert!(matches!(
+        load_weights(&path),
+        Err(Error::InvalidConfig {
+            field: "num_heads",
+            ..
+        })
+    ));
+    save_safetensors_with_config(&sd, &cfg, &path).unwrap();
+    let meta = metadata_of(&path);
+    assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+    let stored: VitConfig = serde_json::from_str(&meta[CONFIG_METADATA_KEY]).unwrap();
+    assert_eq!(stored, cfg);
+    let w = load_weights(&path).unwrap();
+    assert_eq!(w.format, WeightFormat::OfficialSafetensors);
+    assert_eq!(w.config, cfg);
+    assert_same(&w.state_dict, &sd);
+    // Non-default fields survive too (inference would give drop path 0).
+    let mut odd = cfg.clone();
+    odd.drop_path_rate = 0.25;
+    odd.layer_norm_eps = 1e-5;
+    save_safetensors_with_config(&sd, &odd, &path).unwrap();
+    assert_eq!(load_weights(&path).unwrap().config, odd);
+    // The same file read from a transformers-style directory.
+    let sub = dir.join("dir");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(&path, sub.join("model.safetensors")).unwrap();
+    assert_eq!(load_weights(&sub).unwrap().config, odd);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_explicit_config_takes_precedence_over_the_metadata() {
+    let (dir, cfg, sd, path) = odd_width_case("meta-precedence");
+    save_safetensors_with_config(&sd, &cfg, &path).unwrap();
+    let four_heads = VitConfig {
+        num_heads: 4,
+        ..cfg.clone()
+    };
+    let opts = LoadOptions {
+        config: Some(four_heads.clone()),
+        checkpoint_key: None,
+    };
+    assert_eq!(load_weights_with(&path, &opts).unwrap().config, four_heads);
+    // An explicit config is still checked against the tensors.
+    let deeper = LoadOptions {
+        config: Some(VitConfig {
+            depth: cfg.depth + 1,
+            ..cfg.clone()
+        }),
+        checkpoint_key: None,
+    };
+    assert!(matches!(
+        load_weights_with(&path, &deeper),
+        Err(Error::MissingKey { .. })
+    ));
+    // And it is the way around a broken metadata entry.
+    save_with_metadata_config(&sd, "{not json", &path);
+    assert_eq!(load_weights_with(&path, &opts).unwrap().config, four_heads);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_malformed_or_mismatched_metadata_config_is_a_format_error_naming_the_file() {
+    let (dir, cfg, sd, path) = odd_width_case("meta-malformed");
+    let three_heads = serde_json::to_string(&VitConfig {
+        num_heads: 3,
+        ..cfg.clone()
+    })
+    .unwrap();
+    let deeper = serde_json::to_string(&VitConfig {
+        depth: cfg.depth + 1,
+        ..cfg.clone()
+    })
+    .unwrap();
+    for (json, says) in [
+        ("{not json", "not a valid VitConfig"),
+        (r#"{"embed_dim": 40}"#, "missing field"),
+        (three_heads.as_str(), "does not divide"),
+        (deeper.as_str(), "does not match the tensors"),
+    ] {
+        save_with_metadata_config(&sd, json, &path);
+        match load_weights(&path) {
+            Err(Error::Format { path: p, reason }) => {
+                assert_eq!(p, path, "{json}");
+                assert!(reason.contains(CONFIG_METADATA_KEY), "{reason}");
+                assert!(reason.contains(says), "{json}: {reason}");
+            }
+            other => panic!("{json}: expected a format error, got {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn save_with_config_checks_the_backbone_and_keeps_other_tensors() {
+    let (dir, cfg, mut sd, path) = odd_width_case("meta-save-check");
+    let deeper = VitConfig {
+        depth: cfg.depth + 1,
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        save_safetensors_with_config(&sd, &deeper, &path),
+        Err(Error::MissingKey { .. })
+    ));
+    assert!(!path.exists(), "nothing is written for a mismatched config");
+    sd.remove("mask_token");
+    sd.insert(
+        "dino_head.last_layer.weight",
+        crate::testutil::seeded(vec![8, 40], 99),
+    );
+    save_safetensors_with_config(&sd, &cfg, &path).unwrap();
+    let w = load_weights(&path).unwrap();
+    assert_eq!(w.config, cfg);
+    assert!(w.state_dict.contains("mask_token"));
+    assert_eq!(
+        w.extra.keys().collect::<Vec<_>>(),
+        vec!["dino_head.last_layer.weight"]
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no temporary file is left behind"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
