@@ -41,7 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = arg(&args, "--threads", 2);
     let warmup: usize = arg(&args, "--warmup", 1);
     let steps: usize = arg(&args, "--steps", 5);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
 
     let mut vit = match arch.as_str() {
         "vit_small" => dinov2_model::VitConfig::vit_small(),

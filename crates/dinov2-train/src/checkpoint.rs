@@ -401,16 +401,3 @@ fn sync_dir(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
-
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, synced, renamed).
-pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(dir)
-}

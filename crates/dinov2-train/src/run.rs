@@ -139,7 +139,11 @@ pub fn build_arch(cfg: &TrainConfig, device: &Device) -> Result<SslMetaArch> {
                     return Err(Error::invalid(
                         "student.pretrained_weights",
                         pretrained,
-                        format!("`{k}` has shape {:?} there, {:?} in this model", t.dims(), v.dims()),
+                        format!(
+                            "`{k}` has shape {:?} there, {:?} in this model",
+                            t.dims(),
+                            v.dims()
+                        ),
                     ));
                 }
                 v.set(&t.to_dtype(v.dtype())?.to_device(device)?)?;
@@ -201,14 +205,20 @@ pub fn run(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut saved_cfg = cfg.clone();
     saved_cfg.apply_scaling_rules(1);
-    checkpoint::atomic_write(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
+    crate::plot::write_atomic(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
 
     let device = Device::Cpu;
-    let mut trainer = Trainer::new(build_arch(cfg, &device)?, &optim_settings(cfg), cfg.train.seed)?;
+    let mut trainer = Trainer::new(
+        build_arch(cfg, &device)?,
+        &optim_settings(cfg),
+        cfg.train.seed,
+    )?;
     let ckpt_dir = out.join(CHECKPOINT_DIR);
     let mut resumed_from = None;
     if opts.resume {
         resumed_from = checkpoint::latest(&ckpt_dir)?;
+    } else {
+        archive_previous_run(out)?;
     }
     let weights = cfg.model.weights.trim();
     if resumed_from.is_none() && !weights.is_empty() {
@@ -300,7 +310,13 @@ pub fn run(
     };
     drop(loader);
     let checkpoint = match &last_checkpoint {
-        Some(p) if p.starts_with(&ckpt_dir) && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i) == Some(trainer.iteration()) => p.clone(),
+        Some(p)
+            if p.starts_with(&ckpt_dir)
+                && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i)
+                    == Some(trainer.iteration()) =>
+        {
+            p.clone()
+        }
         _ => {
             let p = save_all(&mut trainer, out, cfg)?;
             on_event(Event::Checkpoint { path: &p });
@@ -314,6 +330,32 @@ pub fn run(
         teacher: out.join(TEACHER_FILE),
         reason,
     })
+}
+
+/// Starting over in a directory that holds a run: its checkpoints and outputs move to `previous-<unix time>/`
+/// (nothing is deleted, and a later resume cannot pick up the old run's checkpoints).
+fn archive_previous_run(out: &Path) -> Result<()> {
+    let names = [CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TEACHER_FILE];
+    if !names.iter().any(|n| out.join(n).exists()) {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut dest = out.join(format!("previous-{secs}"));
+    let mut n = 1;
+    while dest.exists() {
+        dest = out.join(format!("previous-{secs}-{n}"));
+        n += 1;
+    }
+    std::fs::create_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    for name in names {
+        let src = out.join(name);
+        if src.exists() {
+            std::fs::rename(&src, dest.join(name)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Checkpoint, pruning, teacher export and plot.
@@ -392,5 +434,5 @@ fn trim_metrics(path: &Path, start: u64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    checkpoint::atomic_write(path, kept.as_bytes())
+    crate::plot::write_atomic(path, kept.as_bytes())
 }

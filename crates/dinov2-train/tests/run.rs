@@ -1,0 +1,154 @@
+//! Whole runs from a configuration over an image folder: exact resume through the data loader, stop
+//! conditions, outputs.
+
+use std::path::Path;
+
+use dinov2_train::run::{run, RunOptions, StopReason, CONFIG_FILE, METRICS_FILE, TEACHER_FILE};
+use dinov2_train::TrainConfig;
+
+fn image_folder(dir: &Path) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    for i in 0..6u32 {
+        let img = dinov2_data::image::RgbImage::from_fn(40 + i, 36, |x, y| {
+            dinov2_data::image::Rgb([(x * 7 + i * 30) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+        });
+        let sub = if i % 2 == 0 { "" } else { "sub" };
+        img.save(dir.join(sub).join(format!("{i}.png"))).unwrap();
+    }
+}
+
+/// vit_tiny (the only small official-style arch) on 28-pixel globals and 14-pixel locals with tiny heads.
+fn config(data: &Path) -> TrainConfig {
+    let o = [
+        format!("train.dataset_path={}", data.display()),
+        "train.batch_size_per_gpu=2".into(),
+        "train.OFFICIAL_EPOCH_LENGTH=3".into(),
+        "train.num_workers=2".into(),
+        "train.checkpoint_period=2".into(),
+        "train.log_period=1".into(),
+        "optim.epochs=2".into(),
+        "optim.warmup_epochs=1".into(),
+        "teacher.warmup_teacher_temp_epochs=1".into(),
+        "student.arch=vit_tiny".into(),
+        "student.patch_size=14".into(),
+        "crops.global_crops_size=28".into(),
+        "crops.local_crops_size=14".into(),
+        "crops.local_crops_number=2".into(),
+        "dino.head_n_prototypes=64".into(),
+        "dino.head_hidden_dim=32".into(),
+        "dino.head_bottleneck_dim=16".into(),
+    ];
+    TrainConfig::load(None, &o).unwrap()
+}
+
+/// The exported teacher's tensors as bits, by name.
+fn teacher_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
+    let mut t: Vec<_> =
+        candle_core::safetensors::load(dir.join(TEACHER_FILE), &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let bits = v
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect();
+                (k, bits)
+            })
+            .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn stop_resume_equals_a_straight_run_and_writes_every_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let cfg = config(&data);
+
+    let straight = tmp.path().join("straight");
+    let s = run(&cfg, &RunOptions::new(&straight), &mut |_| {}).unwrap();
+    assert_eq!(
+        (s.iteration, s.max_iter, s.reason),
+        (6, 6, StopReason::Finished)
+    );
+    for f in [
+        CONFIG_FILE,
+        METRICS_FILE,
+        TEACHER_FILE,
+        "training_metrics.png",
+    ] {
+        assert!(straight.join(f).is_file(), "{f}");
+    }
+    let lines = std::fs::read_to_string(straight.join(METRICS_FILE)).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    // the exported teacher loads as a model, its configuration from the file
+    let w = dinov2_model::weights::load_weights(straight.join(TEACHER_FILE)).unwrap();
+    assert_eq!((w.config.embed_dim, w.config.num_heads), (192, 3));
+
+    let resumed = tmp.path().join("resumed");
+    let mut opts = RunOptions::new(&resumed);
+    opts.stop_after_iters = Some(4);
+    let first = run(&cfg, &opts, &mut |_| {}).unwrap();
+    assert_eq!(
+        (first.iteration, first.reason),
+        (4, StopReason::StopAfterIters)
+    );
+    opts.stop_after_iters = None;
+    let second = run(&cfg, &opts, &mut |_| {}).unwrap();
+    assert_eq!(second.iteration, 6);
+    assert!(
+        teacher_bits(&straight) == teacher_bits(&resumed),
+        "bit-identical teacher after a resume"
+    );
+    let a = std::fs::read(s.checkpoint.join("model.safetensors")).unwrap();
+    let b = std::fs::read(second.checkpoint.join("model.safetensors")).unwrap();
+    assert!(a == b, "student, teacher and centres identical");
+    let lines2 = std::fs::read_to_string(resumed.join(METRICS_FILE)).unwrap();
+    let iters = |t: &str| -> Vec<u64> {
+        t.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(iters(&lines2), iters(&lines));
+    // the last 3 checkpoints are kept (6 iterations, period 2: 2, 4, 6)
+    let kept = dinov2_train::checkpoint::list(resumed.join("checkpoints")).unwrap();
+    assert_eq!(kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 4, 6]);
+}
+
+#[test]
+fn no_resume_starts_over_and_a_set_stop_flag_saves_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let cfg = config(&data);
+    let out = tmp.path().join("out");
+    let mut opts = RunOptions::new(&out);
+    opts.stop_after_iters = Some(1);
+    run(&cfg, &opts, &mut |_| {}).unwrap();
+    opts.resume = false;
+    opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = run(&cfg, &opts, &mut |_| {}).unwrap();
+    assert_eq!((s.iteration, s.reason), (0, StopReason::Interrupted));
+    // the first run moved aside, not deleted; the new run's checkpoint is the only one in place
+    let kept = dinov2_train::checkpoint::list(out.join("checkpoints")).unwrap();
+    assert_eq!(kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0]);
+    let archived: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-"))
+        .collect();
+    assert_eq!(archived.len(), 1);
+    assert!(archived[0]
+        .path()
+        .join("checkpoints/model_0000001")
+        .is_dir());
+}
