@@ -3,6 +3,7 @@
 
 mod curate;
 mod model;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,7 +15,7 @@ use self::model::{ModelArgs, OutFormat, PreprocessMode};
 #[command(
     name = "dinov2",
     version,
-    about = "DINOv2 in Rust: features, PCA pictures, weight conversion, data curation"
+    about = "DINOv2 in Rust: pretraining, features, PCA pictures, weight conversion, data curation"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores; also RAYON_NUM_THREADS).
@@ -90,6 +91,8 @@ enum Command {
     /// Data curation: embed, dedup, knn, retrieve, kmeans, hkmeans, sample.
     #[command(subcommand)]
     Curate(curate::CurateCommand),
+    /// DINOv2 self-supervised pretraining from a YAML configuration (official keys), resumable.
+    Train(train::TrainArgs),
 }
 
 /// Runs a parsed command line.
@@ -138,5 +141,6 @@ pub fn run(cli: Cli) -> Result<()> {
         } => model::convert(&model, &output, format),
         Command::Info { model } => model::info(&model),
         Command::Curate(cmd) => curate::run(cmd),
+        Command::Train(args) => train::train(args),
     }
 }
