@@ -6,5 +6,6 @@
 
 pub mod config;
 mod error;
+pub mod knn;
 
 pub use error::{Error, Result};
