@@ -63,6 +63,7 @@ pub mod masking;
 pub mod preprocess;
 pub mod resize;
 pub mod sampler;
+pub mod synthetic;
 pub mod transforms;
 
 pub use augment::{
@@ -86,4 +87,5 @@ pub use preprocess::{
 };
 pub use resize::CropBox;
 pub use sampler::{EpochSampler, IndexStream, ShardedInfiniteSampler};
+pub use synthetic::SyntheticShapes;
 pub use transforms::{ColorJitter, JitterOp, JitterParams, RandomResizedCrop};

@@ -6,6 +6,7 @@
 
 pub mod config;
 mod error;
+pub mod knn;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
