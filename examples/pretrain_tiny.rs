@@ -19,10 +19,17 @@ fn main() -> anyhow::Result<()> {
     opts.overrides = args.collect();
     println!("DINOv2 pretraining on generated shapes -> {out}");
     let result = run(&opts, &mut |e| {
-        if let Event::Step { report, images_per_s } = e {
+        if let Event::Step {
+            report,
+            images_per_s,
+        } = e
+        {
             let it = report.iteration + 1;
             if it % 10 == 0 {
-                print!("\r  iteration {it:4}  loss {:.3}  {images_per_s:.0} img/s   ", report.losses.total);
+                print!(
+                    "\r  iteration {it:4}  loss {:.3}  {images_per_s:.0} img/s   ",
+                    report.losses.total
+                );
                 let _ = std::io::stdout().flush();
             }
         }

@@ -79,13 +79,22 @@ pub fn run(opts: &DemoOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Result<De
     cfg.apply_overrides(&overrides)?;
     cfg.validate()?;
 
-    let knn_train = SyntheticShapes::new(opts.knn_train, KNN_TRAIN_SEED).with_image_size(image_size)?;
-    let knn_test = SyntheticShapes::new(opts.knn_test, KNN_TEST_SEED).with_image_size(image_size)?;
+    let knn_train =
+        SyntheticShapes::new(opts.knn_train, KNN_TRAIN_SEED).with_image_size(image_size)?;
+    let knn_test =
+        SyntheticShapes::new(opts.knn_test, KNN_TEST_SEED).with_image_size(image_size)?;
     let size = cfg.crops.global_crops_size;
     let accuracy = |model: &DinoVisionTransformer| -> Result<f64> {
         let (train, train_labels) = knn::embed_dataset(model, &knn_train, size, 100)?;
         let (test, test_labels) = knn::embed_dataset(model, &knn_test, size, 100)?;
-        Ok(knn::knn_accuracy(&train, &train_labels, &test, &test_labels, KNN_K, knn::TEMPERATURE)?)
+        Ok(knn::knn_accuracy(
+            &train,
+            &train_labels,
+            &test,
+            &test_labels,
+            KNN_K,
+            knn::TEMPERATURE,
+        )?)
     };
 
     // the network at initialisation: the teacher of iteration 0 (= the student's official init)
@@ -100,7 +109,8 @@ pub fn run(opts: &DemoOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Result<De
 
     let w = crate::model::weights::load_weights(&summary.teacher)
         .with_context(|| format!("cannot load {}", summary.teacher.display()))?;
-    let trained = DinoVisionTransformer::from_state_dict(&w.config, &w.state_dict, &Device::Cpu, DType::F32)?;
+    let trained =
+        DinoVisionTransformer::from_state_dict(&w.config, &w.state_dict, &Device::Cpu, DType::F32)?;
     let trained_accuracy = accuracy(&trained)?;
     Ok(DemoResult {
         random_init_accuracy,

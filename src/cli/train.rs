@@ -44,14 +44,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
             eprintln!("\ninterrupted twice: exiting without saving");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: saving a checkpoint after this iteration (press again to exit at once)");
+        eprintln!(
+            "\nCtrl-C: saving a checkpoint after this iteration (press again to exit at once)"
+        );
     })
     .context("cannot install the Ctrl-C handler")?;
 
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(500));
     let summary = dinov2_train::run::run(&cfg, &opts, &mut |e| match e {
@@ -64,7 +68,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
             bar.set_length(max_iter);
             bar.set_position(start_iter);
             match resumed_from {
-                Some(p) => bar.println(format!("resuming from {} (iteration {start_iter})", p.display())),
+                Some(p) => bar.println(format!(
+                    "resuming from {} (iteration {start_iter})",
+                    p.display()
+                )),
                 None => bar.println(format!(
                     "training from scratch: {dataset_len} images, {max_iter} iterations"
                 )),
