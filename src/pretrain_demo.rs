@@ -79,10 +79,12 @@ pub fn run(opts: &DemoOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Result<De
     cfg.apply_overrides(&overrides)?;
     cfg.validate()?;
 
-    let knn_train =
-        SyntheticShapes::new(opts.knn_train, KNN_TRAIN_SEED).with_image_size(image_size)?;
-    let knn_test =
-        SyntheticShapes::new(opts.knn_test, KNN_TEST_SEED).with_image_size(image_size)?;
+    let knn_train = SyntheticShapes::new(opts.knn_train, KNN_TRAIN_SEED)
+        .with_image_size(image_size)?
+        .with_class_colours();
+    let knn_test = SyntheticShapes::new(opts.knn_test, KNN_TEST_SEED)
+        .with_image_size(image_size)?
+        .with_class_colours();
     let size = cfg.crops.global_crops_size;
     let accuracy = |model: &DinoVisionTransformer| -> Result<f64> {
         let (train, train_labels) = knn::embed_dataset(model, &knn_train, size, 100)?;
@@ -123,12 +125,13 @@ pub fn run(opts: &DemoOptions, on_event: &mut dyn FnMut(Event<'_>)) -> Result<De
 /// Writes the pool once (a complete earlier copy is reused).
 fn write_pool(dir: &Path, n: usize, image_size: u32) -> Result<()> {
     let marker = dir.join(".complete");
-    let want = format!("{n} {image_size} {POOL_SEED}");
+    let want = format!("{n} {image_size} {POOL_SEED} class-colours");
     if std::fs::read_to_string(&marker).is_ok_and(|s| s == want) {
         return Ok(());
     }
     SyntheticShapes::new(n, POOL_SEED)
         .with_image_size(image_size)?
+        .with_class_colours()
         .write_image_folder(dir)?;
     std::fs::write(&marker, want).with_context(|| format!("cannot write {}", marker.display()))?;
     Ok(())

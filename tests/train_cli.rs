@@ -20,7 +20,8 @@ fn write_images(dir: &Path, n: u32) {
     }
 }
 
-const TINY: [&str; 12] = [
+const TINY: [&str; 13] = [
+    "train.log_period=1",
     "student.arch=vit_tiny",
     "student.patch_size=8",
     "crops.global_crops_size=16",
@@ -120,10 +121,10 @@ fn pretraining_on_generated_shapes_beats_random_init() {
     let tmp = tempfile::tempdir().unwrap();
     let mut opts = dinov2::pretrain_demo::DemoOptions::new(tmp.path());
     (opts.pool_size, opts.knn_train, opts.knn_test) = (600, 300, 300);
-    opts.overrides = vec!["optim.epochs=4".into()];
+    opts.overrides = vec!["optim.epochs=3".into()];
     let r = dinov2::pretrain_demo::run(&opts, &mut |_| {}).unwrap();
     assert!(
-        r.trained_accuracy > r.random_init_accuracy + 0.02,
+        r.trained_accuracy > r.random_init_accuracy + 0.05,
         "random init {:.3}, trained {:.3}",
         r.random_init_accuracy,
         r.trained_accuracy

@@ -64,17 +64,10 @@ impl InplaceOp2 for Ema {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(t), CpuStorage::F32(s)) = (s1, s2) else {
-            candle_core::bail!("ema: f32 tensors expected");
-        };
-        let (Some((t0, t1)), Some((s0, s1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("ema: contiguous tensors expected");
-        };
+        let (t, s) = crate::optim::f32_slices("ema", s1, l1, s2, l2)?;
         let (m, alpha) = (self.m, self.alpha);
-        t[t0..t1]
-            .par_chunks_mut(1 << 14)
-            .zip(s[s0..s1].par_chunks(1 << 14))
+        t.par_chunks_mut(1 << 14)
+            .zip(s.par_chunks(1 << 14))
             .for_each(|(t, s)| {
                 for (t, &s) in t.iter_mut().zip(s) {
                     *t = *t * m + alpha * s;

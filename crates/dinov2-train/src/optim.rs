@@ -255,24 +255,39 @@ impl InplaceOp2 for AdamKernel<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("adamw: f32 parameters and gradients expected");
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw: contiguous parameters and gradients expected");
-        };
+        let (p, g) = f32_slices("adamw", s1, l1, s2, l2)?;
         let mut guard = self
             .moments
             .lock()
             .map_err(|_| candle_core::Error::Msg("adamw: poisoned state".into()))?;
         let (m, v) = &mut *guard;
-        if p1 - p0 != g1 - g0 || m.len() != p1 - p0 {
-            candle_core::bail!("adamw: parameter, gradient and state sizes differ");
+        if m.len() != p.len() {
+            candle_core::bail!("adamw: parameter and state sizes differ");
         }
-        self.run(&mut p[p0..p1], &g[g0..g1], m, v);
+        self.run(p, g, m, v);
         Ok(())
     }
+}
+
+/// The contiguous f32 data of an in-place op's destination and source, of equal length.
+pub(crate) fn f32_slices<'a>(
+    op: &str,
+    s1: &'a mut CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a mut [f32], &'a [f32])> {
+    let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+        candle_core::bail!("{op}: f32 tensors expected");
+    };
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+    else {
+        candle_core::bail!("{op}: contiguous tensors expected");
+    };
+    if a1 - a0 != b1 - b0 {
+        candle_core::bail!("{op}: tensors of {} and {} elements", a1 - a0, b1 - b0);
+    }
+    Ok((&mut a[a0..a1], &b[b0..b1]))
 }
 
 /// The clipping coefficients of `clip_grad_norm_(max_norm)` applied to each submodule separately: for every
