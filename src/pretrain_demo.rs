@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use crate::data::synthetic::SyntheticShapes;
 use crate::model::DinoVisionTransformer;
 use crate::train::run::{Event, RunOptions};
-use crate::train::{knn, TrainConfig};
+use crate::train::{eval::knn, TrainConfig};
 
 /// The configuration of the main job (vit_tiny with patch 8 on 32-pixel images, small heads, a short
 /// schedule), shipped as `examples/pretrain_tiny.yaml`.

@@ -6,7 +6,7 @@
 
 pub mod config;
 mod error;
-pub mod knn;
+pub mod eval;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@
 //! use candle_nn::VarMap;
 //! use dinov2_data::synthetic::SyntheticShapes;
 //! use dinov2_model::{DinoVisionTransformer, VitConfig};
-//! use dinov2_train::knn::{embed_dataset, knn_accuracy};
+//! use dinov2_train::eval::knn::{embed_dataset, knn_accuracy};
 //! # fn main() -> dinov2_train::Result<()> {
 //! let mut cfg = VitConfig::vit_small();
 //! (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.patch_size, cfg.img_size) = (32, 2, 1, 8, 32);
@@ -67,7 +67,7 @@ fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use dinov2_train::knn::knn_accuracy;
+/// use dinov2_train::eval::knn::knn_accuracy;
 /// # fn main() -> dinov2_train::Result<()> {
 /// // class 0 points along x, class 1 along y; lengths do not matter (cosine similarity)
 /// let train = Tensor::new(&[[1f32, 0.1], [3.0, -0.2], [0.1, 1.0], [-0.2, 2.0]], &Device::Cpu)?;
@@ -109,7 +109,7 @@ pub fn knn_accuracy(
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use dinov2_train::knn::knn_predict;
+/// use dinov2_train::eval::knn::knn_predict;
 /// # fn main() -> dinov2_train::Result<()> {
 /// let train = Tensor::new(&[[1f32, 0.0], [0.9, 0.1], [0.0, 1.0]], &Device::Cpu)?;
 /// let test = Tensor::new(&[[0.6f32, 0.4], [0.1, 0.9]], &Device::Cpu)?;
@@ -243,7 +243,7 @@ fn vote(sims: &[f32], labels: &[usize], num_classes: usize, k: usize, temperatur
 /// use candle_core::{DType, Device};
 /// use dinov2_data::synthetic::SyntheticShapes;
 /// use dinov2_model::{DinoVisionTransformer, VitConfig};
-/// use dinov2_train::knn::embed_dataset;
+/// use dinov2_train::eval::knn::embed_dataset;
 /// # fn main() -> dinov2_train::Result<()> {
 /// let mut cfg = VitConfig::vit_small();
 /// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.patch_size, cfg.img_size) = (16, 2, 1, 8, 32);
