@@ -1,9 +1,11 @@
 //! k-NN evaluation of frozen features, as the official `eval/knn.py`: features L2-normalised, cosine similarity to
 //! every training feature, the `k` most similar neighbours vote with weights `softmax(sim / T)`, and the class with
-//! the largest summed weight is the prediction; the metric is top-1 accuracy.
+//! the largest summed weight is the prediction; the metrics are top-1 and top-5 accuracy for each k of
+//! [`OFFICIAL_KS`].
 //!
 //! [`embed_dataset`] computes the features of a [`Dataset`] with a backbone (the normalised class token, what the
-//! official `model(x)` returns), [`knn_accuracy`] scores them.
+//! official `model(x)` returns); [`knn_evaluate`] scores them for several k at once (the official evaluation),
+//! [`knn_accuracy`] gives the top-1 accuracy of one k and [`knn_predict`] the predicted classes.
 //!
 //! ```
 //! use candle_core::{DType, Device};
@@ -124,17 +126,161 @@ pub fn knn_predict(
     k: usize,
     temperature: f64,
 ) -> Result<Vec<usize>> {
-    predict_chunked(train, train_labels, test, k, temperature, CHUNK_ELEMS)
+    let num_classes = num_classes(train_labels, &[]);
+    map_rows_chunked(
+        train,
+        train_labels,
+        test,
+        &[k],
+        temperature,
+        CHUNK_ELEMS,
+        |_, sims| {
+            let scores = class_scores(sims, train_labels, num_classes, &[k], temperature);
+            argmax(&scores[0])
+        },
+    )
 }
 
-fn predict_chunked(
+/// The official k values (`--nb_knn` default of `eval/knn.py`).
+pub const OFFICIAL_KS: [usize; 4] = [10, 20, 100, 200];
+
+/// Top-1 and top-5 accuracy of the k-NN classifier for one `k`, in percent (as the official logs).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnnAccuracy {
+    /// The number of neighbours that voted.
+    pub k: usize,
+    /// Percent of test rows whose true class has the largest score.
+    pub top1: f64,
+    /// Percent of test rows whose true class is among the 5 largest scores.
+    pub top5: f64,
+}
+
+/// Top-1 and top-5 accuracy (percent) of the official k-NN evaluation for every `k` of `ks`, from one neighbour
+/// search: the `max(ks)` most similar training rows of each test row are found once, their weights are
+/// `softmax(sim / temperature)` over those `max(ks)` neighbours (exactly the official normalisation), and for each
+/// `k` the score of a class is the summed weight of its neighbours among the first `k`.
+///
+/// Ranking rules, for reproducible numbers: neighbours of equal similarity are taken lower index first; classes
+/// of equal score rank lower class index first, so a true class of score 0 counts for top-5 only when fewer than
+/// five classes rank ahead of it. `torchmetrics` breaks ties in whatever order `torch.topk` returns, which can
+/// differ only on exact ties. A `k` above the training set size uses every training row. Results come back in
+/// the order of `ks`.
+///
+/// Errors: those of [`knn_accuracy`], and [`Error::InvalidArgument`] for an empty `ks`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_train::eval::knn::knn_evaluate;
+/// # fn main() -> dinov2_train::Result<()> {
+/// let train = Tensor::new(&[[1f32, 0.0], [0.9, 0.2], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.1]], &Device::Cpu)?;
+/// let test = Tensor::new(&[[1f32, 0.1], [0.2, 1.0]], &Device::Cpu)?;
+/// let results = knn_evaluate(&train, &[0, 0, 1, 1, 2], &test, &[0, 2], &[1, 5], 0.07)?;
+/// assert_eq!((results[0].k, results[0].top1), (1, 50.0)); // the second test row is labelled 2, near class 1
+/// assert_eq!(results[1].top5, 100.0); // 3 classes: every true class is in the top 5
+/// # Ok(()) }
+/// ```
+pub fn knn_evaluate(
     train: &Tensor,
     train_labels: &[usize],
     test: &Tensor,
-    k: usize,
+    test_labels: &[usize],
+    ks: &[usize],
+    temperature: f64,
+) -> Result<Vec<KnnAccuracy>> {
+    evaluate_chunked(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        ks,
+        temperature,
+        CHUNK_ELEMS,
+    )
+}
+
+fn evaluate_chunked(
+    train: &Tensor,
+    train_labels: &[usize],
+    test: &Tensor,
+    test_labels: &[usize],
+    ks: &[usize],
     temperature: f64,
     chunk_elems: usize,
-) -> Result<Vec<usize>> {
+) -> Result<Vec<KnnAccuracy>> {
+    let m = test.dims().first().copied().unwrap_or(0);
+    if test.rank() == 2 && test_labels.len() != m {
+        return Err(invalid(
+            "test_labels",
+            format!(
+                "has {} labels for {m} test features; give one label per row",
+                test_labels.len()
+            ),
+        ));
+    }
+    let num_classes = num_classes(train_labels, test_labels);
+    // per test row and k: (top-1 hit, top-5 hit)
+    let hits = map_rows_chunked(
+        train,
+        train_labels,
+        test,
+        ks,
+        temperature,
+        chunk_elems,
+        |row, sims| {
+            let truth = test_labels[row];
+            class_scores(sims, train_labels, num_classes, ks, temperature)
+                .iter()
+                .map(|scores| {
+                    let rank = rank_of(scores, truth);
+                    (rank == 0, rank < 5)
+                })
+                .collect::<Vec<_>>()
+        },
+    )?;
+    let percent = |n: usize| 100.0 * n as f64 / hits.len() as f64;
+    Ok(ks
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| KnnAccuracy {
+            k,
+            top1: percent(hits.iter().filter(|h| h[i].0).count()),
+            top5: percent(hits.iter().filter(|h| h[i].1).count()),
+        })
+        .collect())
+}
+
+/// `{"10": {"top1": .., "top5": ..}, ...}`: the per-k accuracies as the `knn` object of the metrics files
+/// (`dinov2 eval knn --output`, the training log).
+pub fn metrics_json(results: &[KnnAccuracy]) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    for r in results {
+        obj.insert(
+            r.k.to_string(),
+            serde_json::json!({ "top1": r.top1, "top5": r.top5 }),
+        );
+    }
+    serde_json::Value::Object(obj)
+}
+
+fn num_classes(train_labels: &[usize], test_labels: &[usize]) -> usize {
+    train_labels
+        .iter()
+        .chain(test_labels)
+        .max()
+        .map_or(0, |&c| c + 1)
+}
+
+/// Validates the arguments, then maps `f(test_row, similarities to every training row)` over the test rows, the
+/// similarity matrix computed `chunk_elems` similarities at a time.
+fn map_rows_chunked<R: Send>(
+    train: &Tensor,
+    train_labels: &[usize],
+    test: &Tensor,
+    ks: &[usize],
+    temperature: f64,
+    chunk_elems: usize,
+    f: impl Fn(usize, &[f32]) -> R + Sync,
+) -> Result<Vec<R>> {
     let (n, d) = train.dims2().map_err(|_| {
         invalid(
             "train",
@@ -166,7 +312,13 @@ fn predict_chunked(
             ),
         ));
     }
-    if k == 0 {
+    if ks.is_empty() {
+        return Err(invalid(
+            "k",
+            "needs at least one value (officially 10, 20, 100, 200)",
+        ));
+    }
+    if ks.contains(&0) {
         return Err(invalid(
             "k",
             "must be at least 1 (officially 10, 20, 100 or 200)",
@@ -178,26 +330,33 @@ fn predict_chunked(
             format!("must be positive and finite (officially 0.07), got {temperature}"),
         ));
     }
-    let k = k.min(n);
-    let num_classes = train_labels.iter().max().map_or(0, |&c| c + 1);
     let train_t = l2_normalize(train)?.t()?.contiguous()?;
     let test = l2_normalize(test)?;
     let rows_per_chunk = (chunk_elems / n).clamp(1, m);
-    let mut predictions = Vec::with_capacity(m);
+    let mut out = Vec::with_capacity(m);
     for start in (0..m).step_by(rows_per_chunk) {
         let rows = rows_per_chunk.min(m - start);
         let sims = test.narrow(0, start, rows)?.matmul(&train_t)?;
         let sims: Vec<Vec<f32>> = sims.to_device(&Device::Cpu)?.to_vec2()?;
-        predictions.par_extend(
+        out.par_extend(
             sims.par_iter()
-                .map(|row| vote(row, train_labels, num_classes, k, temperature)),
+                .enumerate()
+                .map(|(i, row)| f(start + i, row)),
         );
     }
-    Ok(predictions)
+    Ok(out)
 }
 
-/// The weighted vote of the `k` most similar training rows of one test row.
-fn vote(sims: &[f32], labels: &[usize], num_classes: usize, k: usize, temperature: f64) -> usize {
+/// The class scores of one test row for each `k` of `ks`: the `max(ks)` most similar training rows (capped at
+/// all of them) weighted by `softmax(sim / T)` over those neighbours, summed per class over the first `k`.
+fn class_scores(
+    sims: &[f32],
+    labels: &[usize],
+    num_classes: usize,
+    ks: &[usize],
+    temperature: f64,
+) -> Vec<Vec<f64>> {
+    let k_max = ks.iter().copied().max().unwrap_or(1).clamp(1, sims.len());
     // descending similarity, ties to the lower index (NaN, from NaN features, sorts last)
     let order = |&a: &usize, &b: &usize| {
         sims[b]
@@ -206,18 +365,30 @@ fn vote(sims: &[f32], labels: &[usize], num_classes: usize, k: usize, temperatur
             .then(a.cmp(&b))
     };
     let mut idx: Vec<usize> = (0..sims.len()).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, order);
-        idx.truncate(k);
+    if k_max < idx.len() {
+        idx.select_nth_unstable_by(k_max - 1, order);
+        idx.truncate(k_max);
     }
     idx.sort_unstable_by(order);
-    // softmax(sim / T) over the neighbours, up to its normalising constant (which cannot change the argmax)
     let max = f64::from(sims[idx[0]]);
-    let mut scores = vec![0f64; num_classes];
-    for &j in &idx {
-        scores[labels[j]] += ((f64::from(sims[j]) - max) / temperature).exp();
-    }
-    // argmax, ties to the lower class
+    let weights: Vec<f64> = idx
+        .iter()
+        .map(|&j| ((f64::from(sims[j]) - max) / temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    ks.iter()
+        .map(|&k| {
+            let mut scores = vec![0f64; num_classes];
+            for (&j, w) in idx.iter().zip(&weights).take(k) {
+                scores[labels[j]] += w / total;
+            }
+            scores
+        })
+        .collect()
+}
+
+/// The class of largest score, ties to the lower class.
+fn argmax(scores: &[f64]) -> usize {
     let mut best = 0;
     for (c, &s) in scores.iter().enumerate() {
         if s > scores[best] {
@@ -225,6 +396,16 @@ fn vote(sims: &[f32], labels: &[usize], num_classes: usize, k: usize, temperatur
         }
     }
     best
+}
+
+/// The 0-based rank of `class` when classes are ordered by descending score, ties by lower class index.
+fn rank_of(scores: &[f64], class: usize) -> usize {
+    let s = scores[class];
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(c, &x)| x > s || (x == s && c < class))
+        .count()
 }
 
 /// The features of every sample of `dataset`: the backbone's normalised class token (`x_norm_clstoken`, the
@@ -265,16 +446,8 @@ pub fn embed_dataset(
     image_size: usize,
     batch_size: usize,
 ) -> Result<(Tensor, Vec<usize>)> {
-    if dataset.is_empty() {
-        return Err(invalid("dataset", "is empty; nothing to embed"));
-    }
-    if image_size == 0 || batch_size == 0 {
-        let name = if image_size == 0 {
-            "image_size"
-        } else {
-            "batch_size"
-        };
-        return Err(invalid(name, "must be positive"));
+    if image_size == 0 {
+        return Err(invalid("image_size", "must be positive"));
     }
     let size = u32::try_from(image_size)
         .map_err(|_| invalid("image_size", format!("{image_size} is too large")))?;
@@ -282,6 +455,56 @@ pub fn embed_dataset(
         resize: size,
         crop: size,
     };
+    embed_dataset_with(model, dataset, transform, batch_size)
+}
+
+/// [`embed_dataset`] with any evaluation transform: `Preprocess::Eval { resize, crop }` (the official k-NN and
+/// linear evaluations use [`Preprocess::OFFICIAL_EVAL`], resize 256 then crop 224). Other variants do not give
+/// images of one size and are refused.
+///
+/// Errors: those of [`embed_dataset`], and [`Error::InvalidArgument`] for a transform that is not
+/// `Preprocess::Eval` or has a zero size.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use dinov2_data::{synthetic::SyntheticShapes, Preprocess};
+/// use dinov2_model::{DinoVisionTransformer, VitConfig};
+/// use dinov2_train::eval::knn::embed_dataset_with;
+/// # fn main() -> dinov2_train::Result<()> {
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.patch_size, cfg.img_size) = (16, 2, 1, 8, 32);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+/// let data = SyntheticShapes::new(4, 0);
+/// let (features, _) = embed_dataset_with(&model, &data, Preprocess::Eval { resize: 40, crop: 32 }, 4)?;
+/// assert_eq!(features.dims(), &[4, 16]);
+/// let pad = Preprocess::CenterPad { multiple: 8 };
+/// assert!(embed_dataset_with(&model, &data, pad, 4).is_err());
+/// # Ok(()) }
+/// ```
+pub fn embed_dataset_with(
+    model: &DinoVisionTransformer,
+    dataset: &dyn Dataset,
+    transform: Preprocess,
+    batch_size: usize,
+) -> Result<(Tensor, Vec<usize>)> {
+    let crop = match transform {
+        Preprocess::Eval { resize, crop } if resize > 0 && crop > 0 => crop as usize,
+        other => {
+            return Err(invalid(
+                "transform",
+                format!(
+                    "must be Preprocess::Eval {{ resize, crop }} with positive sizes (one image size per batch), got {other:?}"
+                ),
+            ))
+        }
+    };
+    if dataset.is_empty() {
+        return Err(invalid("dataset", "is empty; nothing to embed"));
+    }
+    if batch_size == 0 {
+        return Err(invalid("batch_size", "must be positive"));
+    }
     let (device, dtype) = model
         .named_parameters()
         .first()
@@ -312,12 +535,12 @@ pub fn embed_dataset(
                 Ok((preprocess(&sample.image, &transform)?.data, label))
             })
             .collect::<Result<_>>()?;
-        let mut pixels = Vec::with_capacity(items.len() * 3 * image_size * image_size);
+        let mut pixels = Vec::with_capacity(items.len() * 3 * crop * crop);
         for (data, label) in items {
             pixels.extend_from_slice(&data);
             labels.push(label);
         }
-        let x = Tensor::from_vec(pixels, (end - start, 3, image_size, image_size), &device)?
+        let x = Tensor::from_vec(pixels, (end - start, 3, crop, crop), &device)?
             .to_dtype(dtype)?;
         let cls = model.forward_features(&x, None)?.x_norm_clstoken;
         features.push(cls.to_dtype(DType::F32)?);
@@ -410,14 +633,25 @@ mod tests {
         };
         let (train, test) = (wave(n, 0.7), wave(m, 1.3));
         let labels: Vec<usize> = (0..n).map(|i| i % 4).collect();
-        let whole = predict_chunked(&train, &labels, &test, 5, TEMPERATURE, usize::MAX).unwrap();
+            let test_labels: Vec<usize> = (0..m).map(|i| (i * 7) % 4).collect();
+        let eval = |chunk_elems| {
+            evaluate_chunked(
+                &train,
+                &labels,
+                &test,
+                &test_labels,
+                &[1, 5, 50],
+                TEMPERATURE,
+                chunk_elems,
+            )
+            .unwrap()
+        };
+        let whole = eval(usize::MAX);
         for chunk_elems in [1, n, 3 * n + 1, 10 * n] {
-            let chunked =
-                predict_chunked(&train, &labels, &test, 5, TEMPERATURE, chunk_elems).unwrap();
-            assert_eq!(chunked, whole, "chunk of {chunk_elems} similarities");
+            assert_eq!(eval(chunk_elems), whole, "chunk of {chunk_elems} similarities");
         }
         assert!(
-            whole.iter().any(|&p| p != whole[0]),
+            whole.iter().any(|r| r.top1 > 0.0 && r.top1 < 100.0),
             "a degenerate case would prove nothing"
         );
     }
@@ -435,6 +669,56 @@ mod tests {
         assert_eq!(
             knn_predict(&train, &[3, 1], &test, 2, TEMPERATURE).unwrap(),
             vec![1]
+        );
+    }
+
+    #[test]
+    fn top5_counts_the_true_class_among_the_five_best_scores() {
+        // seven classes on seven rays; the test point lies on ray 0, so the classes rank by angular distance:
+        // 0 (0), 1 and 6 (one step), 2 and 5 (two steps), 3 and 4 (three)
+        let angle = |c: usize| c as f32 * std::f32::consts::TAU / 7.0;
+        let train: Vec<[f32; 2]> = (0..7).map(|c| at(angle(c))).collect();
+        let rows: Vec<&[f32]> = train.iter().map(|r| &r[..]).collect();
+        let origin = at(0.0);
+        let test = t(&[&origin[..]; 7]);
+        let truth: Vec<usize> = (0..7).collect();
+        // a large temperature keeps every class's weight visible
+        let r = knn_evaluate(&t(&rows), &truth, &test, &truth, &[7, 1, 3], 10.0).unwrap();
+        assert_eq!(r.iter().map(|r| r.k).collect::<Vec<_>>(), vec![7, 1, 3]);
+        let pct = |n: usize| 100.0 * n as f64 / 7.0;
+        // k = 7: classes 0, 1, 6, 2, 5 are the top 5 (ties by lower class: 1 before 6, 2 before 5)
+        assert_eq!((r[0].top1, r[0].top5), (pct(1), pct(5)));
+        // k = 1: only class 0 has a vote; the zero-score classes rank by index: 1, 2, 3, 4 fill the top 5
+        assert_eq!((r[1].top1, r[1].top5), (pct(1), pct(5)));
+        // k = 3: classes 0, 1, 6 have votes, then 2 and 3 by index; 4 and 5 miss
+        assert_eq!((r[2].top1, r[2].top5), (pct(1), pct(5)));
+        assert_eq!(rank_of(&[0.5, 0.2, 0.2, 0.0, 0.1, 0.0], 2), 2);
+        assert_eq!(rank_of(&[0.5, 0.2, 0.2, 0.0, 0.1, 0.0], 5), 5);
+        // k above the training set size: every training row votes (the same as k = 7)
+        let big = knn_evaluate(&t(&rows), &truth, &test, &truth, &[200], 10.0).unwrap();
+        assert_eq!((big[0].top1, big[0].top5), (r[0].top1, r[0].top5));
+        let json = metrics_json(&r);
+        assert_eq!(json["7"]["top5"], serde_json::json!(pct(5)));
+        assert_eq!(json.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn evaluate_rejects_bad_k_lists_and_label_counts() {
+        let train = t(&[&[1.0, 0.0], &[0.0, 1.0]]);
+        let test = t(&[&[1.0, 0.0]]);
+        let name = |r: Result<Vec<KnnAccuracy>>| match r {
+            Err(Error::InvalidArgument { name, .. }) => name,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        assert_eq!(name(knn_evaluate(&train, &[0, 1], &test, &[0], &[], 0.07)), "k");
+        assert_eq!(name(knn_evaluate(&train, &[0, 1], &test, &[0], &[5, 0], 0.07)), "k");
+        assert_eq!(
+            name(knn_evaluate(&train, &[0, 1], &test, &[0, 1], &[1], 0.07)),
+            "test_labels"
+        );
+        assert_eq!(
+            name(knn_evaluate(&train, &[0], &test, &[0], &[1], 0.07)),
+            "train_labels"
         );
     }
 
