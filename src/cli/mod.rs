@@ -1,7 +1,8 @@
 //! The `dinov2` command line: [`Cli`] (clap) and [`run`], which dispatches to the model subcommands
-//! ([`model`]) and the curation stages ([`curate`]).
+//! ([`model`]), the curation stages ([`curate`]), training ([`train`]) and evaluation ([`eval`]).
 
 mod curate;
+mod eval;
 mod model;
 mod train;
 
@@ -15,7 +16,7 @@ use self::model::{ModelArgs, OutFormat, PreprocessMode};
 #[command(
     name = "dinov2",
     version,
-    about = "DINOv2 in Rust: pretraining, features, PCA pictures, weight conversion, data curation"
+    about = "DINOv2 in Rust: pretraining, evaluation, features, PCA pictures, weight conversion, data curation"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores; also RAYON_NUM_THREADS).
@@ -93,6 +94,9 @@ enum Command {
     Curate(curate::CurateCommand),
     /// DINOv2 self-supervised pretraining from a YAML configuration (official keys), resumable.
     Train(train::TrainArgs),
+    /// Evaluate a frozen backbone on image folders: k-NN, linear probe.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 /// Runs a parsed command line.
@@ -142,5 +146,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info { model } => model::info(&model),
         Command::Curate(cmd) => curate::run(cmd),
         Command::Train(args) => train::train(args),
+        Command::Eval(cmd) => eval::run(cmd),
     }
 }

@@ -5,7 +5,10 @@ use candle_core::{Device, Tensor};
 use dinov2_train::eval::knn::{knn_accuracy, knn_evaluate, TEMPERATURE};
 
 fn fixture() -> std::collections::HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/knn.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/knn.safetensors"
+    );
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
@@ -34,7 +37,12 @@ fn accuracies_match_the_official_knn_for_every_k() {
         // accuracies are counts over m rows: compare in whole rows
         let rows = |percent: f64| (percent / 100.0 * m).round();
         assert_eq!(rows(r.top1), (top1[i] * m).round(), "top-1, k = {}", r.k);
-        assert_eq!(rows(r.top5), (top5_stable[i] * m).round(), "top-5, k = {}", r.k);
+        assert_eq!(
+            rows(r.top5),
+            (top5_stable[i] * m).round(),
+            "top-5, k = {}",
+            r.k
+        );
         if rows(r.top5) == (top5[i] * m).round() {
             same_top5 += 1;
         }
@@ -44,6 +52,13 @@ fn accuracies_match_the_official_knn_for_every_k() {
         assert_eq!(rows(r.top1), (single * m).round(), "k = {}", r.k);
     }
     // the official top-5 differs only where torch.topk broke ties among classes of score 0 (small k)
-    assert!(same_top5 >= ks.len() - 2, "{same_top5} of {} k agree", ks.len());
-    assert!(top1.iter().all(|&a| a > 0.3 && a < 0.95), "a useful fixture");
+    assert!(
+        same_top5 >= ks.len() - 2,
+        "{same_top5} of {} k agree",
+        ks.len()
+    );
+    assert!(
+        top1.iter().all(|&a| a > 0.3 && a < 0.95),
+        "a useful fixture"
+    );
 }

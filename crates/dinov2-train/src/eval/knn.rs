@@ -540,8 +540,7 @@ pub fn embed_dataset_with(
             pixels.extend_from_slice(&data);
             labels.push(label);
         }
-        let x = Tensor::from_vec(pixels, (end - start, 3, crop, crop), &device)?
-            .to_dtype(dtype)?;
+        let x = Tensor::from_vec(pixels, (end - start, 3, crop, crop), &device)?.to_dtype(dtype)?;
         let cls = model.forward_features(&x, None)?.x_norm_clstoken;
         features.push(cls.to_dtype(DType::F32)?);
     }
@@ -633,7 +632,7 @@ mod tests {
         };
         let (train, test) = (wave(n, 0.7), wave(m, 1.3));
         let labels: Vec<usize> = (0..n).map(|i| i % 4).collect();
-            let test_labels: Vec<usize> = (0..m).map(|i| (i * 7) % 4).collect();
+        let test_labels: Vec<usize> = (0..m).map(|i| (i * 7) % 4).collect();
         let eval = |chunk_elems| {
             evaluate_chunked(
                 &train,
@@ -648,7 +647,11 @@ mod tests {
         };
         let whole = eval(usize::MAX);
         for chunk_elems in [1, n, 3 * n + 1, 10 * n] {
-            assert_eq!(eval(chunk_elems), whole, "chunk of {chunk_elems} similarities");
+            assert_eq!(
+                eval(chunk_elems),
+                whole,
+                "chunk of {chunk_elems} similarities"
+            );
         }
         assert!(
             whole.iter().any(|r| r.top1 > 0.0 && r.top1 < 100.0),
@@ -710,8 +713,14 @@ mod tests {
             Err(Error::InvalidArgument { name, .. }) => name,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
-        assert_eq!(name(knn_evaluate(&train, &[0, 1], &test, &[0], &[], 0.07)), "k");
-        assert_eq!(name(knn_evaluate(&train, &[0, 1], &test, &[0], &[5, 0], 0.07)), "k");
+        assert_eq!(
+            name(knn_evaluate(&train, &[0, 1], &test, &[0], &[], 0.07)),
+            "k"
+        );
+        assert_eq!(
+            name(knn_evaluate(&train, &[0, 1], &test, &[0], &[5, 0], 0.07)),
+            "k"
+        );
         assert_eq!(
             name(knn_evaluate(&train, &[0, 1], &test, &[0, 1], &[1], 0.07)),
             "test_labels"
