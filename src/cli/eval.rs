@@ -1,12 +1,12 @@
 //! `dinov2 eval`: evaluations of a frozen backbone on image folders (`knn`, `linear`), thin layers over
 //! `dinov2_train::eval`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use dinov2_data::{FileDataset, Preprocess};
 use dinov2_train::eval::knn::{embed_dataset_with, knn_evaluate, metrics_json, OFFICIAL_KS};
-use dinov2_train::eval::write_metrics;
+use dinov2_train::eval::{labelled_folders, write_metrics};
 
 use super::model::{self, ModelArgs};
 
@@ -53,34 +53,6 @@ pub(super) fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Knn(args) => knn(args),
     }
-}
-
-/// The training and validation folders, the validation labels renumbered onto the training classes (by name).
-pub(super) fn labelled_folders(train: &Path, val: &Path) -> Result<(FileDataset, FileDataset)> {
-    let open = |dir: &Path, what: &str| {
-        FileDataset::image_folder(dir)
-            .with_context(|| format!("cannot read the {what} folder {}", dir.display()))
-    };
-    let train_ds = open(train, "training")?;
-    let mut val_ds = open(val, "validation")?;
-    let mut map = Vec::with_capacity(val_ds.classes.len());
-    for name in &val_ds.classes {
-        match train_ds.classes.iter().position(|c| c == name) {
-            Some(i) => map.push(i as i64),
-            None => bail!(
-                "validation class `{name}` ({}) has no folder in the training set {} (its classes: {}); \
-                 the classifier could never predict it",
-                val.join(name).display(),
-                train.display(),
-                train_ds.classes.join(", ")
-            ),
-        }
-    }
-    for (_, label) in &mut val_ds.entries {
-        *label = label.and_then(|l| usize::try_from(l).ok().and_then(|l| map.get(l).copied()));
-    }
-    val_ds.classes = train_ds.classes.clone();
-    Ok((train_ds, val_ds))
 }
 
 fn knn(args: KnnArgs) -> Result<()> {

@@ -96,6 +96,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
             ));
         }
         Event::Checkpoint { path } => bar.println(format!("checkpoint {}", path.display())),
+        Event::Knn { iteration, results } => {
+            let per_k: Vec<String> = results
+                .iter()
+                .map(|r| format!("k={} top-1 {:.2}% top-5 {:.2}%", r.k, r.top1, r.top5))
+                .collect();
+            bar.println(format!(
+                "k-NN at iteration {iteration}: {}",
+                per_k.join(", ")
+            ));
+        }
         _ => {}
     });
     bar.finish_and_clear();

@@ -2,8 +2,9 @@
 //! official way.
 //!
 //! * [`TrainConfig::default()`] is our `configs/default.yaml` (embedded; [`TrainConfig::default_yaml`]): the
-//!   official `ssl_default_config.yaml` keys and values plus this crate's three `train` additions
-//!   (`checkpoint_period`, `checkpoints_to_keep`, `log_period`).
+//!   official `ssl_default_config.yaml` keys and values plus this crate's additions: three in `train`
+//!   (`checkpoint_period`, `checkpoints_to_keep`, `log_period`) and the periodic k-NN in `evaluation`
+//!   (`knn_train_dataset`, `knn_val_dataset`, `knn_nb_knn`, `knn_temperature`).
 //! * [`TrainConfig::load`] merges a YAML file onto the defaults, then `key=value` overrides (OmegaConf dotlist style,
 //!   as the official `train.py` command line), then [`validates`](TrainConfig::validate). The merge works on a
 //!   generic YAML tree, key by key, as `OmegaConf.merge`: mappings merge, lists and scalars replace. Unlike
@@ -275,6 +276,23 @@ pub struct CropsSection {
 pub struct EvaluationSection {
     /// 12500
     pub eval_period_iterations: u64,
+    /// Ours: k-NN evaluation of the teacher during training, every `eval_period_iterations` and at the end, when
+    /// this and `knn_val_dataset` are set: a labelled dataset string or image folder with one subfolder per class
+    /// (`''`: off). The accuracies go to the metrics log.
+    pub knn_train_dataset: String,
+    /// Ours: the labelled validation set of the periodic k-NN (classes matched by name for folders).
+    pub knn_val_dataset: String,
+    /// Ours: the k values of the periodic k-NN ([10, 20, 100, 200], as `eval/knn.py`).
+    pub knn_nb_knn: Vec<usize>,
+    /// Ours: its voting temperature (0.07). The sets are embedded `train.batch_size_per_gpu` images at a time.
+    pub knn_temperature: f64,
+}
+
+impl EvaluationSection {
+    /// Whether the periodic k-NN evaluation is configured.
+    pub fn knn_enabled(&self) -> bool {
+        !self.knn_train_dataset.trim().is_empty() && !self.knn_val_dataset.trim().is_empty()
+    }
 }
 
 impl Default for TrainConfig {
@@ -698,7 +716,47 @@ impl TrainConfig {
         self.validate_model()?;
         self.validate_heads()?;
         self.validate_schedules()?;
-        self.validate_crops()
+        self.validate_crops()?;
+        self.validate_evaluation()
+    }
+
+    fn validate_evaluation(&self) -> Result<()> {
+        let e = &self.evaluation;
+        let (train, val) = (e.knn_train_dataset.trim(), e.knn_val_dataset.trim());
+        if train.is_empty() != val.is_empty() {
+            let (key, value) = if train.is_empty() {
+                ("evaluation.knn_val_dataset", val)
+            } else {
+                ("evaluation.knn_train_dataset", train)
+            };
+            return Err(Error::invalid(
+                key,
+                value,
+                "the periodic k-NN needs both evaluation.knn_train_dataset and evaluation.knn_val_dataset",
+            ));
+        }
+        if !e.knn_enabled() {
+            return Ok(());
+        }
+        positive(
+            "evaluation.eval_period_iterations",
+            e.eval_period_iterations,
+        )?;
+        if e.knn_nb_knn.is_empty() || e.knn_nb_knn.contains(&0) {
+            return Err(Error::invalid(
+                "evaluation.knn_nb_knn",
+                format!("{:?}", e.knn_nb_knn),
+                "give one or more k of at least 1, e.g. [10, 20, 100, 200]",
+            ));
+        }
+        if !(e.knn_temperature.is_finite() && e.knn_temperature > 0.0) {
+            return Err(Error::invalid(
+                "evaluation.knn_temperature",
+                e.knn_temperature,
+                "must be positive and finite (officially 0.07)",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_train(&self) -> Result<()> {
@@ -1739,6 +1797,12 @@ crops:
             ("student.drop_path_rate=-0.1", ""),
             ("dino.koleo_loss_weight=-1", ""),
             ("ibot.loss_weight=0; dino.loss_weight=0", ""),
+            ("evaluation.knn_train_dataset=a", ""),
+            ("evaluation.knn_val_dataset=b", ""),
+            ("evaluation.knn_train_dataset=a; evaluation.knn_val_dataset=b; evaluation.knn_nb_knn=[]", ""),
+            ("evaluation.knn_train_dataset=a; evaluation.knn_val_dataset=b; evaluation.knn_nb_knn=[10, 0]", ""),
+            ("evaluation.knn_train_dataset=a; evaluation.knn_val_dataset=b; evaluation.knn_temperature=0", ""),
+            ("evaluation.knn_train_dataset=a; evaluation.knn_val_dataset=b; evaluation.eval_period_iterations=0", ""),
         ] {
             let overrides: Vec<&str> = overrides.split("; ").collect();
             let last = overrides
@@ -1757,6 +1821,11 @@ crops:
             &["ibot.loss_weight=0", "ibot.mask_sample_probability=0"],
             &["dino.head_nlayers=1", "dino.head_hidden_dim=0"],
             &["optim.warmup_epochs=100", "student.drop_path_rate=0"],
+            &["evaluation.eval_period_iterations=0"],
+            &[
+                "evaluation.knn_train_dataset=a",
+                "evaluation.knn_val_dataset=b",
+            ],
         ] {
             with(overrides)
                 .unwrap()

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
-use dinov2_data::{DinoPipeline, Loader, LoaderConfig, ShardedInfiniteSampler};
+use dinov2_data::{
+    Dataset, DinoPipeline, Loader, LoaderConfig, Preprocess, ShardedInfiniteSampler,
+};
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::eval::knn::{embed_dataset_with, knn_evaluate, metrics_json, KnnAccuracy};
 use crate::meta_arch::{SslMetaArch, SslMetaArchConfig, StepBatch};
 use crate::optim::AdamWConfig;
 use crate::schedules::ScheduleConfig;
@@ -80,6 +83,13 @@ pub enum Event<'a> {
     Checkpoint {
         /// Its directory.
         path: &'a Path,
+    },
+    /// The periodic k-NN evaluation of the teacher ran (`evaluation.knn_*`).
+    Knn {
+        /// Iterations completed when it ran.
+        iteration: u64,
+        /// Accuracy per k, in the order of `evaluation.knn_nb_knn`.
+        results: &'a [KnnAccuracy],
     },
 }
 
@@ -231,6 +241,7 @@ pub fn run(
     let max_iter = trainer.max_iter();
     trim_metrics(&out.join(METRICS_FILE), start)?;
 
+    let knn = PeriodicKnn::open(cfg)?;
     let dataset = dinov2_data::open_dataset(&cfg.train.dataset_path)?;
     let dataset_len = dataset.len();
     let batch_size = cfg.train.batch_size_per_gpu;
@@ -302,6 +313,15 @@ pub fn run(
             append_metrics(&out.join(METRICS_FILE), &report, images_per_s, batch_size)?;
             window = (Instant::now(), 0);
         }
+        if let Some(knn) = knn.as_ref().filter(|k| k.due(done, max_iter)) {
+            let results = knn.evaluate(trainer.arch())?;
+            knn.log(&out.join(METRICS_FILE), report.iteration, &results)?;
+            on_event(Event::Knn {
+                iteration: done,
+                results: &results,
+            });
+            window = (Instant::now(), 0); // the evaluation's time is not training throughput
+        }
         if done % period == 0 && done < max_iter {
             let p = save_all(&mut trainer, out, cfg)?;
             on_event(Event::Checkpoint { path: &p });
@@ -330,6 +350,81 @@ pub fn run(
         teacher: out.join(TEACHER_FILE),
         reason,
     })
+}
+
+/// The k-NN evaluation of the teacher during a run (`evaluation.knn_*`), its datasets opened once at the start
+/// so that a wrong path fails before any training.
+struct PeriodicKnn {
+    train: Arc<dyn Dataset>,
+    val: Arc<dyn Dataset>,
+    transform: Preprocess,
+    ks: Vec<usize>,
+    temperature: f64,
+    batch_size: usize,
+    period: u64,
+}
+
+impl PeriodicKnn {
+    fn open(cfg: &TrainConfig) -> Result<Option<Self>> {
+        let e = &cfg.evaluation;
+        if !e.knn_enabled() {
+            return Ok(None);
+        }
+        let (train, val) = crate::eval::eval_datasets(&e.knn_train_dataset, &e.knn_val_dataset)?;
+        // the official eval transform scaled to the global crop: resize 256 / crop 224 at 224
+        let crop = cfg.crops.global_crops_size;
+        let resize = (crop * 256 + 112) / 224;
+        let size = |v: usize| {
+            u32::try_from(v).map_err(|_| {
+                Error::invalid("crops.global_crops_size", crop, "is too large to evaluate")
+            })
+        };
+        Ok(Some(Self {
+            train,
+            val,
+            transform: Preprocess::Eval {
+                resize: size(resize)?,
+                crop: size(crop)?,
+            },
+            ks: e.knn_nb_knn.clone(),
+            temperature: e.knn_temperature,
+            batch_size: cfg.train.batch_size_per_gpu.max(1),
+            period: e.eval_period_iterations.max(1),
+        }))
+    }
+
+    /// Every `eval_period_iterations` iterations, and after the last.
+    fn due(&self, done: u64, max_iter: u64) -> bool {
+        done % self.period == 0 || done == max_iter
+    }
+
+    /// The teacher backbone's k-NN accuracies (the official evaluation runs on the teacher).
+    fn evaluate(&self, arch: &SslMetaArch) -> Result<Vec<KnnAccuracy>> {
+        let teacher = arch.teacher().backbone.detached();
+        let (train, train_labels) = embed_dataset_with(
+            &teacher,
+            self.train.as_ref(),
+            self.transform,
+            self.batch_size,
+        )?;
+        let (val, val_labels) =
+            embed_dataset_with(&teacher, self.val.as_ref(), self.transform, self.batch_size)?;
+        knn_evaluate(
+            &train,
+            &train_labels,
+            &val,
+            &val_labels,
+            &self.ks,
+            self.temperature,
+        )
+    }
+
+    /// `{"iteration": i, "knn": {"<k>": {"top1": .., "top5": ..}}}` in the metrics log, `i` the iteration that
+    /// ran last (as the loss lines), so a resume trims it with them.
+    fn log(&self, path: &Path, iteration: u64, results: &[KnnAccuracy]) -> Result<()> {
+        let line = serde_json::json!({ "iteration": iteration, "knn": metrics_json(results) });
+        append_line(path, &line.to_string())
+    }
 }
 
 /// Starting over in a directory that holds a run: its checkpoints and outputs move to `previous-<unix time>/`
@@ -405,7 +500,10 @@ fn append_metrics(path: &Path, r: &StepReport, images_per_s: f64, batch_size: us
     for (k, v) in &r.grad_norms {
         obj.insert(format!("grad_norm_{k}"), json_f64(*v));
     }
-    let line = serde_json::Value::Object(obj).to_string();
+    append_line(path, &serde_json::Value::Object(obj).to_string())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use dinov2_train::run::{run, RunOptions, StopReason, CONFIG_FILE, METRICS_FILE, TEACHER_FILE};
+use dinov2_train::run::{
+    run, Event, RunOptions, StopReason, CONFIG_FILE, METRICS_FILE, TEACHER_FILE,
+};
 use dinov2_train::TrainConfig;
 
 fn image_folder(dir: &Path) {
@@ -151,4 +153,74 @@ fn no_resume_starts_over_and_a_set_stop_flag_saves_at_once() {
         .path()
         .join("checkpoints/model_0000001")
         .is_dir());
+}
+
+#[test]
+fn periodic_knn_logs_the_teacher_accuracy_and_survives_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let shapes =
+        |n, seed| dinov2_data::synthetic::SyntheticShapes::new(n, seed).with_class_colours();
+    shapes(20, 1)
+        .write_image_folder(tmp.path().join("knn_train"))
+        .unwrap();
+    shapes(10, 2)
+        .write_image_folder(tmp.path().join("knn_val"))
+        .unwrap();
+    let mut cfg = config(&data);
+    cfg.evaluation.knn_train_dataset = tmp.path().join("knn_train").display().to_string();
+    cfg.evaluation.knn_val_dataset = tmp.path().join("knn_val").display().to_string();
+    cfg.evaluation.knn_nb_knn = vec![1, 5];
+    cfg.evaluation.eval_period_iterations = 4;
+
+    let knn_lines = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join(METRICS_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("knn").is_some())
+            .collect()
+    };
+    // a straight run: evaluated after iteration 4 and after the last (6)
+    let straight = tmp.path().join("straight");
+    let mut events = Vec::new();
+    run(&cfg, &RunOptions::new(&straight), &mut |e| {
+        if let Event::Knn { iteration, results } = e {
+            events.push((iteration, results.to_vec()));
+        }
+    })
+    .unwrap();
+    assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 6]);
+    let lines = knn_lines(&straight);
+    assert_eq!(lines.len(), 2);
+    for ((_, results), line) in events.iter().zip(&lines) {
+        for r in results {
+            assert!((0.0..=100.0).contains(&r.top1) && r.top5 >= r.top1);
+            assert_eq!(line["knn"][r.k.to_string()]["top1"], r.top1);
+        }
+    }
+    // the log keys the evaluation by the last iteration that ran, as the loss lines
+    assert_eq!(
+        (
+            lines[0]["iteration"].as_u64(),
+            lines[1]["iteration"].as_u64()
+        ),
+        (Some(3), Some(5))
+    );
+
+    // stopped at 5 and resumed: the same evaluations, the same numbers
+    let resumed = tmp.path().join("resumed");
+    let mut opts = RunOptions::new(&resumed);
+    opts.stop_after_iters = Some(5);
+    run(&cfg, &opts, &mut |_| {}).unwrap();
+    opts.stop_after_iters = None;
+    run(&cfg, &opts, &mut |_| {}).unwrap();
+    assert_eq!(knn_lines(&resumed), lines);
+
+    // a wrong path fails before any training
+    cfg.evaluation.knn_val_dataset = tmp.path().join("missing").display().to_string();
+    let err = run(&cfg, &RunOptions::new(tmp.path().join("bad")), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert!(!tmp.path().join("bad").join(METRICS_FILE).exists());
 }

@@ -3,8 +3,79 @@
 pub mod knn;
 
 use std::path::Path;
+use std::sync::Arc;
+
+use dinov2_data::{Dataset, FileDataset};
 
 use crate::error::{Error, Result};
+
+/// A labelled training and validation folder (torchvision `ImageFolder`: one subfolder per class), the
+/// validation labels renumbered onto the training classes by name, so a validation set may lack classes (or list
+/// them in another order) and still be scored correctly.
+///
+/// Errors: [`Error::Data`] when a folder cannot be read or holds no class folder or image,
+/// [`Error::InvalidArgument`] when a validation class has no training folder (nothing could predict it).
+///
+/// ```
+/// use dinov2_data::Dataset;
+/// use dinov2_train::eval::labelled_folders;
+/// let root = tempfile::tempdir().unwrap();
+/// for (split, classes) in [("train", ["ant", "bee", "cat"].as_slice()), ("val", ["bee", "cat"].as_slice())] {
+///     for class in classes {
+///         let dir = root.path().join(split).join(class);
+///         std::fs::create_dir_all(&dir).unwrap();
+///         image::RgbImage::new(4, 4).save(dir.join("0.png")).unwrap();
+///     }
+/// }
+/// let (train, val) = labelled_folders(&root.path().join("train"), &root.path().join("val"))?;
+/// assert_eq!((train.label(1), val.label(0)), (Some(1), Some(1))); // "bee" in both
+/// assert!(labelled_folders(&root.path().join("val"), &root.path().join("train")).is_err()); // no "ant" folder
+/// # Ok::<(), dinov2_train::Error>(())
+/// ```
+pub fn labelled_folders(train: &Path, val: &Path) -> Result<(FileDataset, FileDataset)> {
+    let train_ds = FileDataset::image_folder(train)?;
+    let mut val_ds = FileDataset::image_folder(val)?;
+    let mut map = Vec::with_capacity(val_ds.classes.len());
+    for name in &val_ds.classes {
+        match train_ds.classes.iter().position(|c| c == name) {
+            Some(i) => map.push(i as i64),
+            None => {
+                return Err(Error::InvalidArgument {
+                    name: "val",
+                    reason: format!(
+                        "validation class `{name}` ({}) has no folder in the training set {} (its classes: {}); \
+                         the classifier could never predict it",
+                        val.join(name).display(),
+                        train.display(),
+                        train_ds.classes.join(", ")
+                    ),
+                })
+            }
+        }
+    }
+    for (_, label) in &mut val_ds.entries {
+        *label = label.and_then(|l| usize::try_from(l).ok().and_then(|l| map.get(l).copied()));
+    }
+    val_ds.classes = train_ds.classes.clone();
+    Ok((train_ds, val_ds))
+}
+
+/// Opens a labelled training and validation set from dataset strings ([`dinov2_data::open_dataset`]: an image
+/// folder, `ImageFolder:root=DIR`, `ImageNet:split=...:root=...`, ...). When both are plain folders their classes
+/// are matched by name ([`labelled_folders`]); otherwise the datasets' own labels are used as they are.
+///
+/// Errors: those of [`labelled_folders`] and [`dinov2_data::open_dataset`].
+pub fn eval_datasets(train: &str, val: &str) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
+    let (t, v) = (Path::new(train.trim()), Path::new(val.trim()));
+    if t.is_dir() && v.is_dir() {
+        let (t, v) = labelled_folders(t, v)?;
+        return Ok((Arc::new(t), Arc::new(v)));
+    }
+    Ok((
+        dinov2_data::open_dataset(train)?,
+        dinov2_data::open_dataset(val)?,
+    ))
+}
 
 /// Sets `key` of the JSON object in `path` to `value` and writes the file atomically, keeping the other keys:
 /// `dinov2 eval knn` and `dinov2 eval linear` can share one `metrics.json` (`{"knn": .., "linear": ..}`). A missing
