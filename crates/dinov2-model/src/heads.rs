@@ -6,6 +6,10 @@
 //!   `concat(cls of each of the last n blocks, oldest first, mean of the last block's patch tokens)`, `(n+1)·D` wide.
 //!
 //! Registers never enter the patch mean.
+//!
+//! The official linear evaluation (`eval/linear.py`) also trains heads without the patch mean
+//! (`avgpool = False`: the class tokens alone, `n·D` wide); [`LinearClassifier::new_with_avgpool`] and
+//! [`LinearClassifier::from_state_dict_with_avgpool`] build those.
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -32,6 +36,7 @@ use crate::vit::{BlockSelection, DinoVisionTransformer, IntermediateOptions};
 #[derive(Debug, Clone)]
 pub struct LinearClassifier {
     layers: usize,
+    avgpool: bool,
     linear: Linear,
 }
 
@@ -60,15 +65,43 @@ impl LinearClassifier {
         num_classes: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::new_with_avgpool(layers, true, embed_dim, num_classes, vb)
+    }
+
+    /// [`new`](Self::new) with the patch mean optional: `avgpool = false` gives a head on the class tokens
+    /// alone (`weight` `[classes, layers·D]`), as the `avgpool = False` heads of the official `eval/linear.py`;
+    /// `avgpool = true` is [`new`](Self::new).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::LinearClassifier;
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let vm = VarMap::new();
+    /// let vb = dinov2_model::init::seeded(&vm, 0, DType::F32, &Device::Cpu);
+    /// let head = LinearClassifier::new_with_avgpool(4, false, 384, 10, vb.pp("head"))?;
+    /// assert_eq!(vm.data().lock().unwrap()["head.weight"].dims(), &[10, 4 * 384]);
+    /// assert!(!head.avgpool());
+    /// # Ok(()) }
+    /// ```
+    pub fn new_with_avgpool(
+        layers: usize,
+        avgpool: bool,
+        embed_dim: usize,
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if layers == 0 {
             return Err(Error::invalid(
                 "layers",
                 "a linear head reads at least one block",
             ));
         }
+        let width = (layers + usize::from(avgpool)) * embed_dim;
         Ok(LinearClassifier {
             layers,
-            linear: Linear::new((layers + 1) * embed_dim, num_classes, true, vb)?,
+            avgpool,
+            linear: Linear::new(width, num_classes, true, vb)?,
         })
     }
 
@@ -95,8 +128,33 @@ impl LinearClassifier {
         layers: usize,
         embed_dim: usize,
     ) -> Result<Self> {
+        Self::from_state_dict_with_avgpool(sd, prefix, layers, true, embed_dim)
+    }
+
+    /// [`from_state_dict`](Self::from_state_dict) for a head with or without the patch mean (see
+    /// [`new_with_avgpool`](Self::new_with_avgpool)): the weight must be `[classes, (layers + avgpool)·D]`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use dinov2_model::{LinearClassifier, StateDict};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut sd = StateDict::new(); // an `avgpool = False` head of eval/linear.py on 4 blocks of width 32
+    /// sd.insert("weight", Tensor::zeros((5, 4 * 32), DType::F32, &Device::Cpu)?);
+    /// sd.insert("bias", Tensor::zeros(5, DType::F32, &Device::Cpu)?);
+    /// let head = LinearClassifier::from_state_dict_with_avgpool(&sd, "", 4, false, 32)?;
+    /// assert_eq!((head.layers(), head.avgpool(), head.num_classes()), (4, false, 5));
+    /// assert!(LinearClassifier::from_state_dict_with_avgpool(&sd, "", 4, true, 32).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_state_dict_with_avgpool(
+        sd: &StateDict,
+        prefix: &str,
+        layers: usize,
+        avgpool: bool,
+        embed_dim: usize,
+    ) -> Result<Self> {
         let key = format!("{prefix}weight");
-        let width = (layers + 1) * embed_dim;
+        let width = (layers + usize::from(avgpool)) * embed_dim;
         let weight = sd.get(&key).ok_or_else(|| Error::MissingKey {
             key: key.clone(),
             expected: vec![0, width],
@@ -115,7 +173,7 @@ impl LinearClassifier {
                 ))
             }
         };
-        Self::new(layers, embed_dim, classes, vb)
+        Self::new_with_avgpool(layers, avgpool, embed_dim, classes, vb)
     }
 
     /// Number of backbone blocks whose class tokens feed the head.
@@ -132,6 +190,20 @@ impl LinearClassifier {
         self.layers
     }
 
+    /// Whether the mean of the last block's patch tokens feeds the head (always for the released heads).
+    ///
+    /// ```
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let vm = candle_nn::VarMap::new();
+    /// # let vb = dinov2_model::init::seeded(&vm, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+    /// let head = dinov2_model::LinearClassifier::new(4, 384, 1000, vb)?;
+    /// assert!(head.avgpool());
+    /// # Ok(()) }
+    /// ```
+    pub fn avgpool(&self) -> bool {
+        self.avgpool
+    }
+
     /// Number of classes.
     ///
     /// ```
@@ -146,7 +218,8 @@ impl LinearClassifier {
         self.linear.weight().dim(0).unwrap_or(0)
     }
 
-    /// The head's input for images `x` (see the [module docs](self)): `[B, (layers + 1)·D]`.
+    /// The head's input for images `x` (see the [module docs](self)): `[B, (layers + 1)·D]`, or `[B, layers·D]`
+    /// without the patch mean.
     ///
     /// ```
     /// # use candle_core::{DType, Device, Tensor};
@@ -166,11 +239,17 @@ impl LinearClassifier {
     /// assert!(diff.to_scalar::<f32>()? < 1e-6);
     /// let four = LinearClassifier::new(4, 32, 10, vb.pp("four"))?;
     /// assert_eq!(four.features(&model, &x)?.dims(), &[2, 5 * 32]);
+    /// let cls_only = LinearClassifier::new_with_avgpool(1, false, 32, 10, vb.pp("cls"))?;
+    /// let diff = (cls_only.features(&model, &x)? - &f.x_norm_clstoken)?.abs()?.flatten_all()?.max(0)?;
+    /// assert!(diff.to_scalar::<f32>()? < 1e-6);
     /// # Ok(()) }
     /// ```
     pub fn features(&self, model: &DinoVisionTransformer, x: &Tensor) -> Result<Tensor> {
         if self.layers == 1 {
             let f = model.forward_features(x, None)?;
+            if !self.avgpool {
+                return Ok(f.x_norm_clstoken);
+            }
             let mean = f.x_norm_patchtokens.mean(1)?;
             return Ok(Tensor::cat(&[&f.x_norm_clstoken, &mean], D::Minus1)?);
         }
@@ -187,7 +266,9 @@ impl LinearClassifier {
         let last = outs
             .last()
             .ok_or_else(|| Error::invalid("layers", "no intermediate layers were returned"))?;
-        parts.push(last.patch_tokens.mean(1)?);
+        if self.avgpool {
+            parts.push(last.patch_tokens.mean(1)?);
+        }
         Ok(Tensor::cat(&parts, D::Minus1)?)
     }
 

@@ -27,24 +27,20 @@
 //! ```
 
 use candle_core::{DType, Device, Tensor, D};
-use dinov2_data::{preprocess, Dataset, DecodeOptions, Preprocess};
+use dinov2_data::{Dataset, Preprocess};
 use dinov2_model::DinoVisionTransformer;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use super::{for_each_batch, invalid, rank_of};
+#[cfg(any(doc, test))]
+use crate::error::Error;
+use crate::error::Result;
 
 /// The official voting temperature (`--temperature` default of `eval/knn.py`).
 pub const TEMPERATURE: f64 = 0.07;
 
 /// Test rows scored per similarity chunk are chosen so that a chunk holds about this many similarities.
 const CHUNK_ELEMS: usize = 1 << 22;
-
-fn invalid(name: &'static str, reason: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        name,
-        reason: reason.into(),
-    }
-}
 
 /// `features / max(||features||, 1e-12)` row-wise, in f32 (torch `F.normalize`, as the official
 /// `ModelWithNormalize`).
@@ -398,16 +394,6 @@ fn argmax(scores: &[f64]) -> usize {
     best
 }
 
-/// The 0-based rank of `class` when classes are ordered by descending score, ties by lower class index.
-fn rank_of(scores: &[f64], class: usize) -> usize {
-    let s = scores[class];
-    scores
-        .iter()
-        .enumerate()
-        .filter(|&(c, &x)| x > s || (x == s && c < class))
-        .count()
-}
-
 /// The features of every sample of `dataset`: the backbone's normalised class token (`x_norm_clstoken`, the
 /// official `model(x)`), `[N, D]` in f32 on the model's device, with the samples' labels.
 ///
@@ -488,62 +474,19 @@ pub fn embed_dataset_with(
     transform: Preprocess,
     batch_size: usize,
 ) -> Result<(Tensor, Vec<usize>)> {
-    let crop = match transform {
-        Preprocess::Eval { resize, crop } if resize > 0 && crop > 0 => crop as usize,
-        other => {
-            return Err(invalid(
-                "transform",
-                format!(
-                    "must be Preprocess::Eval {{ resize, crop }} with positive sizes (one image size per batch), got {other:?}"
-                ),
-            ))
-        }
-    };
-    if dataset.is_empty() {
-        return Err(invalid("dataset", "is empty; nothing to embed"));
-    }
-    if batch_size == 0 {
-        return Err(invalid("batch_size", "must be positive"));
-    }
-    let (device, dtype) = model
-        .named_parameters()
-        .first()
-        .map(|(_, t)| (t.device().clone(), t.dtype()))
-        .unwrap_or((Device::Cpu, DType::F32));
-    let opts = DecodeOptions::default();
     let mut features = Vec::new();
-    let mut labels = Vec::with_capacity(dataset.len());
-    for start in (0..dataset.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(dataset.len());
-        let items: Vec<(Vec<f32>, usize)> = (start..end)
-            .into_par_iter()
-            .map(|i| -> Result<(Vec<f32>, usize)> {
-                let sample = dataset.get(i, &opts)?;
-                let label = sample
-                    .label
-                    .and_then(|l| usize::try_from(l).ok())
-                    .ok_or_else(|| {
-                        invalid(
-                            "dataset",
-                            format!(
-                                "sample {} has label {:?}; k-NN evaluation needs a non-negative label per sample",
-                                dataset.describe(i),
-                                sample.label
-                            ),
-                        )
-                    })?;
-                Ok((preprocess(&sample.image, &transform)?.data, label))
-            })
-            .collect::<Result<_>>()?;
-        let mut pixels = Vec::with_capacity(items.len() * 3 * crop * crop);
-        for (data, label) in items {
-            pixels.extend_from_slice(&data);
-            labels.push(label);
-        }
-        let x = Tensor::from_vec(pixels, (end - start, 3, crop, crop), &device)?.to_dtype(dtype)?;
-        let cls = model.forward_features(&x, None)?.x_norm_clstoken;
-        features.push(cls.to_dtype(DType::F32)?);
-    }
+    let labels = for_each_batch(
+        model,
+        dataset,
+        transform,
+        batch_size,
+        "k-NN evaluation",
+        |x| {
+            let cls = model.forward_features(x, None)?.x_norm_clstoken;
+            features.push(cls.to_dtype(DType::F32)?);
+            Ok(())
+        },
+    )?;
     Ok((Tensor::cat(&features, 0)?, labels))
 }
 

@@ -1,11 +1,16 @@
 //! Evaluation of frozen backbones, as the official `eval/` scripts: [`knn`] (weighted k-NN on L2-normalised class
-//! tokens). [`write_metrics`] keeps the results of several evaluations in one JSON file.
+//! tokens) and [`linear`] (the linear probe: a grid of linear heads on cached class tokens and patch means).
+//! [`write_metrics`] keeps the results of several evaluations in one JSON file.
 pub mod knn;
+pub mod linear;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use dinov2_data::{Dataset, FileDataset};
+use candle_core::{DType, Device, Tensor};
+use dinov2_data::{preprocess, Dataset, DecodeOptions, FileDataset, Preprocess};
+use dinov2_model::DinoVisionTransformer;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -121,4 +126,93 @@ pub fn write_metrics(path: &Path, key: &str, value: serde_json::Value) -> Result
         .map_err(|e| Error::io(path, std::io::Error::other(e)))?;
     text.push('\n');
     crate::plot::write_atomic(path, text.as_bytes())
+}
+
+pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// The 0-based rank of `class` when classes are ordered by descending score, ties by lower class index.
+pub(crate) fn rank_of<S: PartialOrd + Copy>(scores: &[S], class: usize) -> usize {
+    let s = scores[class];
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(c, &x)| x > s || (x == s && c < class))
+        .count()
+}
+
+/// Decodes, transforms and labels the samples of `dataset` `batch_size` at a time (in parallel within a batch)
+/// and calls `f` with each batch's pixels, `[b, 3, crop, crop]` in the model's dtype on its device; returns the
+/// labels in dataset order. `purpose` names the evaluation in the error for a missing label.
+///
+/// Errors: [`Error::InvalidArgument`] for a transform that is not `Preprocess::Eval` with positive sizes, an
+/// empty dataset, a zero `batch_size`, or a sample without a non-negative label; [`Error::Data`] when a sample
+/// cannot be loaded; whatever `f` returns.
+pub(crate) fn for_each_batch(
+    model: &DinoVisionTransformer,
+    dataset: &dyn Dataset,
+    transform: Preprocess,
+    batch_size: usize,
+    purpose: &str,
+    mut f: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<Vec<usize>> {
+    let crop = match transform {
+        Preprocess::Eval { resize, crop } if resize > 0 && crop > 0 => crop as usize,
+        other => {
+            return Err(invalid(
+                "transform",
+                format!(
+                    "must be Preprocess::Eval {{ resize, crop }} with positive sizes (one image size per batch), got {other:?}"
+                ),
+            ))
+        }
+    };
+    if dataset.is_empty() {
+        return Err(invalid("dataset", "is empty; nothing to embed"));
+    }
+    if batch_size == 0 {
+        return Err(invalid("batch_size", "must be positive"));
+    }
+    let (device, dtype) = model
+        .named_parameters()
+        .first()
+        .map(|(_, t)| (t.device().clone(), t.dtype()))
+        .unwrap_or((Device::Cpu, DType::F32));
+    let opts = DecodeOptions::default();
+    let mut labels = Vec::with_capacity(dataset.len());
+    for start in (0..dataset.len()).step_by(batch_size) {
+        let end = (start + batch_size).min(dataset.len());
+        let items: Vec<(Vec<f32>, usize)> = (start..end)
+            .into_par_iter()
+            .map(|i| -> Result<(Vec<f32>, usize)> {
+                let sample = dataset.get(i, &opts)?;
+                let label = sample
+                    .label
+                    .and_then(|l| usize::try_from(l).ok())
+                    .ok_or_else(|| {
+                        invalid(
+                            "dataset",
+                            format!(
+                                "sample {} has label {:?}; {purpose} needs a non-negative label per sample",
+                                dataset.describe(i),
+                                sample.label
+                            ),
+                        )
+                    })?;
+                Ok((preprocess(&sample.image, &transform)?.data, label))
+            })
+            .collect::<Result<_>>()?;
+        let mut pixels = Vec::with_capacity(items.len() * 3 * crop * crop);
+        for (data, label) in items {
+            pixels.extend_from_slice(&data);
+            labels.push(label);
+        }
+        let x = Tensor::from_vec(pixels, (end - start, 3, crop, crop), &device)?.to_dtype(dtype)?;
+        f(&x)?;
+    }
+    Ok(labels)
 }
