@@ -79,14 +79,14 @@ BATCH = 2
 NUM_LABELS = 5
 
 
-def rust_config(fam: dict) -> dict:
+def rust_config(fam: dict, img_size: int = IMG, depth: int = DEPTH, patch_size: int = PATCH) -> dict:
     """Our Rust `VitConfig` serde form (crates/dinov2-model/src/config.rs)."""
     return {
-        "img_size": IMG,
-        "patch_size": PATCH,
+        "img_size": img_size,
+        "patch_size": patch_size,
         "in_chans": 3,
         "embed_dim": fam["embed_dim"],
-        "depth": DEPTH,
+        "depth": depth,
         "num_heads": fam["num_heads"],
         "mlp_ratio": MLP_RATIO,
         "ffn": fam["ffn"],
@@ -102,13 +102,16 @@ def rust_config(fam: dict) -> dict:
     }
 
 
-def build_official(vt, Block, MemEffAttention, fam: dict, block_chunks: int = 0, img_size: int = IMG):
+def build_official(
+    vt, Block, MemEffAttention, fam: dict, block_chunks: int = 0, img_size: int = IMG, depth: int = DEPTH,
+    patch_size: int = PATCH,
+):
     model = vt.DinoVisionTransformer(
         img_size=img_size,
-        patch_size=PATCH,
+        patch_size=patch_size,
         in_chans=3,
         embed_dim=fam["embed_dim"],
-        depth=DEPTH,
+        depth=depth,
         num_heads=fam["num_heads"],
         mlp_ratio=MLP_RATIO,
         qkv_bias=True,

@@ -137,7 +137,7 @@ pub struct LinearFeatures {
 
 impl LinearFeatures {
     /// From the normalised class tokens of the last blocks (`class_tokens[i]` `[N, D]`, oldest block first), the
-    /// last block's mean patch token (`[N, D]`) and one label per row. Tensors are converted to f32.
+    /// last block's mean patch token (`[N, D]`) and one label per row. Tensors are stored as contiguous f32.
     ///
     /// Errors: [`Error::InvalidArgument`] when there is no class token tensor, a tensor is not `[N, D]` with the
     /// same `N` and `D` as the others, or `labels.len() != N`.
@@ -189,13 +189,14 @@ impl LinearFeatures {
                 ),
             ));
         }
+        let f32_rows = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let class_tokens = class_tokens
             .iter()
-            .map(|t| t.to_dtype(DType::F32))
+            .map(f32_rows)
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             class_tokens,
-            patch_mean: patch_mean.to_dtype(DType::F32)?,
+            patch_mean: f32_rows(&patch_mean)?,
             labels,
         })
     }
