@@ -28,9 +28,11 @@
 //!   image, drawn with the seed), and the heads train on the rest. The official script selects the best of its
 //!   52 heads on the validation set itself and reports that head's validation accuracy, which flatters the
 //!   number; `holdout = 0` reproduces that (all training images train, selection on validation).
-//! * An epoch is a pass over the training split (reshuffled each epoch from the seed, last partial batch
-//!   dropped, the batch capped at the split's size); the official script counts 10 "epochs" of 1250 iterations
-//!   of an infinite sampler whatever the dataset size. The learning rates scale with our batch (no world size).
+//! * Minibatches come from successive seeded shuffles of the training split (an infinite sampler, as the
+//!   official `SHARDED_INFINITE` one; the batch capped at the split's size), and an epoch is `epoch_length`
+//!   iterations: by default the official 1250, or one pass over the split when that is longer (for ImageNet at
+//!   batch 128, 10 epochs are then 10 passes, the official number of samples at its global batch of 1024). The
+//!   official script always runs 10 × 1250 iterations. The learning rates scale with our batch (no world size).
 //! * Features are f32 (the official ones come from fp16 autocast, then `.float()`), and accuracies are plain
 //!   (micro) top-1 / top-5 as the official `MEAN_ACCURACY`, ties ranked lower class first.
 //!
@@ -50,7 +52,7 @@
 //! let eval = Preprocess::Eval { resize: 32, crop: 32 };
 //! let train = embed_linear_features(&model, &SyntheticShapes::new(40, 1), eval, 16, 2)?;
 //! let val = embed_linear_features(&model, &SyntheticShapes::new(20, 2), eval, 16, 2)?;
-//! let probe = LinearProbeConfig { epochs: 2, batch_size: 8, ..Default::default() };
+//! let probe = LinearProbeConfig { epochs: 2, epoch_length: Some(10), batch_size: 8, ..Default::default() };
 //! let result = linear_probe(&train, &val, 10, &probe)?;
 //! // a 2-block backbone: the 4-block heads of the official grid are skipped, with a note
 //! assert_eq!(result.heads.len(), 2 * 13);
@@ -83,6 +85,9 @@ pub const OFFICIAL_N_LAST_BLOCKS: [usize; 2] = [1, 4];
 
 /// SGD momentum of the official optimiser.
 pub const MOMENTUM: f64 = 0.9;
+
+/// Iterations per epoch of the official script (`--epoch-length` default of `eval/linear.py`).
+pub const OFFICIAL_EPOCH_LENGTH: usize = 1250;
 
 /// Standard deviation of the heads' initial weights (official `normal_(mean=0.0, std=0.01)`).
 pub const INIT_STD: f64 = 0.01;
@@ -1206,8 +1211,11 @@ pub struct LinearProbeConfig {
     pub n_last_blocks: Option<Vec<usize>>,
     /// Base learning rates ([`OFFICIAL_LEARNING_RATES`]).
     pub learning_rates: Vec<f64>,
-    /// Passes over the training split (10).
+    /// Epochs (10).
     pub epochs: usize,
+    /// Iterations per epoch; `None`: [`OFFICIAL_EPOCH_LENGTH`], or one pass over the training split when that
+    /// is longer.
+    pub epoch_length: Option<usize>,
     /// Minibatch size (128, the official per-GPU batch); capped at the training split's size.
     pub batch_size: usize,
     /// Fraction of the training set held out for the head selection (0.1; at least one image). 0 selects on the
@@ -1223,6 +1231,7 @@ impl Default for LinearProbeConfig {
             n_last_blocks: None,
             learning_rates: OFFICIAL_LEARNING_RATES.to_vec(),
             epochs: 10,
+            epoch_length: None,
             batch_size: 128,
             holdout: 0.1,
             seed: 0,
@@ -1333,8 +1342,8 @@ impl LinearProbeResult {
 /// selects the best on the held-out split, and scores every head on `val`. Labels must be below `num_classes`.
 ///
 /// Errors: [`Error::InvalidArgument`] for an empty feature set, features of different widths, a label
-/// `>= num_classes`, an empty or non-positive learning-rate list or one with repeats, a zero `epochs` or
-/// `batch_size`, `holdout` outside `[0, 1)`, a training set too small to hold out an image and keep one, or
+/// `>= num_classes`, an empty or non-positive learning-rate list or one with repeats, a zero `epochs`,
+/// `epoch_length` or `batch_size`, `holdout` outside `[0, 1)`, a training set too small to hold out an image and keep one, or
 /// `n_last_blocks` given explicitly with a value the features cannot serve (0, repeated, or above
 /// `train.blocks()`).
 ///
@@ -1350,7 +1359,13 @@ impl LinearProbeResult {
 /// }).collect();
 /// let x = Tensor::from_vec(rows, (180, 3), &Device::Cpu)?;
 /// let f = LinearFeatures::new(vec![x.clone()], x, (0..180).map(|i| i % 3).collect())?;
-/// let cfg = LinearProbeConfig { n_last_blocks: Some(vec![1]), epochs: 20, batch_size: 32, ..Default::default() };
+/// let cfg = LinearProbeConfig {
+///     n_last_blocks: Some(vec![1]),
+///     epochs: 4,
+///     epoch_length: Some(20),
+///     batch_size: 32,
+///     ..Default::default()
+/// };
 /// let r = linear_probe(&f, &f, 3, &cfg)?;
 /// assert_eq!((r.heads.len(), r.holdout_rows, r.train_rows), (26, 18, 162));
 /// assert_eq!(r.best().val.top1, 100.0);
@@ -1404,6 +1419,9 @@ pub fn linear_probe(
     }
     if cfg.epochs == 0 {
         return Err(invalid("epochs", "must be at least 1"));
+    }
+    if cfg.epoch_length == Some(0) {
+        return Err(invalid("epoch_length", "must be at least 1 iteration"));
     }
     if cfg.batch_size == 0 {
         return Err(invalid("batch_size", "must be positive"));
@@ -1475,7 +1493,9 @@ pub fn linear_probe(
         (train.clone(), None)
     };
     let batch_size = cfg.batch_size.min(fit.len());
-    let per_epoch = fit.len() / batch_size;
+    let per_epoch = cfg
+        .epoch_length
+        .unwrap_or(OFFICIAL_EPOCH_LENGTH.max(fit.len() / batch_size));
     let iterations = cfg.epochs * per_epoch;
     let specs = official_grid(&n_last_blocks, &cfg.learning_rates);
     let names = head_names(&specs, batch_size);
@@ -1487,11 +1507,20 @@ pub fn linear_probe(
         iterations,
         rng.random(),
     )?;
-    for _ in 0..cfg.epochs {
-        let perm = permutation(fit.len(), &mut rng);
-        for b in 0..per_epoch {
-            heads.step(&fit.select(&perm[b * batch_size..(b + 1) * batch_size])?)?;
+    // an infinite sampler: successive shuffles of the training split, cut into batches
+    let mut order: Vec<usize> = Vec::new();
+    let mut next = 0;
+    for _ in 0..iterations {
+        let mut rows = Vec::with_capacity(batch_size);
+        while rows.len() < batch_size {
+            if next == order.len() {
+                order = permutation(fit.len(), &mut rng);
+                next = 0;
+            }
+            rows.push(order[next]);
+            next += 1;
         }
+        heads.step(&fit.select(&rows)?)?;
     }
     let holdout_scores = holdout.as_ref().map(|h| heads.evaluate(h)).transpose()?;
     let val_scores = heads.evaluate(val)?;
@@ -1775,13 +1804,14 @@ mod tests {
         let cfg = LinearProbeConfig {
             n_last_blocks: Some(vec![1, 3]),
             epochs: 8,
+            epoch_length: Some(20),
             batch_size: 32,
             ..Default::default()
         };
         let r = linear_probe(&train, &val, 5, &cfg).unwrap();
         assert_eq!(r.heads.len(), 2 * 2 * 13);
         assert_eq!((r.holdout_rows, r.train_rows, r.batch_size), (30, 270, 32));
-        assert_eq!(r.iterations, 8 * (270 / 32));
+        assert_eq!(r.iterations, 8 * 20);
         let best = r.best();
         assert!(best.val.top1 >= 98.0, "{best:?}");
         assert_eq!(best.val.top5, 100.0);
@@ -1823,11 +1853,35 @@ mod tests {
     }
 
     #[test]
+    fn the_default_epoch_is_the_official_length_or_one_pass() {
+        let f = clusters(20, 2, 2, 0);
+        let cfg = LinearProbeConfig {
+            n_last_blocks: Some(vec![1]),
+            learning_rates: vec![0.1],
+            epochs: 1,
+            batch_size: 4,
+            ..Default::default()
+        };
+        let r = linear_probe(&f, &f, 2, &cfg).unwrap();
+        assert_eq!((r.train_rows, r.iterations), (18, OFFICIAL_EPOCH_LENGTH));
+        // a split of more than 1250 batches: one pass per epoch
+        let big = clusters(2 * 1300 + 2, 2, 2, 0);
+        let cfg = LinearProbeConfig {
+            batch_size: 2,
+            holdout: 0.0,
+            ..cfg
+        };
+        let r = linear_probe(&big, &f, 2, &cfg).unwrap();
+        assert_eq!(r.iterations, 1301);
+    }
+
+    #[test]
     fn holdout_zero_selects_on_validation_and_missing_blocks_are_skipped_or_refused() {
         let train = clusters(40, 2, 2, 3);
         let val = clusters(20, 2, 2, 4);
         let cfg = LinearProbeConfig {
             epochs: 2,
+            epoch_length: Some(5),
             batch_size: 8,
             holdout: 0.0,
             ..Default::default()
@@ -1863,6 +1917,7 @@ mod tests {
         let f = clusters(10, 2, 2, 0);
         let ok = LinearProbeConfig {
             epochs: 1,
+            epoch_length: Some(2),
             batch_size: 4,
             ..Default::default()
         };
@@ -1894,6 +1949,13 @@ mod tests {
                 ..ok.clone()
             })),
             "epochs"
+        );
+        assert_eq!(
+            name_of(run(LinearProbeConfig {
+                epoch_length: Some(0),
+                ..ok.clone()
+            })),
+            "epoch_length"
         );
         assert_eq!(
             name_of(run(LinearProbeConfig {
