@@ -15,6 +15,9 @@ use super::model::{self, ModelArgs};
 pub(super) enum EvalCommand {
     /// Weighted k-NN classification of L2-normalised class tokens (the official eval/knn.py): top-1 and top-5 per k.
     Knn(KnnArgs),
+    /// The linear probe (the official eval/linear.py): a grid of linear heads on cached features, the best chosen
+    /// on a held-out part of the training set, scored on the validation set and saved.
+    Linear(super::eval_linear::LinearArgs),
 }
 
 /// `dinov2 eval knn` arguments.
@@ -52,6 +55,7 @@ pub(super) struct KnnArgs {
 pub(super) fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Knn(args) => knn(args),
+        EvalCommand::Linear(args) => super::eval_linear::linear(args),
     }
 }
 

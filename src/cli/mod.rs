@@ -3,6 +3,7 @@
 
 mod curate;
 mod eval;
+mod eval_linear;
 mod model;
 mod train;
 
