@@ -873,6 +873,19 @@ impl LinearHeads {
     }
 
     /// Every head's weight `[C, dim]` and bias `[C]`, in [`specs`](Self::specs) order.
+    ///
+    /// ```
+    /// use dinov2_train::eval::linear::{official_grid, LinearHeads};
+    /// # fn main() -> dinov2_train::Result<()> {
+    /// let heads = LinearHeads::new(official_grid(&[1, 4], &[0.1]), 8, 5, 128, 100, 0)?;
+    /// let w = heads.weights()?;
+    /// assert_eq!(w.len(), 4);
+    /// assert_eq!((w[3].0.dims(), w[3].1.dims()), (&[5, 5 * 8][..], &[5][..])); // 4 blocks + avgpool
+    /// let head = heads.head(3)?; // the same weights, with their features and learning rate
+    /// assert_eq!((head.config.n_last_blocks, head.config.avgpool, head.scaled_lr), (4, true, 0.05));
+    /// assert!(heads.head(4).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn weights(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let c = self.num_classes;
         let mut out = vec![None; self.specs.len()];
@@ -884,7 +897,7 @@ impl LinearHeads {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Head `head` as a [`TrainedHead`].
+    /// Head `head` as a [`TrainedHead`] (example: [`weights`](Self::weights)).
     ///
     /// Errors: [`Error::InvalidArgument`] for an unknown head.
     pub fn head(&self, head: usize) -> Result<TrainedHead> {
@@ -1303,6 +1316,20 @@ impl LinearProbeResult {
 
     /// For each feature configuration (grid order), the head of best selection score: one line per
     /// configuration for a summary.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use dinov2_train::eval::linear::{linear_probe, LinearFeatures, LinearProbeConfig};
+    /// # fn main() -> dinov2_train::Result<()> {
+    /// let x = Tensor::new(&[[1f32, 0.], [0., 1.], [0.9, 0.1], [0.1, 0.9], [1., 0.2], [0.2, 1.]], &Device::Cpu)?;
+    /// let f = LinearFeatures::new(vec![x.clone()], x, vec![0, 1, 0, 1, 0, 1])?;
+    /// let cfg = LinearProbeConfig { epochs: 1, epoch_length: Some(5), holdout: 0.0, ..Default::default() };
+    /// let r = linear_probe(&f, &f, 2, &cfg)?;
+    /// let per = r.best_per_config(); // 1 block, 1 block + avgpool (one cached block: n = 4 skipped)
+    /// assert_eq!(per.len(), 2);
+    /// assert!(per.iter().any(|h| h.name == r.best().name));
+    /// # Ok(()) }
+    /// ```
     pub fn best_per_config(&self) -> Vec<&HeadResult> {
         let mut out: Vec<&HeadResult> = Vec::new();
         for h in &self.heads {
