@@ -1,4 +1,4 @@
-//! `dinov2 train`: DINOv2 pretraining from a YAML configuration (a thin layer over `dinov2_train::run`).
+//! `dinov2 train`: DINOv2 pretraining (or distillation) from a YAML configuration (a thin layer over `dinov2_train::run`).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -96,6 +96,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             ));
         }
         Event::Checkpoint { path } => bar.println(format!("checkpoint {}", path.display())),
+        Event::DistillationTeacher { info } => bar.println(info.to_string()),
         _ => {}
     });
     bar.finish_and_clear();
@@ -106,8 +107,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         StopReason::Interrupted => "interrupted",
         _ => "stopped",
     };
+    let exported = if cfg.distillation.enabled {
+        "student EMA"
+    } else {
+        "teacher"
+    };
     println!(
-        "{how} at iteration {}/{}; checkpoint {}; teacher {}",
+        "{how} at iteration {}/{}; checkpoint {}; {exported} {}",
         summary.iteration,
         summary.max_iter,
         summary.checkpoint.display(),
