@@ -96,7 +96,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             ));
         }
         Event::Checkpoint { path } => bar.println(format!("checkpoint {}", path.display())),
-        Event::DistillationTeacher { info } => bar.println(info.to_string()),
+        // on stderr even without a terminal: it may state a deviation from the paper (seeded teacher heads)
+        Event::DistillationTeacher { info } => bar.suspend(|| eprintln!("{info}")),
         _ => {}
     });
     bar.finish_and_clear();

@@ -66,7 +66,7 @@ pub struct TeacherOptions {
     /// or a `dinov2 train` output directory (its latest checkpoint) or checkpoint directory (`model_XXXXXXX`).
     pub model: String,
     /// The teacher's architecture, when its weights do not give it. For a `dinov2 train` directory the run's
-    /// `config.yaml` gives it when this is `None`.
+    /// exported model (its metadata) or `config.yaml` gives it when this is `None`.
     pub config: Option<VitConfig>,
     /// For `.pth` files: the entry holding the state dict (`teacher`, `student`, `model`); for a `dinov2 train`
     /// checkpoint, `student` selects the student instead of the teacher.
@@ -149,15 +149,14 @@ pub struct TeacherInfo {
 impl fmt::Display for TeacherInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
+        write!(f, "distillation teacher {}", self.spec)?;
+        if Path::new(&self.spec) != self.path {
+            write!(f, " ({})", self.path.display())?;
+        }
         write!(
             f,
-            "distillation teacher {} ({}): frozen ViT, {} wide, {} blocks, patch {}; DINO head {} prototypes",
-            self.spec,
-            self.path.display(),
-            c.embed_dim,
-            c.depth,
-            c.patch_size,
-            self.dino_prototypes
+            ": frozen ViT, {} wide, {} blocks, patch {}; DINO head {} prototypes",
+            c.embed_dim, c.depth, c.patch_size, self.dino_prototypes
         )?;
         if let Some(k) = self.ibot_prototypes {
             write!(f, ", iBOT head {k} prototypes")?;
@@ -316,8 +315,8 @@ pub fn build_arch(cfg: &TrainConfig, device: &Device) -> Result<(SslMetaArch, Te
 }
 
 /// The weights path of `opts.model` and the configuration to load it with: a `dinov2 train` output directory
-/// resolves to its latest checkpoint, and a checkpoint's architecture comes from its run's `config.yaml` unless
-/// given.
+/// resolves to its latest checkpoint, and a checkpoint's architecture comes from its run (see [`run_config`])
+/// unless given.
 fn locate(opts: &TeacherOptions) -> Result<(PathBuf, Option<VitConfig>)> {
     let given = Path::new(&opts.model);
     let checkpoints = given.join(crate::run::CHECKPOINT_DIR);
@@ -340,15 +339,54 @@ fn locate(opts: &TeacherOptions) -> Result<(PathBuf, Option<VitConfig>)> {
     Ok((path, config))
 }
 
-/// The backbone of the run in `dir` (its `config.yaml`), if it has one.
+/// The backbone of the run in `dir`: the configuration stored in its exported model (`teacher.safetensors`, or
+/// `student_ema.safetensors` after a distillation; the checkpoints' backbones have its shape), else its
+/// `config.yaml`; `None` when it has neither.
 fn run_config(dir: &Path) -> Result<Option<VitConfig>> {
+    for name in [crate::run::TEACHER_FILE, STUDENT_EMA_FILE] {
+        if let Some(cfg) = stored_config(&dir.join(name))? {
+            return Ok(Some(cfg));
+        }
+    }
     let file = dir.join(crate::run::CONFIG_FILE);
     if !file.is_file() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let cfg = TrainConfig::from_yaml_str(&text, &file.display().to_string())?;
+    let cfg = TrainConfig::from_yaml_str(&text, &file.display().to_string()).map_err(|e| {
+        Error::checkpoint(
+            dir,
+            format!("cannot read the run's architecture ({e}); give distillation.teacher_config"),
+        )
+    })?;
     Ok(Some(cfg.teacher_vit()?))
+}
+
+/// The `VitConfig` in a safetensors file's metadata ([`dinov2_model::weights::CONFIG_METADATA_KEY`]), read from
+/// its header alone; `None` when the file or the key is missing.
+fn stored_config(path: &Path) -> Result<Option<VitConfig>> {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Ok(None);
+    };
+    let bad = |reason: String| Error::checkpoint(path, reason);
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("a safetensors header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the safetensors header is not JSON: {e}")))?;
+    let key = dinov2_model::weights::CONFIG_METADATA_KEY;
+    match header["__metadata__"][key].as_str() {
+        None => Ok(None),
+        Some(json) => serde_json::from_str(json)
+            .map(Some)
+            .map_err(|e| bad(format!("its `{key}` metadata is not a VitConfig: {e}"))),
+    }
 }
 
 /// The teacher's heads: from its extra tensors when it has them, else built from the seed; constants.

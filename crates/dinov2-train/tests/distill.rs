@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use dinov2_data::synthetic::SyntheticShapes;
 use dinov2_data::{DinoPipeline, Loader, LoaderConfig, ShardedInfiniteSampler};
+use dinov2_loss::DinoHead;
 use dinov2_model::{DinoVisionTransformer, VitConfig};
 use dinov2_train::distill::{FrozenTeacher, TeacherHeads, TeacherOptions, STUDENT_EMA_FILE};
 use dinov2_train::eval::knn::{embed_dataset, knn_accuracy, TEMPERATURE};
@@ -99,28 +100,31 @@ fn knn(model: &DinoVisionTransformer, n_train: usize, n_test: usize) -> f64 {
     knn_accuracy(&train, &train_labels, &test, &test_labels, 20, TEMPERATURE).unwrap()
 }
 
-/// Linear CKA between the class tokens of two models on the same images (1 = the same features up to a
-/// rotation and scale).
-fn linear_cka(a: &DinoVisionTransformer, b: &DinoVisionTransformer, n: usize) -> f64 {
+/// The distillation loss of the student's EMA on `n` held-out images: the DINO cross-entropy of its class
+/// token's prototype scores (temperature 0.1) against the teacher's targets (centred on these images,
+/// temperature 0.07). Predictions that ignore the teacher score at least ln K against targets this peaked.
+fn distillation_loss(
+    teacher: (&DinoVisionTransformer, &DinoHead),
+    student: (&DinoVisionTransformer, &DinoHead),
+    n: usize,
+) -> f64 {
+    use candle_core::{Module, D};
     let data = SyntheticShapes::new(n, 3).with_class_colours();
-    let centred = |m: &DinoVisionTransformer| -> Tensor {
-        let (x, _) = embed_dataset(m, &data, IMAGE_SIZE, 100).unwrap();
-        let x = x.to_dtype(DType::F64).unwrap();
-        x.broadcast_sub(&x.mean_keepdim(0).unwrap()).unwrap()
+    let logits = |(backbone, head): (&DinoVisionTransformer, &DinoHead)| -> Tensor {
+        let (cls, _) = embed_dataset(backbone, &data, IMAGE_SIZE, 100).unwrap();
+        head.forward(&cls).unwrap()
     };
-    let (x, y) = (centred(a), centred(b));
-    let frob2 = |m: Tensor| {
-        m.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let xy = frob2(y.t().unwrap().matmul(&x).unwrap());
-    let xx = frob2(x.t().unwrap().matmul(&x).unwrap());
-    let yy = frob2(y.t().unwrap().matmul(&y).unwrap());
-    xy / (xx.sqrt() * yy.sqrt())
+    let t = logits(teacher);
+    let t = t.broadcast_sub(&t.mean_keepdim(0).unwrap()).unwrap();
+    let targets = candle_nn::ops::softmax_last_dim(&(t / 0.07).unwrap()).unwrap();
+    let log_p = candle_nn::ops::log_softmax(&(logits(student) / 0.1).unwrap(), D::Minus1).unwrap();
+    let ce = (targets * log_p)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    -f64::from(ce.to_scalar::<f32>().unwrap())
 }
 
 fn fixture_teacher() -> FrozenTeacher {
@@ -137,7 +141,6 @@ fn a_student_distilled_from_a_pretrained_teacher_moves_toward_it() {
     let teacher = fixture_teacher();
     assert_eq!(teacher.info.heads, TeacherHeads::Loaded);
     assert_eq!(teacher.info.dino_prototypes, TEACHER_K);
-    let teacher_backbone = teacher.networks.backbone.clone();
     let cfg = config(&[
         "distillation.enabled=true",
         "distillation.teacher_model=fixture",
@@ -148,32 +151,51 @@ fn a_student_distilled_from_a_pretrained_teacher_moves_toward_it() {
         "teacher.momentum_teacher=0.9",
         "teacher.final_momentum_teacher=0.95",
     ]);
+    let teacher_net = (
+        teacher.networks.backbone.clone(),
+        teacher.networks.dino_head.detached(),
+    );
     let mut t = trainer(&cfg, vit(32, 2, 0.0), Some(teacher.networks));
-
-    let (n_train, n_test) = (300, 200);
-    let ema = |t: &Trainer| t.arch().teacher().backbone.clone();
-    let knn_before = knn(&ema(&t), n_train, n_test);
-    let cka_before = linear_cka(&ema(&t), &teacher_backbone, 200);
-    let knn_teacher = knn(&teacher_backbone, n_train, n_test);
+    let (n_train, n_test, n_held_out) = (300, 200, 200);
+    let measure = |t: &Trainer| -> (f64, f64) {
+        let ema = t.arch().teacher();
+        let loss = distillation_loss(
+            (&teacher_net.0, &teacher_net.1),
+            (&ema.backbone, &ema.dino_head),
+            n_held_out,
+        );
+        (knn(&ema.backbone, n_train, n_test), loss)
+    };
+    let knn_teacher = knn(&teacher_net.0, n_train, n_test);
+    let (knn_before, loss_before) = measure(&t);
     let n = t.max_iter();
     for batch in batches(&cfg, 1000).take(n as usize) {
         let r = t.step(&batch).unwrap();
         assert!(r.losses.ibot.is_some() && r.losses.koleo.is_some());
     }
-    let knn_after = knn(&ema(&t), n_train, n_test);
-    let cka_after = linear_cka(&ema(&t), &teacher_backbone, 200);
+    let (knn_after, loss_after) = measure(&t);
+    let uniform = (TEACHER_K as f64).ln();
     eprintln!(
-        "{n} iterations: student EMA k-NN {knn_before:.3} -> {knn_after:.3} (teacher {knn_teacher:.3}), \
-         CKA with the teacher {cka_before:.3} -> {cka_after:.3}"
+        "{n} iterations: student EMA k-NN {knn_before:.3} -> {knn_after:.3} (teacher {knn_teacher:.3}); \
+         held-out distillation loss {loss_before:.3} -> {loss_after:.3} (uniform predictions {uniform:.3})"
     );
-    assert!(knn_teacher > knn_before + 0.1, "the teacher is meaningful");
-    assert!(knn_after > knn_before + 0.1, "{knn_before} -> {knn_after}");
-    assert!(cka_after > cka_before + 0.05, "{cka_before} -> {cka_after}");
+    assert!(knn_teacher > knn_before + 0.3, "the teacher is meaningful");
+    assert!(knn_after > knn_before + 0.3, "{knn_before} -> {knn_after}");
+    // the teacher-specific measure: a student trained without this teacher's targets stays above ln K
+    assert!(
+        loss_after < loss_before - 1.0,
+        "{loss_before} -> {loss_after}"
+    );
+    assert!(
+        loss_after < uniform - 0.3,
+        "{loss_after} vs ln K = {uniform}"
+    );
 }
 
-/// Writes `tests/fixtures/distill_teacher.safetensors`: a 48-wide, 4-block ViT (patch 8, 32-pixel images)
-/// pretrained with DINOv2 on generated shapes, its teacher backbone and DINO head (official names, the
-/// `VitConfig` in the metadata). `cargo test --release -p dinov2-train --test distill -- --ignored --nocapture`
+/// Writes `tests/fixtures/distill_teacher.safetensors` (see the fixtures README): a 48-wide, 4-block ViT (patch 8,
+/// 32-pixel images) pretrained with DINOv2 on generated shapes, its teacher backbone, and a DINO head of
+/// [`kmeans_head`] (official names, the `VitConfig` in the metadata).
+/// `cargo test --release -p dinov2-train --test distill -- --ignored --nocapture`
 #[test]
 #[ignore = "regenerates the fixture (a few minutes)"]
 fn make_teacher_fixture() {
@@ -195,17 +217,83 @@ fn make_teacher_fixture() {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let teacher = t.arch().teacher();
-    let knn_trained = knn(&teacher.backbone, 1000, 1000);
+    let backbone = &t.arch().teacher().backbone;
+    let knn_trained = knn(backbone, 1000, 1000);
     eprintln!("{n} iterations in {secs:.0} s: teacher k-NN {knn_init:.3} -> {knn_trained:.3}");
-    let mut sd = teacher.backbone.state_dict().unwrap();
-    for (k, v) in teacher.dino_head.state_dict().unwrap().iter() {
+    write_fixture(
+        &backbone.state_dict().unwrap(),
+        &t.arch().config().teacher(),
+    );
+    // it loads back as a teacher with its head
+    assert_eq!(fixture_teacher().info.heads, TeacherHeads::Loaded);
+}
+
+/// Writes the fixture: the backbone `sd` and the [`kmeans_head`] of the model it makes (as loaded, fused).
+fn write_fixture(sd: &dinov2_model::StateDict, vit_cfg: &VitConfig) {
+    let model =
+        DinoVisionTransformer::from_state_dict(vit_cfg, sd, &Device::Cpu, DType::F32).unwrap();
+    let mut sd = sd.clone();
+    for (k, v) in kmeans_head(&model).iter() {
         sd.insert(format!("dino_head.{k}"), v.clone());
     }
-    let vit_cfg = t.arch().config().teacher();
-    dinov2_model::weights::save_safetensors_with_config(&sd, &vit_cfg, Path::new(FIXTURE)).unwrap();
-    // it loads back as a teacher with its heads
-    assert_eq!(fixture_teacher().info.heads, TeacherHeads::Loaded);
+    dinov2_model::weights::save_safetensors_with_config(&sd, vit_cfg, Path::new(FIXTURE)).unwrap();
+}
+
+/// The fixture teacher's DINO head: the pretraining heads of runs this small collapse (every image gets the
+/// same prototype scores: after centering the targets are uniform, the DINO loss sits at ln K), so the head is
+/// built from the backbone instead. One Linear layer (identity weight, bias minus the mean class token) into a
+/// bottleneck as wide as the backbone, and [`TEACHER_K`] prototypes (`weight_g` 1) that are the spherical
+/// k-means centroids (25 Lloyd iterations from evenly spaced images) of the centred, normalised class tokens of
+/// the first 2000 pool images: the targets are soft cluster assignments of the teacher's features.
+fn kmeans_head(backbone: &DinoVisionTransformer) -> dinov2_model::StateDict {
+    let pool = SyntheticShapes::new(2000, 0).with_class_colours();
+    let (x, _) = embed_dataset(backbone, &pool, IMAGE_SIZE, 100).unwrap();
+    let normalize = |t: &Tensor| -> Tensor {
+        let n = t.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        t.broadcast_div(&n.maximum(1e-12).unwrap()).unwrap()
+    };
+    let mean = x.mean_keepdim(0).unwrap();
+    let z = normalize(&x.broadcast_sub(&mean).unwrap());
+    let (n, d) = z.dims2().unwrap();
+    let step = (n / TEACHER_K) as u32;
+    let init = Tensor::arange_step(0u32, (TEACHER_K as u32) * step, step, &Device::Cpu).unwrap();
+    let mut c = z.index_select(&init, 0).unwrap();
+    let ids = Tensor::arange(0u32, TEACHER_K as u32, &Device::Cpu).unwrap();
+    for _ in 0..25 {
+        let assign = z.matmul(&c.t().unwrap()).unwrap().argmax(1).unwrap();
+        let onehot = assign
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_eq(&ids.unsqueeze(0).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let sums = onehot.t().unwrap().matmul(&z).unwrap();
+        let empty = onehot
+            .sum(0)
+            .unwrap()
+            .eq(0f32)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        c = empty
+            .broadcast_as((TEACHER_K, d))
+            .unwrap()
+            .where_cond(&c, &normalize(&sums))
+            .unwrap();
+    }
+    let mut sd = dinov2_model::StateDict::new();
+    sd.insert(
+        "mlp.weight",
+        Tensor::eye(d, DType::F32, &Device::Cpu).unwrap(),
+    );
+    sd.insert("mlp.bias", mean.flatten_all().unwrap().neg().unwrap());
+    sd.insert(
+        "last_layer.weight_g",
+        Tensor::ones((TEACHER_K, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
+    sd.insert("last_layer.weight_v", c);
+    sd
 }
 
 /// A generated image folder (6 shapes).
@@ -326,18 +414,21 @@ fn runs_checkpoints_and_bare_backbones_are_teachers() {
     assert_eq!(p.iteration, 3);
 
     let checkpoint = p.checkpoint.display().to_string();
-    let exported = pre.join(TEACHER_FILE).display().to_string();
-    for (teacher, heads) in [
-        (pre.display().to_string(), "heads loaded"), // its latest checkpoint, config.yaml for the width
-        (checkpoint, "heads loaded"),
-        (exported, "built from seed"), // a backbone alone: seeded heads, said in the log line
-    ] {
-        let cfg = run_config(&data, 64, Some(&teacher));
-        let out = tmp
-            .path()
-            .join(format!("distill-{heads}-{}", teacher.len()));
-        let (s, line) = run_distill(&cfg, &out, Some(1));
+    let exported = pre.join(TEACHER_FILE);
+    let distill = |teacher: &str, name: &str| -> String {
+        let cfg = run_config(&data, 64, Some(teacher));
+        let (s, line) = run_distill(&cfg, &tmp.path().join(name), Some(1));
         assert_eq!(s.iteration, 1, "{teacher}");
+        line
+    };
+    // the run directory (its latest checkpoint; the width from the exported teacher's metadata), a checkpoint,
+    // and the exported backbone alone (seeded heads, said in the log line)
+    for (teacher, heads) in [
+        (pre.display().to_string(), "heads loaded"),
+        (checkpoint.clone(), "heads loaded"),
+        (exported.display().to_string(), "built from seed"),
+    ] {
+        let line = distill(&teacher, &format!("d-{}", teacher.len()));
         assert!(line.contains(heads) && line.contains("192 wide"), "{line}");
     }
     // the student heads must output the teacher's prototypes
@@ -352,6 +443,23 @@ fn runs_checkpoints_and_bare_backbones_are_teachers() {
     let err = run(&cfg, &RunOptions::new(tmp.path().join("m")), &mut |_| {}).unwrap_err();
     assert!(
         err.to_string().contains("missing/teacher.safetensors"),
+        "{err}"
+    );
+    // without the exported file, the width comes from the run's config.yaml...
+    std::fs::rename(&exported, tmp.path().join("moved.safetensors")).unwrap();
+    assert!(distill(&checkpoint, "d-yaml").contains("192 wide"));
+    // ...and one this build cannot read asks for distillation.teacher_config
+    let yaml = pre.join("config.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(
+        &yaml,
+        text.replace("evaluation:", "evaluation:\n  future_key: 1"),
+    )
+    .unwrap();
+    let cfg = run_config(&data, 64, Some(&checkpoint));
+    let err = run(&cfg, &RunOptions::new(tmp.path().join("y")), &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("distillation.teacher_config"),
         "{err}"
     );
 }
