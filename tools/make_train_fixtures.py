@@ -394,7 +394,22 @@ def build(out_dir):
         print("  f32 replay identical; f32 vs f64 replay: " + "; ".join(
             f"step {s}: {max(fam.values()):.1e} (key bias {kb:.1e} abs)" for s, (fam, kb) in enumerate(cond)))
         results[name] = (out, meta, path, cond)
-    write_atomic(os.path.join(out_dir, "README.md"), readme(results) + "\n")
+    readme_path = os.path.join(out_dir, "README.md")
+    write_atomic(readme_path, readme(results) + "\n" + other_fixtures(readme_path))
+
+
+# The README's sections about fixtures other scripts or tests write start at this line; regenerating keeps them.
+OTHER_FIXTURES = "<!-- fixtures not written by make_train_fixtures.py -->"
+
+
+def other_fixtures(readme_path):
+    try:
+        with open(readme_path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    i = text.find(OTHER_FIXTURES)
+    return "" if i < 0 else "\n" + text[i:]
 
 
 def check_determinism(src):

@@ -93,7 +93,8 @@ enum Command {
     /// Data curation: embed, dedup, knn, retrieve, kmeans, hkmeans, sample.
     #[command(subcommand)]
     Curate(curate::CurateCommand),
-    /// DINOv2 self-supervised pretraining from a YAML configuration (official keys), resumable.
+    /// DINOv2 self-supervised pretraining from a YAML configuration (official keys), resumable; with a
+    /// `distillation` section, distillation from a frozen pretrained teacher.
     Train(train::TrainArgs),
     /// Evaluate a frozen backbone on image folders: k-NN, linear probe.
     #[command(subcommand)]

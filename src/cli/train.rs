@@ -1,4 +1,4 @@
-//! `dinov2 train`: DINOv2 pretraining from a YAML configuration (a thin layer over `dinov2_train::run`).
+//! `dinov2 train`: DINOv2 pretraining (or distillation) from a YAML configuration (a thin layer over `dinov2_train::run`).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -106,6 +106,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 per_k.join(", ")
             ));
         }
+        // on stderr even without a terminal: it may state a deviation from the paper (seeded teacher heads)
+        Event::DistillationTeacher { info } => bar.suspend(|| eprintln!("{info}")),
         _ => {}
     });
     bar.finish_and_clear();
@@ -116,8 +118,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         StopReason::Interrupted => "interrupted",
         _ => "stopped",
     };
+    let exported = if cfg.distillation.enabled {
+        "student EMA"
+    } else {
+        "teacher"
+    };
     println!(
-        "{how} at iteration {}/{}; checkpoint {}; teacher {}",
+        "{how} at iteration {}/{}; checkpoint {}; {exported} {}",
         summary.iteration,
         summary.max_iter,
         summary.checkpoint.display(),

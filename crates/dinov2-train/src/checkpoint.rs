@@ -9,6 +9,9 @@
 //! * `trainer.json`: the iteration, the data sampler's position, the stochastic-depth generator's state, the
 //!   format version.
 //!
+//! In a distillation run ([`crate::distill`]) the `teacher.<name>` tensors are the student's EMA (the exported
+//! model); the frozen teacher is not saved: it is loaded again from `distillation.teacher_model`.
+//!
 //! The directory is written under a temporary name, synced, then renamed: a crash mid-write leaves the previous
 //! checkpoints as they were, and a half-written one is never mistaken for a checkpoint.
 
@@ -314,6 +317,20 @@ pub fn list(dir: impl AsRef<Path>) -> Result<Vec<(u64, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether `path` is a complete checkpoint directory (it holds `trainer.json` and `model.safetensors`).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// assert!(!dinov2_train::checkpoint::is_checkpoint(dir.path()));
+/// std::fs::write(dir.path().join("trainer.json"), "{}").unwrap();
+/// std::fs::write(dir.path().join("model.safetensors"), "").unwrap();
+/// assert!(dinov2_train::checkpoint::is_checkpoint(dir.path()));
+/// ```
+pub fn is_checkpoint(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    path.join(TRAINER_FILE).is_file() && path.join(MODEL_FILE).is_file()
 }
 
 /// The most recent checkpoint in `dir`, if any.

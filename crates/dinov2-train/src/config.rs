@@ -88,6 +88,8 @@ pub struct TrainConfig {
     pub crops: CropsSection,
     /// `evaluation`.
     pub evaluation: EvaluationSection,
+    /// `distillation` (ours: the paper's distillation recipe, see [`crate::distill`]).
+    pub distillation: DistillationSection,
 }
 
 /// `MODEL`.
@@ -293,6 +295,26 @@ impl EvaluationSection {
     pub fn knn_enabled(&self) -> bool {
         !self.knn_train_dataset.trim().is_empty() && !self.knn_val_dataset.trim().is_empty()
     }
+}
+
+/// `distillation` (ours; not an official section): distil a frozen pretrained teacher into the `student`
+/// (see [`crate::distill`]). With `enabled`, the `teacher` section's momentum schedule drives the student's EMA
+/// (the exported model) and its temperatures the frozen teacher's targets; nothing is masked (the `ibot.mask_*`
+/// keys are not used: iBOT runs on every patch of the global crops) and `student.drop_path_rate` must be 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillationSection {
+    /// false
+    pub enabled: bool,
+    /// The teacher: a weights file or directory in any layout `dinov2 embed --model` reads, an official name
+    /// (`dinov2_vitg14`), a Hub id, or a `dinov2 train` output directory or checkpoint directory (whose teacher
+    /// heads are used).
+    pub teacher_model: String,
+    /// '' or a `VitConfig` JSON file: the teacher's architecture when the weights do not say it (a width that
+    /// is not a released size, without a configuration in the file).
+    pub teacher_config: String,
+    /// '' or the `.pth` entry holding the teacher's state dict (`teacher`, `student`, `model`).
+    pub teacher_checkpoint_key: String,
 }
 
 impl Default for TrainConfig {
@@ -671,21 +693,28 @@ impl TrainConfig {
     }
 
     /// The iBOT mask sampling of `train.py`: `ibot.mask_ratio_min_max`, `ibot.mask_sample_probability` and the
-    /// official block generator for `crops.global_crops_size / student.patch_size` patches a side. Call
-    /// [`TrainConfig::validate`] first (a zero patch size is taken as 1 here rather than divided by).
+    /// official block generator for `crops.global_crops_size / student.patch_size` patches a side; in a
+    /// distillation run nothing is masked (probability 0). Call [`TrainConfig::validate`] first (a zero patch
+    /// size is taken as 1 here rather than divided by).
     ///
     /// ```
-    /// let cfg = dinov2_train::TrainConfig::load(None, &["student.patch_size=14", "crops.local_crops_size=98"])?;
+    /// let mut cfg = dinov2_train::TrainConfig::load(None, &["student.patch_size=14", "crops.local_crops_size=98"])?;
     /// let masking = cfg.masking();
     /// assert_eq!((masking.mask_ratio, masking.mask_probability), ((0.1, 0.5), 0.5));
     /// assert_eq!((masking.generator.height, masking.generator.max_num_patches), (16, 128.0));
+    /// cfg.distillation.enabled = true;
+    /// assert_eq!(cfg.masking().mask_probability, 0.0);
     /// # Ok::<(), dinov2_train::Error>(())
     /// ```
     pub fn masking(&self) -> MaskCollate {
         let [lo, hi] = self.ibot.mask_ratio_min_max;
         MaskCollate {
             mask_ratio: (lo as f32, hi as f32),
-            mask_probability: self.ibot.mask_sample_probability,
+            mask_probability: if self.distillation.enabled {
+                0.0
+            } else {
+                self.ibot.mask_sample_probability
+            },
             generator: MaskingGenerator::for_training(
                 self.crops.global_crops_size,
                 self.student.patch_size.max(1),
@@ -717,7 +746,8 @@ impl TrainConfig {
         self.validate_heads()?;
         self.validate_schedules()?;
         self.validate_crops()?;
-        self.validate_evaluation()
+        self.validate_evaluation()?;
+        self.validate_distillation()
     }
 
     fn validate_evaluation(&self) -> Result<()> {
@@ -861,7 +891,8 @@ impl TrainConfig {
                 "min > max; give [min, max] (officially [0.1, 0.5])",
             ));
         }
-        if i.loss_weight > 0.0 && (hi == 0.0 || i.mask_sample_probability == 0.0) {
+        let masking = i.loss_weight > 0.0 && !self.distillation.enabled;
+        if masking && (hi == 0.0 || i.mask_sample_probability == 0.0) {
             let (key, value) = if hi == 0.0 {
                 ("ibot.mask_ratio_min_max", format!("[{lo}, {hi}]"))
             } else {
@@ -979,6 +1010,32 @@ impl TrainConfig {
                     "a crop area range must satisfy 0 < min <= max <= 1",
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    fn validate_distillation(&self) -> Result<()> {
+        let d = &self.distillation;
+        if !d.enabled {
+            return Ok(());
+        }
+        if d.teacher_model.trim().is_empty() {
+            return Err(Error::invalid(
+                "distillation.teacher_model",
+                "''",
+                "distillation needs a teacher: a weights file or directory, an official name \
+                 (dinov2_vitg14), a Hub id, or a `dinov2 train` output directory",
+            ));
+        }
+        if self.student.drop_path_rate != 0.0 {
+            return Err(Error::invalid(
+                "student.drop_path_rate",
+                self.student.drop_path_rate,
+                "distillation trains without stochastic depth (the paper's recipe): set \
+                 student.drop_path_rate=0",
+            ));
         }
         Ok(())
     }
@@ -2003,5 +2060,61 @@ crops:
             cfg.lr(4),
             "optim.lr is overwritten, never read"
         );
+    }
+
+    #[test]
+    fn distillation_section_is_validated() {
+        let on = [
+            "distillation.enabled=true",
+            "distillation.teacher_model=dinov2_vitg14",
+            "student.drop_path_rate=0",
+        ];
+        let cfg = with(&on).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.masking().mask_probability, 0.0, "nothing is masked");
+        let text = cfg.to_yaml();
+        assert!(text.contains("teacher_model: dinov2_vitg14"), "{text}");
+        assert_eq!(
+            TrainConfig::from_yaml_str(&text, "config.yaml").unwrap(),
+            cfg
+        );
+        // the masking keys are not used, so masking off is no error
+        let mut off = on.to_vec();
+        off.extend([
+            "ibot.mask_sample_probability=0",
+            "ibot.mask_ratio_min_max=[0, 0]",
+        ]);
+        with(&off).unwrap().validate().unwrap();
+        // a teacher is required, and drop path is off in the recipe
+        for (overrides, key) in [
+            (
+                &["distillation.enabled=true", "student.drop_path_rate=0"][..],
+                "distillation.teacher_model",
+            ),
+            (
+                &["distillation.enabled=true", "distillation.teacher_model= "],
+                "distillation.teacher_model",
+            ),
+            (
+                &[
+                    "distillation.enabled=true",
+                    "distillation.teacher_model=t.pth",
+                ],
+                "student.drop_path_rate",
+            ),
+        ] {
+            let err = with(overrides).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(key), "{overrides:?}: {err}");
+            assert_eq!(invalid_key(Err::<(), _>(err)), key);
+        }
+        // a disabled section is not checked
+        with(&["distillation.teacher_model="])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(matches!(
+            with(&["distillation.teacher=x"]),
+            Err(Error::UnknownKey { suggestion: Some(ref s), .. }) if s.starts_with("distillation.teacher_")
+        ));
     }
 }

@@ -73,6 +73,14 @@ pub enum Error {
         /// The last good checkpoint, if any.
         last_checkpoint: Option<PathBuf>,
     },
+    /// The frozen teacher of a distillation run cannot be loaded, or does not fit the student.
+    #[error("distillation teacher `{spec}`: {reason}")]
+    Teacher {
+        /// The teacher as given (`distillation.teacher_model`).
+        spec: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An argument outside its domain.
     #[error("invalid argument `{name}`: {reason}")]
     InvalidArgument {

@@ -1,7 +1,7 @@
 //! # dinov2-train
 //!
 //! DINOv2 self-supervised pretraining on candle, step for step the official `train/train.py` +
-//! `SSLMetaArch`.
+//! `SSLMetaArch`, and the paper's distillation recipe on the same machinery ([`distill`]).
 #![warn(missing_docs)]
 
 pub mod config;
@@ -11,6 +11,7 @@ pub mod eval;
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub mod checkpoint;
+pub mod distill;
 pub mod ema;
 pub mod meta_arch;
 pub mod optim;

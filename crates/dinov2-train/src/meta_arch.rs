@@ -1,6 +1,10 @@
 //! The self-distillation meta-architecture (`train/ssl_meta_arch.py: SSLMetaArch`): a student (backbone,
 //! DINO head, optional separate iBOT head) on `Var`s, an EMA teacher of the same structure, and one
 //! `forward_backward` step that returns the loss terms and the student's gradients.
+//!
+//! With a frozen teacher ([`SslMetaArch::set_frozen_teacher`], the distillation recipe of [`crate::distill`])
+//! the targets come from that teacher instead, nothing is masked (iBOT on every patch of the global crops), and
+//! the EMA copy is the spare EMA of the student that the paper releases.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -53,6 +57,15 @@ pub struct Submodules {
 }
 
 impl Submodules {
+    /// The number of prototypes of the patch (iBOT) logits: the separate iBOT head's, else the DINO head's.
+    pub fn patch_prototypes(&self) -> usize {
+        self.ibot_head
+            .as_ref()
+            .unwrap_or(&self.dino_head)
+            .config()
+            .out_dim
+    }
+
     fn build(cfg: &SslMetaArchConfig, vit: &VitConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             backbone: DinoVisionTransformer::new(vit, vb.pp("backbone"))?,
@@ -232,6 +245,8 @@ pub struct SslMetaArch {
     teacher: Submodules,
     student_vars: VarMap,
     teacher_vars: VarMap,
+    /// Distillation: the frozen teacher that gives the targets (`teacher` is then the student's EMA).
+    frozen_teacher: Option<Submodules>,
     loss: DinoV2Loss,
     device: Device,
 }
@@ -306,6 +321,7 @@ impl SslMetaArch {
             teacher,
             student_vars,
             teacher_vars,
+            frozen_teacher: None,
             loss,
             device: device.clone(),
         })
@@ -326,9 +342,78 @@ impl SslMetaArch {
         &self.student
     }
 
-    /// The teacher (detached views of its `Var`s: no graph).
+    /// The EMA of the student (detached views of its `Var`s: no graph): the teacher in pretraining; with a
+    /// [frozen teacher](Self::set_frozen_teacher), the spare student EMA that distillation exports.
     pub fn teacher(&self) -> &Submodules {
         &self.teacher
+    }
+
+    /// The frozen teacher of a distillation run, if one is set.
+    pub fn frozen_teacher(&self) -> Option<&Submodules> {
+        self.frozen_teacher.as_ref()
+    }
+
+    /// Turns the run into distillation (the paper's recipe, see [`crate::distill`]): `teacher` gives the targets
+    /// from now on and is never updated; no patch is masked and the iBOT loss covers every patch of the global
+    /// crops (the batch's masks are ignored); the EMA copy ([`Self::teacher`], updated by
+    /// [`Self::update_teacher`]) becomes the spare EMA of the student.
+    ///
+    /// Its heads must feed the losses: the DINO head's prototypes those of the DINO loss
+    /// (`dino.head_n_prototypes`), the patch logits' (its iBOT head, else its DINO head) those of the iBOT loss,
+    /// and with iBOT on, its patch size the student's (patch tokens are paired one to one). Its backbone width
+    /// may differ from the student's. Errors: [`Error::InvalidArgument`] naming what does not fit.
+    pub fn set_frozen_teacher(&mut self, teacher: Submodules) -> Result<()> {
+        let bad = |reason: String| Error::InvalidArgument {
+            name: "teacher",
+            reason,
+        };
+        let width = teacher.backbone.embed_dim();
+        for (what, head) in [
+            ("DINO", Some(&teacher.dino_head)),
+            ("iBOT", teacher.ibot_head.as_ref()),
+        ] {
+            if let Some(h) = head.filter(|h| h.config().in_dim != width) {
+                return Err(bad(format!(
+                    "its {what} head takes {} features, its backbone gives {width}",
+                    h.config().in_dim
+                )));
+            }
+        }
+        let k = teacher.dino_head.config().out_dim;
+        if k != self.cfg.loss.dino.out_dim {
+            return Err(bad(format!(
+                "its DINO head has {k} prototypes, the student's {}: the student heads must output the \
+                 teacher's (set dino.head_n_prototypes={k})",
+                self.cfg.loss.dino.out_dim
+            )));
+        }
+        if self.cfg.loss.ibot_loss_weight > 0.0 {
+            let k = teacher.patch_prototypes();
+            if k != self.cfg.loss.ibot.out_dim {
+                let key = if self.cfg.ibot_head.is_some() {
+                    "ibot.head_n_prototypes"
+                } else {
+                    "dino.head_n_prototypes (iBOT shares the DINO head)"
+                };
+                return Err(bad(format!(
+                    "its patch (iBOT) logits have {k} prototypes, the student's {}: set {key} to {k}, \
+                     or ibot.loss_weight=0",
+                    self.cfg.loss.ibot.out_dim
+                )));
+            }
+            let (pt, ps) = (
+                teacher.backbone.config().patch_size,
+                self.cfg.student.patch_size,
+            );
+            if pt != ps {
+                return Err(bad(format!(
+                    "its patch size is {pt}, the student's {ps}: iBOT pairs their patch tokens one to one \
+                     (set student.patch_size={pt}, or ibot.loss_weight=0)"
+                )));
+            }
+        }
+        self.frozen_teacher = Some(teacher);
+        Ok(())
     }
 
     /// The losses with their centres.
@@ -382,7 +467,17 @@ impl SslMetaArch {
             None => 0,
         };
         let ibot_on = self.cfg.loss.ibot_loss_weight > 0.0;
-        let idx = &batch.mask_indices;
+        // distillation: no masking, iBOT on every patch of the global crops
+        let distill = self.frozen_teacher.is_some();
+        let (all_masks, all_indices);
+        let (masks, idx) = if distill {
+            all_masks = Tensor::ones((two_b, n_tokens), DType::U8, &self.device)?;
+            all_indices = Tensor::arange(0u32, (two_b * n_tokens) as u32, &self.device)?;
+            (&all_masks, &all_indices)
+        } else {
+            (&batch.masks, &batch.mask_indices)
+        };
+        let targets_from = self.frozen_teacher.as_ref().unwrap_or(&self.teacher);
         let gather = |tokens: &Tensor| -> Result<Tensor> {
             let d = tokens.dim(2)?;
             Ok(tokens
@@ -391,24 +486,22 @@ impl SslMetaArch {
         };
 
         // 1. teacher: global crops only, no masks, no graph
-        let t_out = self
-            .teacher
+        let t_out = targets_from
             .backbone
             .forward_features(&batch.global_crops, None)?;
         let t_cls = &t_out.x_norm_clstoken;
         let (t_cls_logits, t_patch_logits) = if !ibot_on {
-            (self.teacher.dino_head.forward(t_cls)?, None)
+            (targets_from.dino_head.forward(t_cls)?, None)
         } else {
             let t_patches = gather(&t_out.x_norm_patchtokens)?;
-            match &self.teacher.ibot_head {
+            match &targets_from.ibot_head {
                 Some(ibot) => (
-                    self.teacher.dino_head.forward(t_cls)?,
+                    targets_from.dino_head.forward(t_cls)?,
                     Some(ibot.forward(&t_patches)?),
                 ),
                 None => {
                     let m = t_patches.dim(0)?;
-                    let out = self
-                        .teacher
+                    let out = targets_from
                         .dino_head
                         .forward(&Tensor::cat(&[t_cls, &t_patches], 0)?)?;
                     (out.narrow(0, 0, two_b)?, Some(out.narrow(0, two_b, m)?))
@@ -423,20 +516,21 @@ impl SslMetaArch {
             teacher_temp,
         )?;
 
-        // 2. student: masked globals + locals, one packed forward
+        // 2. student: masked globals (unmasked in distillation) + locals, one packed forward
         let mut crops = vec![batch.global_crops.clone()];
-        let mut masks = vec![Some(batch.masks.clone())];
+        let mut crop_masks = vec![(!distill).then(|| masks.clone())];
         if let Some(l) = &batch.local_crops {
             crops.push(l.clone());
-            masks.push(None);
+            crop_masks.push(None);
         }
-        let s_out =
-            self.student
-                .backbone
-                .forward_features_list_t(&crops, &masks, Some(drop_path_rng))?;
+        let s_out = self.student.backbone.forward_features_list_t(
+            &crops,
+            &crop_masks,
+            Some(drop_path_rng),
+        )?;
         let g_cls = &s_out[0].x_norm_clstoken;
         let l_cls = s_out.get(1).map(|f| &f.x_norm_clstoken);
-        let patch_masks = PatchMasks::new(&batch.masks);
+        let patch_masks = PatchMasks::new(masks);
         let terms = match (&self.student.ibot_head, ibot_on) {
             (None, _) => {
                 // 3-4. one shared-head call over [local CLS; global CLS; masked patches]
@@ -492,7 +586,8 @@ impl SslMetaArch {
         Ok(StepOutput { losses, grads })
     }
 
-    /// `update_teacher(m)`: the EMA of every student parameter into the teacher.
+    /// `update_teacher(m)`: the EMA of every student parameter into the teacher (the student EMA in
+    /// distillation; a frozen teacher is never touched).
     pub fn update_teacher(&self, momentum: f64) -> Result<()> {
         let pairs: Vec<(Var, Var)> = self
             .teacher_parameters()

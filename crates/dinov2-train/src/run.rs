@@ -91,6 +91,11 @@ pub enum Event<'a> {
         /// Accuracy per k, in the order of `evaluation.knn_nb_knn`.
         results: &'a [KnnAccuracy],
     },
+    /// Distillation: the frozen teacher was loaded (before [`Event::Started`]; its `Display` is a log line).
+    DistillationTeacher {
+        /// What was loaded.
+        info: &'a crate::distill::TeacherInfo,
+    },
 }
 
 /// Why the run ended.
@@ -114,14 +119,16 @@ pub struct RunSummary {
     pub max_iter: u64,
     /// The last checkpoint written.
     pub checkpoint: PathBuf,
-    /// The exported teacher backbone.
+    /// The exported model: the teacher backbone ([`TEACHER_FILE`]), or in a distillation run the student's EMA
+    /// ([`STUDENT_EMA_FILE`](crate::distill::STUDENT_EMA_FILE)).
     pub teacher: PathBuf,
     /// Why it stopped.
     pub reason: StopReason,
 }
 
 /// The meta-architecture of a configuration (official init, seeded by `train.seed`; `student.pretrained_weights`
-/// loaded into the student's backbone when set; the teacher a copy of the student).
+/// loaded into the student's backbone when set; the teacher a copy of the student). For pretraining: a
+/// distillation run builds its networks with [`crate::distill::build_arch`].
 pub fn build_arch(cfg: &TrainConfig, device: &Device) -> Result<SslMetaArch> {
     let student = cfg.student_vit()?;
     let d = student.embed_dim;
@@ -218,11 +225,14 @@ pub fn run(
     crate::plot::write_atomic(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
 
     let device = Device::Cpu;
-    let mut trainer = Trainer::new(
-        build_arch(cfg, &device)?,
-        &optim_settings(cfg),
-        cfg.train.seed,
-    )?;
+    let arch = if cfg.distillation.enabled {
+        let (arch, info) = crate::distill::build_arch(cfg, &device)?;
+        on_event(Event::DistillationTeacher { info: &info });
+        arch
+    } else {
+        build_arch(cfg, &device)?
+    };
+    let mut trainer = Trainer::new(arch, &optim_settings(cfg), cfg.train.seed)?;
     let ckpt_dir = out.join(CHECKPOINT_DIR);
     let mut resumed_from = None;
     if opts.resume {
@@ -347,7 +357,7 @@ pub fn run(
         iteration: trainer.iteration(),
         max_iter,
         checkpoint,
-        teacher: out.join(TEACHER_FILE),
+        teacher: out.join(export_file(cfg)),
         reason,
     })
 }
@@ -430,7 +440,13 @@ impl PeriodicKnn {
 /// Starting over in a directory that holds a run: its checkpoints and outputs move to `previous-<unix time>/`
 /// (nothing is deleted, and a later resume cannot pick up the old run's checkpoints).
 fn archive_previous_run(out: &Path) -> Result<()> {
-    let names = [CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, TEACHER_FILE];
+    let names = [
+        CHECKPOINT_DIR,
+        METRICS_FILE,
+        PLOT_FILE,
+        TEACHER_FILE,
+        crate::distill::STUDENT_EMA_FILE,
+    ];
     if !names.iter().any(|n| out.join(n).exists()) {
         return Ok(());
     }
@@ -458,7 +474,7 @@ fn save_all(trainer: &mut Trainer, out: &Path, cfg: &TrainConfig) -> Result<Path
     let dir = out.join(CHECKPOINT_DIR);
     let p = trainer.save(&dir)?;
     checkpoint::prune(&dir, cfg.train.checkpoints_to_keep.max(1))?;
-    export_teacher(trainer.arch(), &out.join(TEACHER_FILE))?;
+    export_teacher(trainer.arch(), &out.join(export_file(cfg)))?;
     let metrics = out.join(METRICS_FILE);
     if metrics.exists() {
         crate::plot::plot_losses(&metrics, out.join(PLOT_FILE))?;
@@ -466,8 +482,18 @@ fn save_all(trainer: &mut Trainer, out: &Path, cfg: &TrainConfig) -> Result<Path
     Ok(p)
 }
 
-/// Writes the teacher backbone with official key names and its `VitConfig` in the metadata (loadable by
-/// `dinov2 embed --model FILE` and `dinov2_model::load_model`), atomically.
+/// The exported model's file name: the teacher, or the student's EMA in a distillation run.
+fn export_file(cfg: &TrainConfig) -> &'static str {
+    if cfg.distillation.enabled {
+        crate::distill::STUDENT_EMA_FILE
+    } else {
+        TEACHER_FILE
+    }
+}
+
+/// Writes the teacher backbone (the student's EMA in a distillation run) with official key names and its
+/// `VitConfig` in the metadata (loadable by `dinov2 embed --model FILE` and `dinov2_model::load_model`),
+/// atomically.
 pub fn export_teacher(arch: &SslMetaArch, path: &Path) -> Result<()> {
     let backbone = &arch.teacher().backbone;
     let sd = backbone.state_dict()?;

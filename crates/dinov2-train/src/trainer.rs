@@ -272,7 +272,12 @@ pub(crate) mod tests {
             loss: DinoV2LossConfig::new(64, if separate_ibot { 48 } else { 64 }),
         };
         let arch = SslMetaArch::new(cfg, seed, &Device::Cpu).unwrap();
-        let settings = OptimSettings {
+        Trainer::new(arch, &tiny_settings(), seed).unwrap()
+    }
+
+    /// The optimisation of [`tiny_trainer`]: 4 epochs of 3 iterations, strong clipping.
+    pub(crate) fn tiny_settings() -> OptimSettings {
+        OptimSettings {
             schedules: ScheduleConfig {
                 lr: 1e-3,
                 epochs: 4,
@@ -285,8 +290,7 @@ pub(crate) mod tests {
             layerwise_decay: 0.9,
             patch_embed_lr_mult: 0.2,
             clip_grad: 0.05,
-        };
-        Trainer::new(arch, &settings, seed).unwrap()
+        }
     }
 
     /// Deterministic batch `i` (B = 2, 2 local crops).
