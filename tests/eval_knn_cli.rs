@@ -1,56 +1,20 @@
 //! `dinov2 eval knn` end to end: generated class folders, a tiny random model file, the JSON metrics.
 
-use std::path::Path;
-use std::process::Command;
-
-use candle_core::{DType, Device};
 use dinov2_data::synthetic::SyntheticShapes;
 use dinov2_data::{FileDataset, Preprocess};
-use dinov2_model::{DinoVisionTransformer, VitConfig};
 use dinov2_train::eval::knn::{embed_dataset_with, knn_evaluate};
 
-fn dinov2(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dinov2"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run dinov2")
-}
-
-/// A tiny seeded ViT written with its configuration in the metadata (what `dinov2 train` exports).
-fn tiny_model(dir: &Path) -> (std::path::PathBuf, DinoVisionTransformer) {
-    let mut cfg = VitConfig::vit_small();
-    (
-        cfg.embed_dim,
-        cfg.num_heads,
-        cfg.depth,
-        cfg.patch_size,
-        cfg.img_size,
-    ) = (32, 2, 2, 8, 32);
-    let sd = dinov2_model::init::init_state_dict(&cfg, 3).unwrap();
-    let path = dir.join("tiny.safetensors");
-    dinov2_model::weights::save_safetensors_with_config(&sd, &cfg, &path).unwrap();
-    let model =
-        DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32).unwrap();
-    (path, model)
-}
+mod common;
+use common::{class_folders, dinov2, tiny_model};
 
 #[test]
 fn knn_prints_every_k_and_writes_the_library_result() {
     let dir = tempfile::tempdir().unwrap();
-    let (train, val) = (dir.path().join("train"), dir.path().join("val"));
-    SyntheticShapes::new(60, 1)
-        .with_class_colours()
-        .write_image_folder(&train)
-        .unwrap();
-    SyntheticShapes::new(30, 2)
-        .with_class_colours()
-        .write_image_folder(&val)
-        .unwrap();
+    let (train, val) = class_folders(dir.path(), 60, 30);
     // a validation class folder may be missing: labels follow the class names, not the folder positions
     std::fs::remove_dir_all(val.join(&FileDataset::image_folder(&val).unwrap().classes[0]))
         .unwrap();
-    let (model_path, model) = tiny_model(dir.path());
+    let (model_path, model) = tiny_model(dir.path(), 2);
     let metrics = dir.path().join("metrics.json");
     std::fs::write(&metrics, r#"{"linear": {"kept": true}}"#).unwrap();
     let out = dinov2(&[
@@ -130,7 +94,7 @@ fn knn_refuses_a_validation_class_the_training_set_lacks() {
     SyntheticShapes::new(6, 2).write_image_folder(&val).unwrap();
     let missing = FileDataset::image_folder(&train).unwrap().classes[0].clone();
     std::fs::remove_dir_all(train.join(&missing)).unwrap();
-    let (model_path, _) = tiny_model(dir.path());
+    let (model_path, _) = tiny_model(dir.path(), 2);
     let out = dinov2(&[
         "eval",
         "knn",

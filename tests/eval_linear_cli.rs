@@ -2,53 +2,17 @@
 //! saved head, against the library result.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
-use dinov2_data::synthetic::SyntheticShapes;
+use candle_core::{Device, Tensor};
 use dinov2_data::{FileDataset, Preprocess};
-use dinov2_model::{DinoVisionTransformer, VitConfig};
+mod common;
+use common::{class_folders, dinov2, tiny_model};
 use dinov2_train::eval::linear::{
     embed_linear_features, linear_probe, load_head, LinearProbeConfig,
 };
 
-fn dinov2(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dinov2"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run dinov2")
-}
-
-/// A tiny seeded ViT of `depth` blocks written with its configuration in the metadata.
-fn tiny_model(dir: &Path, depth: usize) -> (PathBuf, DinoVisionTransformer) {
-    let mut cfg = VitConfig::vit_small().with_registers(1);
-    (
-        cfg.embed_dim,
-        cfg.num_heads,
-        cfg.depth,
-        cfg.patch_size,
-        cfg.img_size,
-    ) = (32, 2, depth, 8, 32);
-    let sd = dinov2_model::init::init_state_dict(&cfg, 3).unwrap();
-    let path = dir.join(format!("tiny{depth}.safetensors"));
-    dinov2_model::weights::save_safetensors_with_config(&sd, &cfg, &path).unwrap();
-    let model =
-        DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32).unwrap();
-    (path, model)
-}
-
 fn folders(dir: &Path) -> (PathBuf, PathBuf) {
-    let (train, val) = (dir.join("train"), dir.join("val"));
-    SyntheticShapes::new(80, 1)
-        .with_class_colours()
-        .write_image_folder(&train)
-        .unwrap();
-    SyntheticShapes::new(30, 2)
-        .with_class_colours()
-        .write_image_folder(&val)
-        .unwrap();
-    (train, val)
+    class_folders(dir, 80, 30)
 }
 
 #[test]

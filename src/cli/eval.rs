@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use dinov2_data::{FileDataset, Preprocess};
+use dinov2_model::LoadedModel;
 use dinov2_train::eval::knn::{embed_dataset_with, knn_evaluate, metrics_json, OFFICIAL_KS};
 use dinov2_train::eval::{labelled_folders, write_metrics};
 
@@ -20,17 +21,32 @@ pub(super) enum EvalCommand {
     Linear(super::eval_linear::LinearArgs),
 }
 
-/// `dinov2 eval knn` arguments.
+/// The backbone and the labelled folders every evaluation takes.
 #[derive(clap::Args)]
-pub(super) struct KnnArgs {
+pub(super) struct EvalData {
     #[command(flatten)]
     model: ModelArgs,
     /// Training images: one subfolder per class.
     #[arg(long)]
     train: PathBuf,
-    /// Validation images: one subfolder per class, class names as in --train.
+    /// Validation images: one subfolder per class, class names as in --train (a subset is fine).
     #[arg(long)]
     val: PathBuf,
+}
+
+impl EvalData {
+    /// The folders (validation classes matched to training classes by name), then the model.
+    pub(super) fn open(&self) -> Result<(FileDataset, FileDataset, LoadedModel)> {
+        let (train, val) = labelled_folders(&self.train, &self.val)?;
+        Ok((train, val, model::load(&self.model)?))
+    }
+}
+
+/// `dinov2 eval knn` arguments.
+#[derive(clap::Args)]
+pub(super) struct KnnArgs {
+    #[command(flatten)]
+    data: EvalData,
     /// Numbers of neighbours (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = OFFICIAL_KS)]
     k: Vec<usize>,
@@ -63,8 +79,7 @@ fn knn(args: KnnArgs) -> Result<()> {
     if args.k.is_empty() {
         bail!("--k needs at least one value, e.g. --k 10,20,100,200");
     }
-    let (train_ds, val_ds) = labelled_folders(&args.train, &args.val)?;
-    let loaded = model::load(&args.model)?;
+    let (train_ds, val_ds, loaded) = args.data.open()?;
     let transform = Preprocess::Eval {
         resize: args.resize,
         crop: args.crop,

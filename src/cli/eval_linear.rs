@@ -8,9 +8,9 @@ use dinov2_data::{FileDataset, Preprocess};
 use dinov2_train::eval::linear::{
     embed_linear_features, linear_probe, HeadResult, LinearProbeConfig, OFFICIAL_LEARNING_RATES,
 };
-use dinov2_train::eval::{labelled_folders, write_metrics};
+use dinov2_train::eval::write_metrics;
 
-use super::model::{self, ModelArgs};
+use super::eval::EvalData;
 
 /// The default crop never exceeds the official evaluation crop.
 const MAX_DEFAULT_IMAGE_SIZE: usize = 224;
@@ -19,13 +19,7 @@ const MAX_DEFAULT_IMAGE_SIZE: usize = 224;
 #[derive(clap::Args)]
 pub(super) struct LinearArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    /// Training images: one subfolder per class.
-    #[arg(long)]
-    train: PathBuf,
-    /// Validation images: one subfolder per class, class names as in --train.
-    #[arg(long)]
-    val: PathBuf,
+    data: EvalData,
     /// JSON file to write (or update): {"linear": {"best": {..}, "heads": {..}}}, accuracies in percent.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -67,8 +61,7 @@ pub(super) struct LinearArgs {
 
 /// Runs `dinov2 eval linear`.
 pub(super) fn linear(args: LinearArgs) -> Result<()> {
-    let (train_ds, val_ds) = labelled_folders(&args.train, &args.val)?;
-    let loaded = model::load(&args.model)?;
+    let (train_ds, val_ds, loaded) = args.data.open()?;
     let cfg = loaded.model.config();
     let size = match args.image_size {
         Some(0) => bail!("--image-size must be positive"),
