@@ -116,7 +116,10 @@ pub(super) fn linear(args: LinearArgs) -> Result<()> {
         println!("{}", summary(h));
     }
     let best = result.best();
-    println!("best: {}", best.name);
+    println!(
+        "best: {} (the official name: the learning rate scaled by batch / 256)",
+        best.name
+    );
     println!("{}", summary(best));
     if let Some(out) = &args.output {
         write_metrics(out, "linear", result.metrics_json())?;
@@ -132,13 +135,13 @@ pub(super) fn linear(args: LinearArgs) -> Result<()> {
     Ok(())
 }
 
-/// `4 blocks + avgpool  lr 0.001   held-out top-1  95.00%  val top-1  93.33%  top-5 100.00%`.
+/// `4 blocks + avgpool  base lr 0.001   held-out top-1  95.00%  val top-1  93.33%  top-5 100.00%`.
 fn summary(h: &HeadResult) -> String {
     let held_out = h
         .holdout
         .map_or_else(|| "     -".to_string(), |s| format!("{:6.2}%", s.top1));
     format!(
-        "{:<18} lr {:<7}  held-out top-1 {held_out}  val top-1 {:6.2}%  top-5 {:6.2}%",
+        "{:<18} base lr {:<7}  held-out top-1 {held_out}  val top-1 {:6.2}%  top-5 {:6.2}%",
         h.spec.config.describe(),
         h.spec.lr,
         h.val.top1,
