@@ -116,10 +116,7 @@ pub(super) fn linear(args: LinearArgs) -> Result<()> {
         println!("{}", summary(h));
     }
     let best = result.best();
-    println!(
-        "best: {} (the official name: the learning rate scaled by batch / 256)",
-        best.name
-    );
+    println!("best: {}", best.name); // the official name: its lr is the scaled one
     println!("{}", summary(best));
     if let Some(out) = &args.output {
         write_metrics(out, "linear", result.metrics_json())?;
