@@ -68,10 +68,7 @@ pub(super) fn linear(args: LinearArgs) -> Result<()> {
         Some(s) => s,
         None => u32::try_from(cfg.img_size.min(MAX_DEFAULT_IMAGE_SIZE))?,
     };
-    let transform = Preprocess::Eval {
-        resize: (size * 256 + 112) / 224,
-        crop: size,
-    };
+    let transform = Preprocess::eval_at(size);
     // the class tokens of the last 4 blocks serve the official grid; more only when asked for
     let wanted = args
         .n_last_blocks

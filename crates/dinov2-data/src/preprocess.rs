@@ -142,6 +142,22 @@ impl Preprocess {
         resize: 256,
         crop: 224,
     };
+
+    /// The official evaluation transform scaled to a `crop` of any size: the shorter side resized to
+    /// `crop · 256 / 224` (rounded), then the `crop`×`crop` center crop.
+    ///
+    /// ```
+    /// use dinov2_data::Preprocess;
+    /// assert_eq!(Preprocess::eval_at(224), Preprocess::OFFICIAL_EVAL);
+    /// assert_eq!(Preprocess::eval_at(32), Preprocess::Eval { resize: 37, crop: 32 });
+    /// ```
+    pub fn eval_at(crop: u32) -> Preprocess {
+        let resize = (u64::from(crop) * 256 + 112) / 224;
+        Preprocess::Eval {
+            resize: u32::try_from(resize).unwrap_or(u32::MAX),
+            crop,
+        }
+    }
 }
 
 fn nearest_multiple(v: u32, m: u32) -> u32 {

@@ -344,8 +344,11 @@ fn locate(opts: &TeacherOptions) -> Result<(PathBuf, Option<VitConfig>)> {
 /// `config.yaml`; `None` when it has neither.
 fn run_config(dir: &Path) -> Result<Option<VitConfig>> {
     for name in [crate::run::TEACHER_FILE, STUDENT_EMA_FILE] {
-        if let Some(cfg) = stored_config(&dir.join(name))? {
-            return Ok(Some(cfg));
+        let file = dir.join(name);
+        if file.is_file() {
+            if let Some(cfg) = dinov2_model::weights::stored_config(&file)? {
+                return Ok(Some(cfg));
+            }
         }
     }
     let file = dir.join(crate::run::CONFIG_FILE);
@@ -360,33 +363,6 @@ fn run_config(dir: &Path) -> Result<Option<VitConfig>> {
         )
     })?;
     Ok(Some(cfg.teacher_vit()?))
-}
-
-/// The `VitConfig` in a safetensors file's metadata ([`dinov2_model::weights::CONFIG_METADATA_KEY`]), read from
-/// its header alone; `None` when the file or the key is missing.
-fn stored_config(path: &Path) -> Result<Option<VitConfig>> {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Ok(None);
-    };
-    let bad = |reason: String| Error::checkpoint(path, reason);
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(bad(format!("a safetensors header of {len} bytes")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("the safetensors header is not JSON: {e}")))?;
-    let key = dinov2_model::weights::CONFIG_METADATA_KEY;
-    match header["__metadata__"][key].as_str() {
-        None => Ok(None),
-        Some(json) => serde_json::from_str(json)
-            .map(Some)
-            .map_err(|e| bad(format!("its `{key}` metadata is not a VitConfig: {e}"))),
-    }
 }
 
 /// The teacher's heads: from its extra tensors when it has them, else built from the seed; constants.

@@ -383,19 +383,13 @@ impl PeriodicKnn {
         let (train, val) = crate::eval::eval_datasets(&e.knn_train_dataset, &e.knn_val_dataset)?;
         // the official eval transform scaled to the global crop: resize 256 / crop 224 at 224
         let crop = cfg.crops.global_crops_size;
-        let resize = (crop * 256 + 112) / 224;
-        let size = |v: usize| {
-            u32::try_from(v).map_err(|_| {
-                Error::invalid("crops.global_crops_size", crop, "is too large to evaluate")
-            })
-        };
+        let crop = u32::try_from(crop).map_err(|_| {
+            Error::invalid("crops.global_crops_size", crop, "is too large to evaluate")
+        })?;
         Ok(Some(Self {
             train,
             val,
-            transform: Preprocess::Eval {
-                resize: size(resize)?,
-                crop: size(crop)?,
-            },
+            transform: Preprocess::eval_at(crop),
             ks: e.knn_nb_knn.clone(),
             temperature: e.knn_temperature,
             batch_size: cfg.train.batch_size_per_gpu.max(1),

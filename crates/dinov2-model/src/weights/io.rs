@@ -94,22 +94,61 @@ pub(crate) struct SafetensorsFile {
     pub(crate) metadata: HashMap<String, String>,
 }
 
-/// Reads every tensor of a safetensors file one at a time (peak memory: the tensors, not the file twice).
-pub(crate) fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
-    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
-    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
-    let truncated = |what: &str| format_err(path, format!("truncated safetensors file ({what})"));
+/// An open safetensors file after its header: the file (positioned at the tensor data), its length, the header's
+/// length and the parsed header.
+struct Header {
+    file: File,
+    len: u64,
+    hlen: u64,
+    meta: safetensors::tensor::Metadata,
+}
+
+fn truncated(path: &Path, what: &str) -> Error {
+    format_err(path, format!("truncated safetensors file ({what})"))
+}
+
+/// Opens a safetensors file and reads its header (bounded by the file's length and [`MAX_HEADER`]).
+fn read_header(path: &Path) -> Result<Header> {
+    let mut file = File::open(path).map_err(|e| io_err(path, e))?;
+    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
     let mut n8 = [0u8; 8];
-    f.read_exact(&mut n8).map_err(|_| truncated("no header"))?;
+    file.read_exact(&mut n8)
+        .map_err(|_| truncated(path, "no header"))?;
     let hlen = u64::from_le_bytes(n8);
     if hlen > MAX_HEADER || hlen > len.saturating_sub(8) {
-        return Err(truncated("header longer than the file"));
+        return Err(truncated(path, "header longer than the file"));
     }
     let mut header = vec![0u8; hlen as usize];
-    f.read_exact(&mut header)
-        .map_err(|_| truncated("short header"))?;
-    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+    file.read_exact(&mut header)
+        .map_err(|_| truncated(path, "short header"))?;
+    let meta = serde_json::from_slice(&header)
         .map_err(|e| format_err(path, format!("invalid safetensors header: {e}")))?;
+    Ok(Header {
+        file,
+        len,
+        hlen,
+        meta,
+    })
+}
+
+/// The `__metadata__` string map of a safetensors file, from its header alone.
+pub(crate) fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    Ok(read_header(path)?
+        .meta
+        .metadata()
+        .clone()
+        .unwrap_or_default())
+}
+
+/// Reads every tensor of a safetensors file one at a time (peak memory: the tensors, not the file twice).
+pub(crate) fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
+    let Header {
+        file: mut f,
+        len,
+        hlen,
+        meta,
+    } = read_header(path)?;
+    let truncated = |what: &str| truncated(path, what);
     let data_start = 8 + hlen;
     let data_len = meta.data_len() as u64;
     if data_start + data_len > len {

@@ -317,6 +317,32 @@ fn read_safetensors_file(path: &Path) -> Result<FileWeights> {
     })
 }
 
+/// The `VitConfig` stored in a safetensors file's metadata ([`CONFIG_METADATA_KEY`], written by
+/// [`save_safetensors_with_config`]), read from the header alone and validated; `None` when the file has none.
+///
+/// ```
+/// use dinov2_model::{weights, VitConfig};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut cfg = VitConfig::vit_small();
+/// (cfg.embed_dim, cfg.num_heads, cfg.depth) = (32, 2, 1);
+/// let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+/// weights::save_safetensors_with_config(&sd, &cfg, dir.path().join("m.safetensors"))?;
+/// assert_eq!(weights::stored_config(dir.path().join("m.safetensors"))?, Some(cfg));
+/// weights::save_safetensors(&sd, dir.path().join("plain.safetensors"))?;
+/// assert_eq!(weights::stored_config(dir.path().join("plain.safetensors"))?, None);
+/// # Ok::<(), dinov2_model::Error>(())
+/// ```
+///
+/// Errors: [`Error::Io`] when the file cannot be read, [`Error::Format`] for a malformed header or a stored
+/// configuration that is not a valid `VitConfig`.
+pub fn stored_config(path: impl AsRef<Path>) -> Result<Option<VitConfig>> {
+    let path = path.as_ref();
+    io::read_safetensors_metadata(path)?
+        .get(CONFIG_METADATA_KEY)
+        .map(|json| metadata_config(path, json))
+        .transpose()
+}
+
 /// Parses and validates a configuration stored in the metadata of `file`.
 fn metadata_config(file: &Path, json: &str) -> Result<VitConfig> {
     let bad = |why: String| {

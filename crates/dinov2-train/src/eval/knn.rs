@@ -84,16 +84,7 @@ pub fn knn_accuracy(
     temperature: f64,
 ) -> Result<f64> {
     let predictions = knn_predict(train, train_labels, test, k, temperature)?;
-    if predictions.len() != test_labels.len() {
-        return Err(invalid(
-            "test_labels",
-            format!(
-                "has {} labels for {} test features; give one label per row",
-                test_labels.len(),
-                predictions.len()
-            ),
-        ));
-    }
+    check_test_labels(predictions.len(), test_labels)?;
     let correct = predictions
         .iter()
         .zip(test_labels)
@@ -203,15 +194,8 @@ fn evaluate_chunked(
     temperature: f64,
     chunk_elems: usize,
 ) -> Result<Vec<KnnAccuracy>> {
-    let m = test.dims().first().copied().unwrap_or(0);
-    if test.rank() == 2 && test_labels.len() != m {
-        return Err(invalid(
-            "test_labels",
-            format!(
-                "has {} labels for {m} test features; give one label per row",
-                test_labels.len()
-            ),
-        ));
+    if test.rank() == 2 {
+        check_test_labels(test.dims()[0], test_labels)?;
     }
     let num_classes = num_classes(train_labels, test_labels);
     // per test row and k: (top-1 hit, top-5 hit)
@@ -256,6 +240,20 @@ pub fn metrics_json(results: &[KnnAccuracy]) -> serde_json::Value {
         );
     }
     serde_json::Value::Object(obj)
+}
+
+/// One label per test row.
+fn check_test_labels(rows: usize, test_labels: &[usize]) -> Result<()> {
+    if test_labels.len() == rows {
+        return Ok(());
+    }
+    Err(invalid(
+        "test_labels",
+        format!(
+            "has {} labels for {rows} test features; give one label per row",
+            test_labels.len()
+        ),
+    ))
 }
 
 fn num_classes(train_labels: &[usize], test_labels: &[usize]) -> usize {
