@@ -206,6 +206,14 @@ pub fn embed_pool(
                     dim,
                 });
             }
+            if let Some(i) = e.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFiniteEmbedding {
+                    image: batch[i / dim].clone(),
+                    row: a + (rows.len() + i) / dim,
+                    col: i % dim,
+                    value: e[i],
+                });
+            }
             rows.extend_from_slice(&e);
             done_rows += batch.len();
             progress(done_rows, n);
@@ -408,5 +416,59 @@ mod tests {
             embed_pool(&mut w, &paths(24), &out, &cfg, &mut |_, _| {}),
             Err(Error::Resume { .. })
         ));
+    }
+
+    /// A model that returns NaN for one image.
+    struct NanAt(&'static str);
+
+    impl Embedder for NanAt {
+        fn dim(&self) -> usize {
+            2
+        }
+        fn embed(&mut self, paths: &[PathBuf]) -> Result<Vec<f32>> {
+            Ok(paths
+                .iter()
+                .flat_map(|p| {
+                    let bad = p.ends_with(self.0);
+                    [1.0, if bad { f32::NAN } else { 0.5 }]
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_non_finite_embedding_stops_the_run_naming_the_image_and_keeps_finished_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("emb");
+        let cfg = EmbedConfig {
+            shard_size: 4,
+            batch_size: 3,
+            normalize: true,
+        };
+        let err = embed_pool(
+            &mut NanAt("0006.jpg"),
+            &paths(10),
+            &out,
+            &cfg,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        match &err {
+            Error::NonFiniteEmbedding {
+                image,
+                row,
+                col,
+                value,
+            } => {
+                assert_eq!(
+                    (image.to_str().unwrap(), *row, *col),
+                    ("img/0006.jpg", 6, 1)
+                );
+                assert!(value.is_nan());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("img/0006.jpg (row 6)"), "{err}");
+        assert!(shard_path(&out, 0).exists() && !shard_path(&out, 1).exists());
     }
 }

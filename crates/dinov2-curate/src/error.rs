@@ -88,6 +88,44 @@ pub enum Error {
         /// Number of entries found.
         got: usize,
     },
+    /// Embeddings holding NaN or an infinity: every distance, cluster and duplicate computed from them would be
+    /// meaningless, so they are refused where they enter (files, buffers, model outputs).
+    #[error(
+        "{}: row {row} is not finite ({value} in column {col}); {rows} of {total} rows hold NaN or inf. \
+         re-embed those images or remove the rows before curating",
+        path.as_ref().map_or_else(|| "embeddings".to_string(), |p| p.display().to_string())
+    )]
+    NonFinite {
+        /// File involved (`None` for an in-memory buffer).
+        path: Option<PathBuf>,
+        /// First row with a non-finite value.
+        row: usize,
+        /// Its first non-finite column.
+        col: usize,
+        /// The value there (NaN, inf or -inf).
+        value: f32,
+        /// Number of rows with a non-finite value.
+        rows: usize,
+        /// Number of rows in all.
+        total: usize,
+    },
+    /// A model returned NaN or an infinity for an image (decoded pixels are always finite, so the weights are the
+    /// usual suspect). Finished shards are kept; the run resumes once the cause is fixed.
+    #[error(
+        "the embedding of {} (row {row}) is not finite ({value} in column {col}); check the model's weights \
+         (a checkpoint of a diverged run?) or that image",
+        image.display()
+    )]
+    NonFiniteEmbedding {
+        /// The image.
+        image: PathBuf,
+        /// Its row in the pool.
+        row: usize,
+        /// First non-finite column.
+        col: usize,
+        /// The value there.
+        value: f32,
+    },
     /// Other shapes that do not fit together.
     #[error("shape mismatch in {op}: {reason}")]
     Shape {

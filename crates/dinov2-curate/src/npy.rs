@@ -146,6 +146,12 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
                 .map_err(|_| bad(path, format!("bad shape {shape_s}")))?,
         );
     }
+    // The byte size must fit in memory's address space: every later size computation relies on it.
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .and_then(|len| len.checked_add(end))
+        .ok_or_else(|| bad(path, format!("shape {shape:?} is too large")))?;
     Ok(NpyHeader {
         dtype,
         shape,
@@ -174,17 +180,29 @@ fn dict_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 pub fn read_header(path: &Path) -> Result<NpyHeader> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut buf = vec![0u8; 12];
-    f.read_exact(&mut buf).map_err(io_err(path))?;
-    let hlen = match buf[6] {
-        1 => u16::from_le_bytes([buf[8], buf[9]]) as usize + 10,
-        _ => u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize + 12,
-    };
-    if &buf[..6] != MAGIC || hlen > (1 << 24) {
-        return Err(bad(path, "not an .npy file"));
+    let mut buf = vec![0u8; 10];
+    f.read_exact(&mut buf)
+        .map_err(|_| bad(path, "not an .npy file (shorter than its magic)"))?;
+    if &buf[..6] != MAGIC {
+        return Err(bad(path, "not an .npy file (bad magic)"));
     }
-    buf.resize(hlen, 0);
-    f.read_exact(&mut buf[12..]).map_err(io_err(path))?;
+    let end = match buf[6] {
+        1 => u16::from_le_bytes([buf[8], buf[9]]) as usize + 10,
+        2 | 3 => {
+            buf.resize(12, 0);
+            f.read_exact(&mut buf[10..])
+                .map_err(|_| bad(path, "truncated header"))?;
+            u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize + 12
+        }
+        v => return Err(bad(path, format!("unsupported format version {v}"))),
+    };
+    if end > (1 << 24) {
+        return Err(bad(path, "header longer than 16 MiB"));
+    }
+    let have = buf.len();
+    buf.resize(end, 0);
+    f.read_exact(&mut buf[have..])
+        .map_err(|_| bad(path, "truncated header"))?;
     parse_header(&buf, path)
 }
 

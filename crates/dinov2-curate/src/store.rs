@@ -53,6 +53,7 @@ impl Embeddings {
                 reason: format!("{} values do not form {rows} x {dim}", data.len()),
             });
         }
+        check_finite(&data, dim, None)?;
         Ok(Self {
             rows,
             dim,
@@ -86,6 +87,7 @@ impl Embeddings {
             });
         }
         let map = map_file(path)?;
+        // parse_header checked that the byte size and its end fit in usize.
         let need = rows * dim * h.dtype.size();
         if map.len() < h.data_offset + need {
             return Err(Error::Npy {
@@ -95,16 +97,19 @@ impl Embeddings {
         }
         if h.dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && h.data_offset % 4 == 0
         {
-            return Ok(Self {
+            let e = Self {
                 rows,
                 dim,
                 storage: Storage::Mapped {
                     map,
                     offset: h.data_offset,
                 },
-            });
+            };
+            check_finite(e.as_slice(), dim, Some(path))?;
+            return Ok(e);
         }
         let data = npy::decode_f32(&map[h.data_offset..h.data_offset + need], h.dtype, path)?;
+        check_finite(&data, dim, Some(path))?;
         Self::from_vec(data, rows, dim)
     }
 
@@ -138,23 +143,27 @@ impl Embeddings {
             safetensors::Dtype::F64 => npy::NpyDtype::F64,
             safetensors::Dtype::F16 => npy::NpyDtype::F16,
             safetensors::Dtype::BF16 => {
-                let data = bytes
+                let data: Vec<f32> = bytes
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect();
+                check_finite(&data, dim, Some(path))?;
                 return Self::from_vec(data, rows, dim);
             }
             d => return Err(bad(format!("unsupported dtype {d:?}"))),
         };
         if dtype == npy::NpyDtype::F32 && cfg!(target_endian = "little") && offset % 4 == 0 {
             drop(st);
-            return Ok(Self {
+            let e = Self {
                 rows,
                 dim,
                 storage: Storage::Mapped { map, offset },
-            });
+            };
+            check_finite(e.as_slice(), dim, Some(path))?;
+            return Ok(e);
         }
         let data = npy::decode_f32(bytes, dtype, path)?;
+        check_finite(&data, dim, Some(path))?;
         Self::from_vec(data, rows, dim)
     }
 
@@ -277,6 +286,52 @@ pub fn read_paths(path: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Refuses a row-major buffer with a NaN or an infinity ([`Error::NonFinite`], naming `path`, the first bad row
+/// and column, and how many rows are bad). One parallel pass over the data.
+///
+/// ```
+/// use dinov2_curate::{store::check_finite, Error};
+/// assert!(check_finite(&[1.0, 0.0, 0.5, 0.5], 2, None).is_ok());
+/// let e = check_finite(&[1.0, 0.0, 0.5, f32::NAN, f32::INFINITY, 0.0], 2, None).unwrap_err();
+/// assert!(matches!(e, Error::NonFinite { row: 1, col: 1, rows: 2, total: 3, .. }));
+/// assert!(e.to_string().starts_with("embeddings: row 1 is not finite (NaN in column 1); 2 of 3 rows"));
+/// ```
+pub fn check_finite(data: &[f32], dim: usize, path: Option<&Path>) -> Result<()> {
+    if dim == 0 {
+        return Ok(());
+    }
+    const ROWS_PER_TASK: usize = 4096;
+    // (first bad row, its column, value, bad rows) per task; the fast path is one vectorised all().
+    let per_task: Vec<(usize, usize, f32, usize)> = data
+        .par_chunks(dim * ROWS_PER_TASK)
+        .enumerate()
+        .filter(|(_, c)| !c.iter().fold(true, |ok, x| ok & x.is_finite()))
+        .map(|(t, c)| {
+            let mut first = None;
+            let mut bad = 0;
+            for (r, row) in c.chunks(dim).enumerate() {
+                if let Some(col) = row.iter().position(|x| !x.is_finite()) {
+                    bad += 1;
+                    first.get_or_insert((t * ROWS_PER_TASK + r, col, row[col]));
+                }
+            }
+            let (row, col, value) = first.expect("a task with a non-finite value");
+            (row, col, value, bad)
+        })
+        .collect();
+    match per_task.first() {
+        None => Ok(()),
+        Some(&(row, col, value, _)) => Err(Error::NonFinite {
+            path: path.map(Path::to_path_buf),
+            row,
+            col,
+            value,
+            rows: per_task.iter().map(|t| t.3).sum(),
+            total: data.len() / dim,
+        }),
+    }
+}
+
 /// Writes a row-id to path map (one path per line), atomically.
 pub fn write_paths(path: &Path, paths: &[PathBuf]) -> Result<()> {
     npy::atomic_write(path, |w| {
@@ -343,5 +398,64 @@ mod tests {
         let e = Embeddings::open(&p).unwrap();
         assert_eq!((e.rows(), e.dim()), (4, 3));
         assert_eq!(e.as_slice(), &data[..]);
+    }
+
+    #[test]
+    fn non_finite_embeddings_are_refused_at_every_entry_naming_file_and_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rows, dim) = (9000, 3); // more than one parallel task
+        let mut v: Vec<f32> = (0..rows * dim).map(|i| (i % 7) as f32 + 1.0).collect();
+        v[5000 * dim + 2] = f32::NAN;
+        v[8000 * dim] = f32::NEG_INFINITY;
+        let check = |r: Result<Embeddings>, path: Option<&Path>| match r {
+            Err(Error::NonFinite {
+                path: p,
+                row,
+                col,
+                rows: bad,
+                total,
+                ..
+            }) => {
+                assert_eq!(
+                    (p.as_deref(), row, col, bad, total),
+                    (path, 5000, 2, 2, rows)
+                );
+            }
+            other => panic!("{other:?}"),
+        };
+        check(Embeddings::from_vec(v.clone(), rows, dim), None);
+        // f32 (memory-mapped), f64 and f16 .npy files.
+        let p = dir.path().join("e.npy");
+        npy::write_f32(&p, &v, &[rows, dim]).unwrap();
+        check(Embeddings::open(&p), Some(&p));
+        let p64 = dir.path().join("e64.npy");
+        let v64: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+        npy::write_f64(&p64, &v64, &[rows, dim]).unwrap();
+        check(Embeddings::open(&p64), Some(&p64));
+        // safetensors, f32 (mapped) and bf16 (converted).
+        for dtype in [safetensors::Dtype::F32, safetensors::Dtype::BF16] {
+            let bytes: Vec<u8> = match dtype {
+                safetensors::Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                _ => v
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            };
+            let view =
+                safetensors::tensor::TensorView::new(dtype, vec![rows, dim], &bytes).unwrap();
+            let ps = dir.path().join(format!("e_{dtype:?}.safetensors"));
+            safetensors::serialize_to_file([("embeddings", view)], None, &ps).unwrap();
+            check(Embeddings::open(&ps), Some(&ps));
+        }
+        let msg = Embeddings::open(&p).unwrap_err().to_string();
+        assert!(
+            msg.contains("e.npy: row 5000 is not finite (NaN in column 2); 2 of 9000 rows"),
+            "{msg}"
+        );
+        // Finite data still opens, mapped.
+        v[5000 * dim + 2] = 0.0;
+        v[8000 * dim] = 0.0;
+        npy::write_f32(&p, &v, &[rows, dim]).unwrap();
+        assert!(Embeddings::open(&p).unwrap().is_mapped());
     }
 }

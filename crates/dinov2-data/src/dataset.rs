@@ -534,7 +534,7 @@ pub fn scan_tar(path: impl AsRef<Path>) -> Result<(Vec<TarMember>, Option<String
             size = s;
         }
         let data = pos + 512;
-        if data + size > file_len {
+        if size > file_len - data {
             return Ok((members, Some(format!("member at byte {pos} truncated"))));
         }
         let typeflag = hdr[156];

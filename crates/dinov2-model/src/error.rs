@@ -130,6 +130,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A weight holding NaN or an infinity: a corrupt file or the checkpoint of a run that diverged.
+    #[error("cannot use weights from {path}: `{tensor}` is not finite ({value} at flat index {index} of {numel}); the file is corrupt or comes from a diverged run: use an earlier checkpoint")]
+    NonFinite {
+        /// The file or directory.
+        path: PathBuf,
+        /// The tensor's name as stored in the file's layout after conversion (official names).
+        tensor: String,
+        /// Flat (row-major) index of its first non-finite element.
+        index: usize,
+        /// Number of elements of the tensor.
+        numel: usize,
+        /// The value there (NaN, inf or -inf).
+        value: f64,
+    },
+
     /// I/O on a named file.
     #[error("{path}: {source}")]
     Io {

@@ -184,26 +184,10 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
     })
 }
 
-/// Reads the tensors of a zip `.pth` file, from the top-level entry `key` (or the top-level dict itself).
-///
-/// candle's pickle reader is wrapped so that a malformed file gives an error, never a panic.
+/// Reads the tensors of a zip `.pth` file, from the top-level entry `key` (or the top-level dict itself), with
+/// this crate's bounded pickle reader ([`super::pth`]).
 pub(crate) fn read_pth(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
-    let owned = path.to_path_buf();
-    let key_owned = key.map(str::to_string);
-    let res = std::panic::catch_unwind(move || {
-        candle_core::pickle::read_all_with_key(&owned, key_owned.as_deref())
-    });
-    match res {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format_err(
-            path,
-            format!("cannot read the PyTorch checkpoint: {e}"),
-        )),
-        Err(_) => Err(format_err(
-            path,
-            "malformed PyTorch checkpoint (the pickle reader gave up)",
-        )),
-    }
+    super::pth::read(path, key)
 }
 
 /// Writes `path` atomically: the bytes go to a temporary file in the same directory, which is synced and then
@@ -241,26 +225,9 @@ where
 
 /// Sorted tensor names of a zip `.pth` file under `key` (parses the pickle only, reads no tensor data).
 pub(crate) fn pth_tensor_names(path: &Path, key: Option<&str>) -> Result<Vec<String>> {
-    let owned = path.to_path_buf();
-    let key_owned = key.map(str::to_string);
-    let res = std::panic::catch_unwind(move || {
-        candle_core::pickle::read_pth_tensor_info(&owned, false, key_owned.as_deref())
-    });
-    match res {
-        Ok(Ok(v)) => {
-            let mut names: Vec<String> = v.into_iter().map(|i| i.name).collect();
-            names.sort();
-            Ok(names)
-        }
-        Ok(Err(e)) => Err(format_err(
-            path,
-            format!("cannot read the PyTorch checkpoint: {e}"),
-        )),
-        Err(_) => Err(format_err(
-            path,
-            "malformed PyTorch checkpoint (the pickle reader gave up)",
-        )),
-    }
+    let mut names = super::pth::tensor_names(path, key)?;
+    names.sort();
+    Ok(names)
 }
 
 /// Atomic write of raw bytes.

@@ -18,6 +18,7 @@
 //! `Dinov2Model.from_pretrained` / `Dinov2WithRegistersModel.from_pretrained` load without missing keys).
 
 mod io;
+mod pth;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -229,6 +230,9 @@ pub fn load_weights_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<L
         };
         return Err(format_err(path, reason));
     }
+    for (name, t) in canon.iter().chain(extra.iter()) {
+        check_finite(path, name, t)?;
+    }
     let from_metadata = opts.config.is_none() && raw.metadata_config.is_some();
     let config = match (&opts.config, &raw.metadata_config) {
         (Some(c), _) => {
@@ -305,6 +309,37 @@ struct FileWeights {
 }
 
 /// Reads a safetensors file, keeping its [`CONFIG_METADATA_KEY`] entry.
+/// Refuses a float tensor with a NaN or an infinity ([`Error::NonFinite`]). `t - t` is 0 exactly where `t` is
+/// finite, so one sum tells; only a bad tensor is searched for its first bad element.
+fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() || t.elem_count() == 0 {
+        return Ok(());
+    }
+    let any_bad = t
+        .sub(t)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .is_nan();
+    if !any_bad {
+        return Ok(());
+    }
+    let flat = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let (index, value) = flat
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(i, v)| (i, *v))
+        .unwrap_or((0, f64::NAN));
+    Err(Error::NonFinite {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        index,
+        numel: flat.len(),
+        value,
+    })
+}
+
 fn read_safetensors_file(path: &Path) -> Result<FileWeights> {
     let f = io::read_safetensors(path)?;
     Ok(FileWeights {

@@ -618,6 +618,55 @@ fn file_level_errors_are_typed() {
 }
 
 #[test]
+fn non_finite_weights_are_refused_naming_the_file_tensor_and_element() {
+    let dir = tmpdir("nonfinite");
+    let c = tiny(FfnKind::Mlp, 0);
+    for (value, dtype) in [
+        (f32::NAN, DType::F32),
+        (f32::INFINITY, DType::BF16),
+        (f32::NEG_INFINITY, DType::F16),
+    ] {
+        let mut sd = random_sd(&c);
+        let w = sd.get("blocks.0.attn.proj.weight").unwrap().clone();
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[7] = value;
+        let bad = Tensor::from_vec(v, w.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        sd.insert("blocks.0.attn.proj.weight", bad);
+        let p = dir.join(format!("bad_{dtype:?}.safetensors"));
+        save_safetensors(&sd, &p).unwrap();
+        match load_weights(&p) {
+            Err(e @ Error::NonFinite { .. }) => {
+                let Error::NonFinite {
+                    ref path,
+                    ref tensor,
+                    index,
+                    numel,
+                    value: got,
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    (path, tensor.as_str(), index, numel),
+                    (&p, "blocks.0.attn.proj.weight", 7, w.elem_count())
+                );
+                assert_eq!(got.is_nan(), value.is_nan());
+                assert!(got.is_nan() || got == f64::from(value));
+                assert!(
+                    e.to_string().contains("bad_") && e.to_string().contains("diverged"),
+                    "{e}"
+                );
+            }
+            other => panic!("{dtype:?}: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn a_config_json_is_used_only_when_it_describes_a_transformers_dinov2() {
     let dir = tmpdir("cfgjson");
     let c = tiny(FfnKind::Mlp, 0); // width 16: heads not inferable without help
