@@ -29,7 +29,7 @@ for t in "${targets[@]}"; do
     # -rss_limit_mb: the whole process; -timeout: one input (seconds); -max_len: bytes per input.
     if ! "target/$host/release/$t" "corpus/$t" "seeds/$t" \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -max_len=262144 \
-        -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" \
+        ${FUZZ_JOBS:+-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"} \
         -artifact_prefix="artifacts/$t/" -print_final_stats=1 >"logs/$t.log" 2>&1; then
         echo "!! $t failed; the input is in fuzz/artifacts/$t/, the log in fuzz/logs/$t.log"
         tail -40 "logs/$t.log"
