@@ -133,7 +133,19 @@ pub fn read_pixel_values(path: &Path) -> Result<Tensor> {
             t.dims()
         );
     }
-    Ok(t.to_dtype(DType::F32)?)
+    let t = t.to_dtype(DType::F32)?;
+    // Refuse NaN and inf: the model would turn them into NaN features without a word.
+    let (_, _, h, w) = t.dims4()?;
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        let (b, c, y, x) = (i / (3 * h * w), i / (h * w) % 3, i / w % h, i % w);
+        bail!(
+            "`pixel_values` in {}: image {b} is not finite ({} at channel {c}, row {y}, column {x})",
+            path.display(),
+            v[i]
+        );
+    }
+    Ok(t)
 }
 
 /// Writes named tensors (and string metadata) to a safetensors file atomically: a temporary file in the same

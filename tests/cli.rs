@@ -613,3 +613,130 @@ fn curate_stages_keep_their_command_line_contract() {
         s["result"]["n_unique"].as_u64().unwrap()
     );
 }
+
+#[test]
+fn non_finite_inputs_are_refused_by_every_command_that_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let fails_with = |args: &[&str], needles: &[&str]| {
+        let out = dinov2(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: `{n}` not in {err}");
+        }
+    };
+    // The case that used to report "kept 100 of 100 rows": an all-NaN embedding file, through every stage.
+    dinov2::curate::npy::write_f32(
+        Path::new(&p("nan.npy")),
+        &vec![f32::NAN; 100 * 8],
+        &[100, 8],
+    )
+    .unwrap();
+    let nan = p("nan.npy");
+    let stages: [&[&str]; 4] = [
+        &[
+            "curate",
+            "dedup",
+            "--embeddings",
+            &nan,
+            "--output",
+            &p("dd"),
+        ],
+        &[
+            "curate",
+            "kmeans",
+            "--embeddings",
+            &nan,
+            "--k",
+            "4",
+            "--output",
+            &p("km"),
+        ],
+        &[
+            "curate",
+            "hkmeans",
+            "--embeddings",
+            &nan,
+            "--k",
+            "4,2",
+            "--output",
+            &p("hk"),
+        ],
+        &[
+            "curate",
+            "retrieve",
+            "--embeddings",
+            &nan,
+            "--queries",
+            &nan,
+            "--output",
+            &p("rt"),
+        ],
+    ];
+    for args in stages {
+        fails_with(
+            args,
+            &["nan.npy: row 0 is not finite (NaN in column 0); 100 of 100 rows"],
+        );
+        assert!(!Path::new(args.last().unwrap())
+            .join("summary.json")
+            .exists());
+    }
+    // One infinite value in an otherwise good file names its row.
+    let mut x: Vec<f32> = (0..50 * 4).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+    x[37 * 4 + 2] = f32::INFINITY;
+    dinov2::curate::npy::write_f32(Path::new(&p("inf.npy")), &x, &[50, 4]).unwrap();
+    fails_with(
+        &[
+            "curate",
+            "dedup",
+            "--embeddings",
+            &p("inf.npy"),
+            "--output",
+            &p("dd2"),
+        ],
+        &["inf.npy: row 37 is not finite (inf in column 2); 1 of 50 rows"],
+    );
+    // Pixel tensors: the image and position of the first bad value.
+    let mut v = vec![0.5f32; 2 * 3 * 28 * 28];
+    v[3 * 28 * 28 + 28 * 28 + 5 * 28 + 9] = f32::NAN;
+    let pv = Tensor::from_vec(v, (2, 3, 28, 28), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_string(), pv)]),
+        p("pv.safetensors"),
+    )
+    .unwrap();
+    let model = root().join("crates/dinov2-model/tests/fixtures/plain/hf");
+    fails_with(
+        &[
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--pixel-values",
+            &p("pv.safetensors"),
+            "--output",
+            &p("out.safetensors"),
+        ],
+        &["pv.safetensors: image 1 is not finite (NaN at channel 1, row 5, column 9)"],
+    );
+    assert!(!dir.path().join("out.safetensors").exists());
+    // Weights: the file and the tensor.
+    let mut w = load(&model.join("model.safetensors"));
+    let key = "embeddings.cls_token";
+    let bad = (w[key].clone() * f64::INFINITY).unwrap();
+    w.insert(key.to_string(), bad);
+    candle_core::safetensors::save(&w, p("bad.safetensors")).unwrap();
+    fails_with(
+        &[
+            "embed",
+            "--model",
+            &p("bad.safetensors"),
+            "--images",
+            root().join("examples/images").to_str().unwrap(),
+            "--output",
+            &p("out.safetensors"),
+        ],
+        &["bad.safetensors", "`cls_token` is not finite", "diverged"],
+    );
+}

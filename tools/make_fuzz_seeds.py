@@ -5,7 +5,7 @@ dtype and version, tar shards with GNU long names, pax records and base-256 size
 
     /work/pyenv/bin/python tools/make_fuzz_seeds.py     (torch, numpy, safetensors)
 
-Deterministic: running it again gives the same files.
+Deterministic: running it again gives the same files (up to the order of safetensors metadata keys).
 """
 import io
 import json
@@ -162,10 +162,28 @@ def config():
           b"optim:\n  epochs: 2\n  warmup_epochs: 1\n")
 
 
+def hf_config():
+    for v in ["plain", "reg", "swiglu", "plain/hf_classifier"]:
+        src = ROOT / f"crates/dinov2-model/tests/fixtures/{v}" / ("" if "/" in v else "hf") / "config.json"
+        write("hf_config", v.replace("/", "_") + ".json", src.read_bytes())
+
+
+def text():
+    write("text", "list.txt", b"# images\nimg/a.jpg 3\nimg/b.png\n\n/abs/c.webp\t7\n")
+    write("text", "list.csv", b"path,label\nimg/a.jpg,3\n\"img/b,c.jpg\",\nimg/d.jpg,-1\n")
+    write("text", "paths.txt", b"pool/000.jpg\npool/001.jpg\n")
+    # A training run's metrics: losses, the learning rate and a k-NN line (tools/make_fuzz_seeds.py made it
+    # from the first lines of a real run's training_metrics.jsonl).
+    write("text", "metrics.jsonl", b'{"iteration": 0, "total_loss": 11.2, "dino_local_crops_loss": 9.1, '
+          b'"ibot_loss": 1.1, "koleo_loss": -0.2, "lr": 0.0}\n{"iteration": 10, "total_loss": 10.9, '
+          b'"dino_local_crops_loss": 8.8, "ibot_loss": NaN, "koleo_loss": -0.3, "lr": 1e-5}\n'
+          b'{"iteration": 20, "knn": {"20": {"top1": 31.5, "top5": 80.0}}}\n{"iteration": 30, "total_loss": 1e308}\n')
+
+
 if __name__ == "__main__":
     if SEEDS.exists():
         shutil.rmtree(SEEDS)
-    for f in [weights, npy, image, tar, config]:
+    for f in [weights, npy, image, tar, config, hf_config, text]:
         f()
     for d in sorted(SEEDS.iterdir()):
         files = list(d.iterdir())

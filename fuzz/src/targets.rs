@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use dinov2_curate::{npy, store::Embeddings};
 use dinov2_data::dataset::TarDataset;
 use dinov2_data::{decode_rgb, preprocess, DecodeOptions, Preprocess};
+use dinov2_data::{Dataset, FileDataset};
 use dinov2_model::vit::DinoVisionTransformer;
 use dinov2_model::weights::{load_weights, stored_config};
 use dinov2_model::VitConfig;
@@ -21,6 +22,8 @@ pub const TARGETS: &[(&str, fn(&[u8]) -> Result<(), String>)] = &[
     ("image", image),
     ("tar", tar),
     ("config", config),
+    ("hf_config", hf_config),
+    ("text", text_files),
 ];
 
 /// A scratch directory of this process and thread (under `/dev/shm` when it exists, to keep the disk out).
@@ -120,5 +123,53 @@ pub fn config(data: &[u8]) -> Result<(), String> {
     cfg.teacher_vit().map_err(text)?;
     cfg.augmentation().map_err(text)?;
     let _ = (cfg.masking(), cfg.loss(), cfg.max_iter(), cfg.to_yaml());
+    Ok(())
+}
+
+/// The committed `transformers` fixture model (tiny), for the `config.json` target. This file is compiled from
+/// `fuzz/` and from the workspace root.
+fn hf_fixture() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rel = "crates/dinov2-model/tests/fixtures/plain/hf/model.safetensors";
+    [here.join(rel), here.join("..").join(rel)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("the transformers fixture model")
+}
+
+/// A `transformers` directory: `config.json` (the input) next to a fixed tiny `model.safetensors`, loaded as a
+/// directory: the JSON parse, the check that it describes a DINOv2, and the config inference that trusts its
+/// fields (sizes, heads, registers, layer-norm eps, ...), then the model build.
+pub fn hf_config(data: &[u8]) -> Result<(), String> {
+    let dir = scratch_dir().join("hf");
+    std::fs::create_dir_all(&dir).map_err(text)?;
+    let model = dir.join("model.safetensors");
+    if !model.is_file() {
+        std::fs::copy(hf_fixture(), &model).map_err(text)?;
+    }
+    std::fs::write(dir.join("config.json"), data).map_err(text)?;
+    let w = load_weights(&dir).map_err(text)?;
+    DinoVisionTransformer::from_state_dict(&w.config, &w.state_dict, &Device::Cpu, DType::F32)
+        .map_err(text)?;
+    Ok(())
+}
+
+/// Text files users hand over: image lists (`.txt` and `.csv`, with labels and headers), the row-to-path map
+/// of curation, and `training_metrics.jsonl` read and drawn by the loss plot (axis ranges from any numbers).
+pub fn text_files(data: &[u8]) -> Result<(), String> {
+    let _ = dinov2_curate::store::read_paths(&scratch_file("paths.txt", data));
+    for name in ["list.txt", "list.csv"] {
+        if let Ok(ds) = FileDataset::file_list(scratch_file(name, data)) {
+            for i in 0..ds.len().min(4) {
+                let _ = (ds.label(i), ds.describe(i));
+            }
+        }
+    }
+    let series =
+        dinov2_train::plot::read_loss_series(scratch_file("metrics.jsonl", data)).map_err(text)?;
+    let _ = dinov2_train::plot::render(&series, "fuzz", 160, 100);
+    if series.is_empty() {
+        return Err("no loss series".into());
+    }
     Ok(())
 }

@@ -91,8 +91,8 @@ pub enum Error {
     /// Embeddings holding NaN or an infinity: every distance, cluster and duplicate computed from them would be
     /// meaningless, so they are refused where they enter (files, buffers, model outputs).
     #[error(
-        "{}: row {row} is not finite ({value} in column {col}); {rows} of {total} rows hold NaN or inf. \
-         re-embed those images or remove the rows before curating",
+        "{}: row {row} is not finite ({value} in column {col}); {rows} of {total} rows hold NaN or inf, and \
+         curation needs finite vectors (embeddings: re-embed those images or remove the rows)",
         path.as_ref().map_or_else(|| "embeddings".to_string(), |p| p.display().to_string())
     )]
     NonFinite {

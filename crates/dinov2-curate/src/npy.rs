@@ -55,7 +55,7 @@ impl NpyDtype {
     fn parse(descr: &str) -> Option<Self> {
         // '|' and '=' appear for single-byte or native types; we accept '<' (and '=' on little-endian hosts).
         let d = descr.trim();
-        let (order, rest) = d.split_at(1.min(d.len()));
+        let (order, rest) = d.split_at_checked(1)?;
         if !(order == "<" || (order == "=" && cfg!(target_endian = "little"))) {
             return None;
         }
@@ -410,6 +410,17 @@ pub fn write_i64(path: &Path, data: &[i64], shape: &[usize]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dtype_starting_with_a_multibyte_character_is_an_error() {
+        // Found by the fuzzer: the byte-order character was split off as the first *byte*.
+        let mut h = b"\x93NUMPY\x01\x00".to_vec();
+        let dict = "{'descr': '\u{d9}8', 'fortran_order': False, 'shape': (1,), }\n";
+        h.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        h.extend_from_slice(dict.as_bytes());
+        let e = parse_header(&h, Path::new("x.npy")).unwrap_err();
+        assert!(e.to_string().contains("unsupported dtype"), "{e}");
+    }
 
     #[test]
     fn roundtrip_f32_i64() {

@@ -741,6 +741,7 @@ impl TrainConfig {
     /// # Ok::<(), dinov2_train::Error>(())
     /// ```
     pub fn validate(&self) -> Result<()> {
+        self.validate_finite()?;
         self.validate_train()?;
         self.validate_model()?;
         self.validate_heads()?;
@@ -748,6 +749,31 @@ impl TrainConfig {
         self.validate_crops()?;
         self.validate_evaluation()?;
         self.validate_distillation()
+    }
+
+    /// No number anywhere may be NaN or infinite (YAML spells them `.nan` and `.inf`): a learning rate, a
+    /// momentum or a crop scale of NaN would train on silently, or not at all.
+    fn validate_finite(&self) -> Result<()> {
+        fn walk(v: &Value, key: &str) -> Result<()> {
+            match v {
+                Value::Number(n) if n.as_f64().is_some_and(|f| !f.is_finite()) => {
+                    Err(Error::invalid(key, render(v), "must be a finite number"))
+                }
+                Value::Mapping(m) => m
+                    .iter()
+                    .try_for_each(|(k, v)| walk(v, &join(key, &key_text(k)))),
+                Value::Sequence(items) => items
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, v)| walk(v, &format!("{key}[{i}]"))),
+                _ => Ok(()),
+            }
+        }
+        let tree = serde_norway::to_value(self).map_err(|e| Error::ConfigSyntax {
+            source_name: "the configuration".into(),
+            reason: e.to_string(),
+        })?;
+        walk(&tree, "")
     }
 
     fn validate_evaluation(&self) -> Result<()> {
@@ -1418,6 +1444,34 @@ fn suggest(key: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn non_finite_numbers_are_refused_naming_the_key() {
+        for (yaml, key) in [
+            ("optim:\n  base_lr: .nan\n", "optim.base_lr"),
+            (
+                "teacher:\n  momentum_teacher: .inf\n",
+                "teacher.momentum_teacher",
+            ),
+            (
+                "crops:\n  global_crops_scale: [0.32, -.inf]\n",
+                "crops.global_crops_scale[1]",
+            ),
+        ] {
+            let cfg = TrainConfig::from_yaml_str(yaml, "t.yaml").unwrap();
+            match cfg.validate() {
+                Err(Error::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{yaml}"),
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        let mut cfg = TrainConfig::default();
+        cfg.apply_overrides(&["dino.koleo_loss_weight=.nan"])
+            .unwrap();
+        assert!(
+            matches!(cfg.validate(), Err(Error::InvalidConfig { ref key, .. }) if key == "dino.koleo_loss_weight")
+        );
+        assert!(TrainConfig::default().validate().is_ok());
+    }
+
     use super::*;
 
     /// The official `dinov2/configs/train/vitl14.yaml`, verbatim.

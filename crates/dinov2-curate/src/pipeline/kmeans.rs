@@ -178,8 +178,9 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
                     path: state_path.clone(),
                     source,
                 })?;
-            let (c, shape) =
-                npy::read_f32(&ck_dir.join(format!("centroids_{:06}.npy", ck.iterations)))?;
+            let cpath = ck_dir.join(format!("centroids_{:06}.npy", ck.iterations));
+            let (c, shape) = npy::read_f32(&cpath)?;
+            crate::store::check_finite(&c, x.dim(), Some(&cpath))?;
             if shape != [k, x.dim()] {
                 return Err(Error::Resume {
                     path: ck_dir.clone(),

@@ -236,6 +236,7 @@ fn read_clusters(dir: &std::path::Path, d: usize, rows: usize) -> Result<(Vec<f3
             got: shape[1],
         });
     }
+    crate::store::check_finite(&c, d, Some(&cpath))?;
     let apath = dir.join("assignment.npy");
     let assignment = read_ids(&apath)?;
     if assignment.len() != rows {
