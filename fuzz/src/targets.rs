@@ -15,8 +15,11 @@ use dinov2_model::weights::{load_weights, stored_config};
 use dinov2_model::VitConfig;
 use dinov2_train::TrainConfig;
 
+/// A target: the input bytes in, the first error of its main parse out.
+pub type Target = fn(&[u8]) -> Result<(), String>;
+
 /// The targets by name, as `tools/fuzz.sh` and the replay test know them.
-pub const TARGETS: &[(&str, fn(&[u8]) -> Result<(), String>)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("weights", weights),
     ("npy", npy),
     ("image", image),
