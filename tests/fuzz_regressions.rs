@@ -46,6 +46,7 @@ fn every_crash_the_fuzzers_found_is_now_a_clean_error() {
         }
     }
     assert!(replayed >= 4, "only {replayed} regression inputs");
+    std::fs::remove_dir_all(fuzz::targets::scratch_dir()).ok();
 }
 
 #[test]
@@ -60,4 +61,5 @@ fn the_seed_corpora_replay_and_their_valid_files_still_parse() {
         // Some seeds are invalid on purpose (a truncated JPEG, a tensor file that is not a model, ...).
         assert!(ok >= 1, "{name}: no seed parses");
     }
+    std::fs::remove_dir_all(fuzz::targets::scratch_dir()).ok();
 }

@@ -22,6 +22,10 @@ export RUSTFLAGS="${RUSTFLAGS:-} -Cpasses=sancov-module -Cllvm-args=-sanitizer-c
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
 # --target keeps the instrumentation off build scripts and proc macros.
 cargo build --release --locked --target "$host" --bins
+# The targets write their input to files here (for the readers that take a path).
+export DINOV2_FUZZ_SCRATCH
+DINOV2_FUZZ_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/dinov2-fuzz.XXXXXX")
+trap 'rm -rf "$DINOV2_FUZZ_SCRATCH"' EXIT
 status=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t" logs

@@ -29,13 +29,14 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("text", text_files),
 ];
 
-/// A scratch directory of this process and thread (under `/dev/shm` when it exists, to keep the disk out).
+/// A scratch directory of this process and thread, under `$DINOV2_FUZZ_SCRATCH` (which `tools/fuzz.sh` sets and
+/// removes), else `/dev/shm` when it exists (to keep the disk out), else the temporary directory.
 pub fn scratch_dir() -> PathBuf {
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
+    let base = match std::env::var_os("DINOV2_FUZZ_SCRATCH") {
+        Some(d) => PathBuf::from(d),
+        None if shm.is_dir() => shm.to_path_buf(),
+        None => std::env::temp_dir(),
     };
     let tid = format!("{:?}", std::thread::current().id());
     let tid: String = tid.chars().filter(char::is_ascii_digit).collect();
