@@ -104,6 +104,7 @@ impl StorageType {
 /// pickle's order.
 pub(crate) fn read(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     let (mut zip, prefix, refs) = open(path, key)?;
+    let file_len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
     // One storage in memory at a time; views of the same storage share its read.
     let mut order: Vec<&str> = Vec::new();
     for r in &refs {
@@ -127,7 +128,21 @@ pub(crate) fn read(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor
                 format!("tensor `{}`: storage `{entry}`: {e}", first.name),
             )
         })?;
-        let mut bytes = Vec::new();
+        // The common case, one tensor covering its whole storage: read straight into the tensor's buffer (no
+        // copy), once the entry and the file are known to be long enough for it.
+        if let [only] = users.as_slice() {
+            let r = &refs[*only];
+            if r.is_whole_storage() && f.size() >= want as u64 && file_len >= want as u64 {
+                let t = read_whole(&mut f, r).map_err(|e| {
+                    format_err(path, format!("storage `{entry}`: {e} (truncated?)"))
+                })?;
+                out[*only] = Some(t);
+                continue;
+            }
+        }
+        // Reserve what the storage needs, bounded by what the entry and the file can hold (both are checked by
+        // the read below; a lying header costs at most the file's size).
+        let mut bytes = Vec::with_capacity(want.min(f.size() as usize).min(file_len as usize));
         (&mut f)
             .take(want as u64)
             .read_to_end(&mut bytes)
@@ -355,6 +370,57 @@ fn tensor_ref(name: &str, value: &Value) -> std::result::Result<Option<TensorRef
         shape,
         stride,
     }))
+}
+
+impl TensorRef {
+    /// A row-major view of every element of its storage.
+    fn is_whole_storage(&self) -> bool {
+        let numel: usize = self.shape.iter().product();
+        let mut expect = 1usize;
+        let dense = self.shape.iter().zip(&self.stride).rev().all(|(&d, &s)| {
+            let ok = d <= 1 || s == expect;
+            expect *= d;
+            ok
+        });
+        self.offset == 0 && numel == self.storage_numel && dense
+    }
+}
+
+/// Reads a whole storage of plain-old-data elements into a tensor of `r`'s shape without an intermediate copy.
+fn read_whole(f: &mut impl Read, r: &TensorRef) -> std::result::Result<Tensor, String> {
+    fn pod<T: candle_core::WithDType + Default>(
+        f: &mut impl Read,
+        r: &TensorRef,
+    ) -> std::result::Result<Tensor, String> {
+        let mut v = vec![T::default(); r.storage_numel];
+        // SAFETY: T is one of f32, f64, f16, bf16, i64, u8: every bit pattern is a valid value, and the byte view
+        // covers exactly the vector's initialised elements.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                v.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(v.as_slice()),
+            )
+        };
+        f.read_exact(bytes).map_err(|e| e.to_string())?;
+        if cfg!(target_endian = "big") {
+            return Err("big-endian hosts are not supported".into());
+        }
+        Tensor::from_vec(v, r.shape.clone(), &Device::Cpu).map_err(|e| e.to_string())
+    }
+    match r.dtype {
+        StorageType::F32 => pod::<f32>(f, r),
+        StorageType::F64 => pod::<f64>(f, r),
+        StorageType::F16 => pod::<half::f16>(f, r),
+        StorageType::BF16 => pod::<half::bf16>(f, r),
+        StorageType::I64 => pod::<i64>(f, r),
+        StorageType::U8 | StorageType::Bool => pod::<u8>(f, r),
+        // Widened types go through the byte path.
+        _ => {
+            let mut bytes = vec![0u8; r.storage_numel * r.dtype.size()];
+            f.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+            build_tensor(r, &bytes)
+        }
+    }
 }
 
 /// Gathers a (possibly strided) view out of its storage's bytes into a contiguous candle tensor.
