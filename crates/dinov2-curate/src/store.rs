@@ -47,13 +47,18 @@ impl Embeddings {
     /// assert_eq!(n.row(0), &[0.6, 0.8]);
     /// ```
     pub fn from_vec(data: Vec<f32>, rows: usize, dim: usize) -> Result<Self> {
+        Self::from_vec_of(data, rows, dim, None)
+    }
+
+    /// [`Embeddings::from_vec`] for data read from `path` (named by the non-finite check).
+    fn from_vec_of(data: Vec<f32>, rows: usize, dim: usize, path: Option<&Path>) -> Result<Self> {
         if rows.checked_mul(dim) != Some(data.len()) || dim == 0 {
             return Err(Error::Shape {
                 op: "embeddings",
                 reason: format!("{} values do not form {rows} x {dim}", data.len()),
             });
         }
-        check_finite(&data, dim, None)?;
+        check_finite(&data, dim, path)?;
         Ok(Self {
             rows,
             dim,
@@ -109,8 +114,7 @@ impl Embeddings {
             return Ok(e);
         }
         let data = npy::decode_f32(&map[h.data_offset..h.data_offset + need], h.dtype, path)?;
-        check_finite(&data, dim, Some(path))?;
-        Self::from_vec(data, rows, dim)
+        Self::from_vec_of(data, rows, dim, Some(path))
     }
 
     /// Opens a 2-D tensor of a safetensors file: `name`, else `embeddings`, else the only tensor.
@@ -143,12 +147,11 @@ impl Embeddings {
             safetensors::Dtype::F64 => npy::NpyDtype::F64,
             safetensors::Dtype::F16 => npy::NpyDtype::F16,
             safetensors::Dtype::BF16 => {
-                let data: Vec<f32> = bytes
+                let data = bytes
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect();
-                check_finite(&data, dim, Some(path))?;
-                return Self::from_vec(data, rows, dim);
+                return Self::from_vec_of(data, rows, dim, Some(path));
             }
             d => return Err(bad(format!("unsupported dtype {d:?}"))),
         };
@@ -163,8 +166,7 @@ impl Embeddings {
             return Ok(e);
         }
         let data = npy::decode_f32(bytes, dtype, path)?;
-        check_finite(&data, dim, Some(path))?;
-        Self::from_vec(data, rows, dim)
+        Self::from_vec_of(data, rows, dim, Some(path))
     }
 
     /// Number of rows.

@@ -1444,6 +1444,8 @@ fn suggest(key: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn non_finite_numbers_are_refused_naming_the_key() {
         for (yaml, key) in [
@@ -1471,8 +1473,6 @@ mod tests {
         );
         assert!(TrainConfig::default().validate().is_ok());
     }
-
-    use super::*;
 
     /// The official `dinov2/configs/train/vitl14.yaml`, verbatim.
     const OFFICIAL_VITL14: &str = "dino:

@@ -231,9 +231,10 @@ fn save_level(dir: &Path, l: &Level, d: usize) -> Result<()> {
 
 /// Loads a finished level directory, checking that its files fit together.
 pub(super) fn load_level(dir: &Path) -> Result<Level> {
-    let (centroids, shape) = npy::read_f32(&dir.join("centroids.npy"))?;
+    let cpath = dir.join("centroids.npy");
+    let (centroids, shape) = npy::read_f32(&cpath)?;
     if let Some(&d) = shape.get(1) {
-        crate::store::check_finite(&centroids, d, Some(&dir.join("centroids.npy")))?;
+        crate::store::check_finite(&centroids, d, Some(&cpath))?;
     }
     let to_usize = |v: Vec<i64>| {
         v.into_iter()

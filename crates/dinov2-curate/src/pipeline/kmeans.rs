@@ -180,7 +180,6 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
                 })?;
             let cpath = ck_dir.join(format!("centroids_{:06}.npy", ck.iterations));
             let (c, shape) = npy::read_f32(&cpath)?;
-            crate::store::check_finite(&c, x.dim(), Some(&cpath))?;
             if shape != [k, x.dim()] {
                 return Err(Error::Resume {
                     path: ck_dir.clone(),
@@ -190,6 +189,7 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
                     ),
                 });
             }
+            crate::store::check_finite(&c, x.dim(), Some(&cpath))?;
             ck.centroids = c;
             r.message(&format!(
                 "kmeans: resuming after iteration {}",

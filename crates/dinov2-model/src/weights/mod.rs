@@ -308,34 +308,10 @@ struct FileWeights {
     metadata_config: Option<(PathBuf, String)>,
 }
 
-/// Reads a safetensors file, keeping its [`CONFIG_METADATA_KEY`] entry.
 /// Refuses a float tensor with a NaN or an infinity ([`Error::NonFinite`]): one parallel, vectorised pass over
-/// the loaded CPU data (no copy); other devices or layouts go through `t - t`, which is 0 exactly where `t` is
-/// finite.
+/// the CPU data (loaded weights are contiguous CPU tensors, so nothing is copied).
 fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
-    if !t.dtype().is_float() || t.elem_count() == 0 {
-        return Ok(());
-    }
-    let found = match first_non_finite_cpu(t) {
-        Some(found) => found,
-        None => {
-            let any_bad = t
-                .sub(t)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .is_nan();
-            if !any_bad {
-                return Ok(());
-            }
-            let flat = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            flat.iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
-                .map(|(i, v)| (i, *v))
-        }
-    };
-    match found {
+    match first_non_finite(t)? {
         None => Ok(()),
         Some((index, value)) => Err(Error::NonFinite {
             path: path.to_path_buf(),
@@ -347,9 +323,8 @@ fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
     }
 }
 
-/// The first non-finite element (flat index, value) of a contiguous CPU float tensor; `None` (outer) when the
-/// tensor is not one, so the caller falls back.
-fn first_non_finite_cpu(t: &Tensor) -> Option<Option<(usize, f64)>> {
+/// The first non-finite element (flat index, value) of a float tensor; `None` for finite or non-float tensors.
+fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
     use candle_core::{CpuStorage, Storage};
     use rayon::prelude::*;
     fn scan<T: Copy + Send + Sync>(
@@ -365,20 +340,25 @@ fn first_non_finite_cpu(t: &Tensor) -> Option<Option<(usize, f64)>> {
         let i = c.iter().position(|&x| !finite(x))?;
         Some((ci * CHUNK + i, to_f64(c[i])))
     }
+    if !t.dtype().is_float() {
+        return Ok(None);
+    }
+    // No-ops for a contiguous CPU tensor.
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    let Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    Some(match cpu {
-        CpuStorage::F32(v) => scan(&v[start..end], f32::is_finite, f64::from),
-        CpuStorage::F64(v) => scan(&v[start..end], f64::is_finite, |x| x),
-        CpuStorage::F16(v) => scan(&v[start..end], half::f16::is_finite, f64::from),
-        CpuStorage::BF16(v) => scan(&v[start..end], half::bf16::is_finite, f64::from),
-        _ => return None,
+    let (start, end) = layout
+        .contiguous_offsets()
+        .expect("a contiguous tensor has contiguous offsets");
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => scan(&v[start..end], f32::is_finite, f64::from),
+        Storage::Cpu(CpuStorage::F64(v)) => scan(&v[start..end], f64::is_finite, |x| x),
+        Storage::Cpu(CpuStorage::F16(v)) => scan(&v[start..end], half::f16::is_finite, f64::from),
+        Storage::Cpu(CpuStorage::BF16(v)) => scan(&v[start..end], half::bf16::is_finite, f64::from),
+        _ => None,
     })
 }
 
+/// Reads a safetensors file, keeping its [`CONFIG_METADATA_KEY`] entry.
 fn read_safetensors_file(path: &Path) -> Result<FileWeights> {
     let f = io::read_safetensors(path)?;
     Ok(FileWeights {

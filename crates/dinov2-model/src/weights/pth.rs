@@ -105,16 +105,18 @@ impl StorageType {
 pub(crate) fn read(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     let (mut zip, prefix, refs) = open(path, key)?;
     let file_len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
-    // One storage in memory at a time; views of the same storage share its read.
-    let mut order: Vec<&str> = Vec::new();
-    for r in &refs {
-        if !order.contains(&r.key.as_str()) {
-            order.push(&r.key);
-        }
+    // One storage in memory at a time; views of the same storage share its read. Storages in order of first use.
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut group_of: HashMap<&str, usize> = HashMap::new();
+    for (i, r) in refs.iter().enumerate() {
+        let g = *group_of.entry(&r.key).or_insert_with(|| {
+            groups.push((&r.key, Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(i);
     }
     let mut out: Vec<Option<Tensor>> = vec![None; refs.len()];
-    for key in order {
-        let users: Vec<usize> = (0..refs.len()).filter(|&i| refs[i].key == key).collect();
+    for (key, users) in groups {
         let first = &refs[users[0]];
         let es = first.dtype.size();
         let want = first
@@ -244,7 +246,8 @@ fn open(path: &Path, key: Option<&str>) -> Result<(Archive, String, Vec<TensorRe
         (_, top) => top,
     };
     let mut refs = Vec::new();
-    if let Some(items) = as_dict(&top) {
+    // `OrderedDict()` calls are dicts already (see `REDUCE`).
+    if let Value::Dict(items) = &top {
         for (name, value) in items {
             let Value::Str(name) = name else { continue };
             if let Some(r) = tensor_ref(name, value).map_err(|e| format_err(path, e))? {
@@ -253,14 +256,6 @@ fn open(path: &Path, key: Option<&str>) -> Result<(Archive, String, Vec<TensorRe
         }
     }
     Ok((zip, prefix, refs))
-}
-
-/// The items of a dict, or of an `OrderedDict()` call filled by `SETITEMS`.
-fn as_dict(v: &Value) -> Option<&[(Value, Value)]> {
-    match v {
-        Value::Dict(items) => Some(items),
-        _ => None,
-    }
 }
 
 fn is_global(v: &Value, module: &str, name: &str) -> bool {
