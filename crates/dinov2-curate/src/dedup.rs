@@ -2,10 +2,10 @@
 //! with a union-find, one deterministic representative (the smallest row id) per component; and relative dedup
 //! that drops every pool component touching a reference set.
 
-use crate::collective::{gather_row_counts, Collective, SingleProcess};
 use crate::error::{check_rows, invalid, Error, Result};
 use crate::ivf::IvfFlat;
 use crate::knn::{exact_knn, KnnResult};
+use dinov2_dist::{gather_counts as gather_row_counts, Communicator, SingleProcess};
 
 /// Disjoint-set forest with union by size and path halving.
 #[derive(Debug, Clone)]
@@ -209,7 +209,7 @@ pub fn self_dedup(
 /// Two workers in one process, holding rows `0` and `1..3` of a 3-row pool:
 ///
 /// ```
-/// use dinov2_curate::collective::{Collective, ThreadGroup};
+/// use dinov2_dist::{Communicator, ThreadGroup};
 /// use dinov2_curate::dedup::{self_dedup_sharded, Searcher};
 /// let x = [1.0, 0.0, 0.99, 0.141, 0.0, 1.0];
 /// let searcher = Searcher::Exact { base: &x };
@@ -236,7 +236,7 @@ pub fn self_dedup_sharded(
     threshold: f32,
     searcher: &Searcher<'_>,
     chunk: usize,
-    coll: &dyn Collective,
+    coll: &dyn Communicator,
 ) -> Result<DedupResult> {
     let n_local = check_rows("self-dedup", x.len(), d)?;
     let counts = gather_row_counts(coll, n_local)?;

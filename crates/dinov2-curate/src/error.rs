@@ -169,26 +169,10 @@ pub enum Error {
         /// The model's dimension.
         dim: usize,
     },
-    /// A worker of a sharded run left the group (returned early or failed) before a collective completed.
-    #[error(
-        "worker {worker} of {world} left the group; worker {rank} cannot complete the collective"
-    )]
-    WorkerLeft {
-        /// The worker that left.
-        worker: usize,
-        /// Number of workers.
-        world: usize,
-        /// The worker reporting the error.
-        rank: usize,
-    },
-    /// Workers of a sharded run made inconsistent collective calls.
-    #[error("collective on worker {rank}: {reason}")]
-    Collective {
-        /// The worker reporting the error.
-        rank: usize,
-        /// What did not match.
-        reason: String,
-    },
+    /// A collective operation of a sharded run failed (a peer left, timed out, or the ranks' calls did not
+    /// match); see [`dinov2_dist::Error`].
+    #[error(transparent)]
+    Dist(#[from] dinov2_dist::Error),
     /// A resumable stage found state from an incompatible or damaged earlier run.
     #[error("cannot resume in {}: {reason}", path.display())]
     Resume {

@@ -8,9 +8,9 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use crate::collective::{gather_row_counts, Collective, SingleProcess};
 use crate::error::{check_rows, invalid, Error, Result};
 use crate::linalg::{matmul_abt, sq_norm, sq_norms, threads};
+use dinov2_dist::{gather_counts as gather_row_counts, Communicator, SingleProcess};
 
 /// Initialisation method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -213,7 +213,7 @@ fn update_centroids(
     offsets: &[usize],
     rows: &[usize],
     prev: &[f32],
-    coll: &dyn Collective,
+    coll: &dyn Communicator,
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let k = offsets.len() - 1;
     let mut counts: Vec<f64> = offsets.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
@@ -312,9 +312,9 @@ fn gather_rows(
     d: usize,
     ids: &[usize],
     row_offsets: &[usize],
-    coll: &dyn Collective,
+    coll: &dyn Communicator,
 ) -> Result<Vec<f32>> {
-    coll.all_gather_f32(&owned_rows(x, d, ids, row_offsets[coll.rank()]))
+    Ok(coll.all_gather_f32(&owned_rows(x, d, ids, row_offsets[coll.rank()]))?)
 }
 
 /// Copies of the rows among global indices `ids` that this worker holds (`x` = its rows, the first being global
@@ -355,7 +355,7 @@ pub fn kmeans_plus_plus_sharded(
     k: usize,
     n_local_trials: Option<usize>,
     rng: &mut impl Rng,
-    coll: &dyn Collective,
+    coll: &dyn Communicator,
 ) -> Result<Vec<f32>> {
     let n_local = check_rows("k-means++", x.len(), d)?;
     let counts = gather_row_counts(coll, n_local)?;
@@ -453,13 +453,12 @@ pub fn kmeans_plus_plus_sharded(
         let mut pos = 0;
         for w in 0..world {
             for j in (0..trials).filter(|&j| owner[j] == w) {
-                let src =
-                    gathered
-                        .get(pos * d..(pos + 1) * d)
-                        .ok_or_else(|| Error::Collective {
-                            rank: me,
-                            reason: "k-means++: a worker sent too few candidate rows".into(),
-                        })?;
+                let src = gathered.get(pos * d..(pos + 1) * d).ok_or_else(|| {
+                    Error::Dist(dinov2_dist::Error::Mismatch {
+                        rank: me,
+                        reason: "k-means++: a rank sent too few candidate rows".into(),
+                    })
+                })?;
                 cands[j * d..(j + 1) * d].copy_from_slice(src);
                 pos += 1;
             }
@@ -552,7 +551,7 @@ pub fn train_resumable(
 /// assignments, the cluster sizes and the per-cluster f64 sums.
 ///
 /// ```
-/// use dinov2_curate::collective::{shard_range, Collective, ThreadGroup};
+/// use dinov2_dist::{shard_range, Communicator, ThreadGroup};
 /// use dinov2_curate::kmeans::{train, train_sharded, KMeansConfig};
 /// let x: Vec<f32> = (0..40).map(|i| ((i * 7919) % 97) as f32 / 97.0).collect(); // 20 rows, d = 2
 /// let cfg = KMeansConfig::new(3);
@@ -583,7 +582,7 @@ pub fn train_sharded(
     x: &[f32],
     d: usize,
     cfg: &KMeansConfig,
-    coll: &dyn Collective,
+    coll: &dyn Communicator,
     resume: Option<KMeansCheckpoint>,
     progress: &mut dyn FnMut(usize, f64),
     on_iter: &mut dyn FnMut(&KMeansCheckpoint) -> Result<()>,

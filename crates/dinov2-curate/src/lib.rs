@@ -4,10 +4,11 @@
 //! safetensors), exact and IVF k-NN, self and relative deduplication, sample- and cluster-based retrieval,
 //! k-means, hierarchical k-means with resampling and balanced hierarchical sampling; and [`pipeline`], those
 //! steps as resumable stages over files (what `dinov2 curate` runs). Cross-worker reductions (sharded k-means,
-//! sharded dedup) go through one interface, [`collective::Collective`]. Errors: [`Error`] and [`Result`].
+//! sharded dedup) go through the workspace's one collective interface, [`dinov2_dist::Communicator`] (re-exported
+//! as [`dist`]), so the same code runs in one process, on in-process thread groups and under `mpirun`. Errors:
+//! [`Error`] and [`Result`].
 #![warn(missing_docs)]
 
-pub mod collective;
 pub mod dedup;
 pub mod embed;
 pub mod error;
@@ -21,4 +22,5 @@ pub mod pipeline;
 pub mod retrieve;
 pub mod store;
 
+pub use dinov2_dist as dist;
 pub use error::{Error, Result};

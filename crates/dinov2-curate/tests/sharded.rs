@@ -1,12 +1,12 @@
-//! Sharded runs (several workers, each with a contiguous row range, talking through a `Collective`) give the
+//! Sharded runs (several workers, each with a contiguous row range, talking through a `dinov2_dist::Communicator`) give the
 //! single-process results.
 
 use std::ops::Range;
 
-use dinov2_curate::collective::{shard_range, Collective, ThreadGroup, ThreadRank};
 use dinov2_curate::dedup::{self_dedup, self_dedup_sharded, Searcher};
 use dinov2_curate::kmeans::{self, train, train_sharded, Init, KMeans, KMeansConfig};
 use dinov2_curate::store::l2_normalize_rows;
+use dinov2_dist::{shard_range, Communicator, ThreadGroup, ThreadRank};
 use rand::{Rng, SeedableRng};
 
 const D: usize = 8;

@@ -6,7 +6,9 @@
 pub enum Error {
     /// A peer left the group (its handle was dropped, its process ended or it reported a failure), so the
     /// collective cannot complete.
-    #[error("rank {rank}: worker {peer} of {world} left the group, so the collective cannot complete")]
+    #[error(
+        "rank {rank}: worker {peer} of {world} left the group, so the collective cannot complete"
+    )]
     PeerLeft {
         /// The peer that left.
         peer: usize,

@@ -301,14 +301,18 @@ pub fn from_env() -> Result<Arc<dyn Communicator>> {
 /// ```
 pub fn mpirun_command(np: usize) -> Option<std::process::Command> {
     let on_path = |name: &str| {
-        std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p).any(|d| d.join(name).is_file())
-        })
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
     };
     if on_path("ompi_info") && on_path("mpirun") {
         let mut c = std::process::Command::new("mpirun");
-        c.args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+        c.args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+        ])
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
         Some(c)
     } else if on_path("mpiexec") {
         let mut c = std::process::Command::new("mpiexec");
@@ -344,6 +348,9 @@ mod tests {
         let mut b = vec![1u8];
         assert!(SingleProcess.broadcast_bytes(&mut b, 0).is_ok());
         let e = SingleProcess.broadcast_bytes(&mut b, 1).unwrap_err();
-        assert!(e.to_string().contains("rank 1 is not in a group of 1"), "{e}");
+        assert!(
+            e.to_string().contains("rank 1 is not in a group of 1"),
+            "{e}"
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Mutex;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
-use mpi::traits::*;
 use mpi::traits::Communicator as _;
+use mpi::traits::*;
 use mpi::Count;
 
 use crate::{check_root, Communicator, Error, Result};
@@ -66,8 +66,8 @@ fn backend(reason: impl Into<String>) -> Error {
 impl Mpi {
     /// Initialises MPI (once per process) and returns `MPI_COMM_WORLD`.
     pub fn init() -> Result<Self> {
-        let (universe, threading) =
-            mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| {
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| {
                 backend("MPI is already initialised in this process (one `Mpi` per process)")
             })?;
         if threading < mpi::Threading::Serialized {

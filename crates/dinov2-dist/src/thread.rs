@@ -386,7 +386,11 @@ mod tests {
             r.all_reduce_sum_f32(&mut w).unwrap();
             let g = r.all_gather_f32(&[r.rank() as f32]).unwrap();
             r.barrier().unwrap();
-            let mut bytes = if r.rank() == 2 { b"id".to_vec() } else { Vec::new() };
+            let mut bytes = if r.rank() == 2 {
+                b"id".to_vec()
+            } else {
+                Vec::new()
+            };
             r.broadcast_bytes(&mut bytes, 2).unwrap();
             let mut f = [r.rank() as f32; 3];
             r.broadcast_f32(&mut f, 1).unwrap();
@@ -412,7 +416,9 @@ mod tests {
         for (rank, res) in [0, 2].into_iter().zip(out.into_iter().flatten()) {
             match res {
                 Err(e @ Error::PeerLeft { .. }) => {
-                    assert!(matches!(e, Error::PeerLeft { peer: 1, world: 3, rank: r } if r == rank));
+                    assert!(
+                        matches!(e, Error::PeerLeft { peer: 1, world: 3, rank: r } if r == rank)
+                    );
                     assert!(e.to_string().contains("worker 1 of 3 left"), "{e}");
                 }
                 other => panic!("{other:?}"),
@@ -438,12 +444,23 @@ mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(
-            matches!(&out[0], Err(Error::Timeout { rank: 0, op: "barrier", .. })),
+            matches!(
+                &out[0],
+                Err(Error::Timeout {
+                    rank: 0,
+                    op: "barrier",
+                    ..
+                })
+            ),
             "{:?}",
             out[0]
         );
         // the late rank finds the group broken instead of waiting for a peer that gave up
-        assert!(matches!(&out[1], Err(Error::PeerLeft { peer: 0, .. })), "{:?}", out[1]);
+        assert!(
+            matches!(&out[1], Err(Error::PeerLeft { peer: 0, .. })),
+            "{:?}",
+            out[1]
+        );
     }
 
     #[test]
@@ -469,6 +486,8 @@ mod tests {
             }
         }
         let bad_root = run(2, |r| r.broadcast_f32(&mut [0.0], 2));
-        assert!(bad_root.iter().all(|e| matches!(e, Err(Error::InvalidArgument { .. }))));
+        assert!(bad_root
+            .iter()
+            .all(|e| matches!(e, Err(Error::InvalidArgument { .. }))));
     }
 }

@@ -10,7 +10,10 @@ fn child() {
     let comm = Mpi::init().unwrap();
     let (rank, world) = (comm.rank(), comm.world_size());
     assert_eq!(world, 2);
-    assert!(matches!(Mpi::init(), Err(Error::Backend { backend: "mpi", .. })));
+    assert!(matches!(
+        Mpi::init(),
+        Err(Error::Backend { backend: "mpi", .. })
+    ));
 
     // Sums: every rank gets the same values.
     let mut f64s: Vec<f64> = (0..1000).map(|i| (i * (rank + 1)) as f64).collect();
@@ -23,7 +26,9 @@ fn child() {
     comm.all_reduce_sum_f64(&mut empty).unwrap();
 
     // Gathers of different lengths per rank (rank 1 sends nothing in the second one).
-    let mine: Vec<i64> = (0..=rank as i64 * 2).map(|v| v + 10 * rank as i64).collect();
+    let mine: Vec<i64> = (0..=rank as i64 * 2)
+        .map(|v| v + 10 * rank as i64)
+        .collect();
     assert_eq!(comm.all_gather_i64(&mine).unwrap(), vec![0, 10, 11, 12]);
     let mine: Vec<f32> = if rank == 0 { vec![1.0, 2.0] } else { vec![] };
     assert_eq!(comm.all_gather_f32(&mine).unwrap(), vec![1.0, 2.0]);
@@ -33,7 +38,11 @@ fn child() {
     );
 
     // Broadcasts: bytes of a length only the root knows, and typed buffers.
-    let mut bytes = if rank == 1 { b"nccl-id".to_vec() } else { vec![9; 100] };
+    let mut bytes = if rank == 1 {
+        b"nccl-id".to_vec()
+    } else {
+        vec![9; 100]
+    };
     comm.broadcast_bytes(&mut bytes, 1).unwrap();
     assert_eq!(bytes, b"nccl-id");
     let mut vals = [rank as f32 + 5.0; 4];

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::{check_temp, softmax_last_nograd, stat_dtype};
-use crate::reduce::{Reducer, SingleProcess};
+use crate::reduce::{all_reduce_sum, Communicator, SingleProcess};
 
 /// The EMA centre with the official *lazy* update.
 ///
@@ -186,10 +186,10 @@ impl Center {
 /// ```
 /// use std::sync::Arc;
 /// use candle_core::{Device, Tensor};
-/// use dinov2_loss::{sinkhorn_knopp, Reducer, SingleProcess};
+/// use dinov2_loss::{sinkhorn_knopp, Communicator, SingleProcess};
 /// let t = Tensor::new(&[[0.1f32, 0.0, 0.3], [0.2, -0.1, 0.0]], &Device::Cpu)?;
-/// let reducer: Arc<dyn Reducer> = Arc::new(SingleProcess);
-/// let q = sinkhorn_knopp(&t, 0.05, 3, 2.0, &reducer)?.to_vec2::<f32>()?;
+/// let comm: Arc<dyn Communicator> = Arc::new(SingleProcess);
+/// let q = sinkhorn_knopp(&t, 0.05, 3, 2.0, &comm)?.to_vec2::<f32>()?;
 /// for row in &q {
 ///     assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5); // each sample's targets sum to 1
 /// }
@@ -200,7 +200,7 @@ pub fn sinkhorn_knopp(
     teacher_temp: f64,
     n_iterations: usize,
     b_global: f64,
-    reducer: &Arc<dyn Reducer>,
+    comm: &Arc<dyn Communicator>,
 ) -> Result<Tensor> {
     check_temp("teacher_temp", teacher_temp)?;
     if t.rank() != 2 {
@@ -217,10 +217,10 @@ pub fn sinkhorn_knopp(
     let dt = stat_dtype(t.dtype());
     // Work on Qᵀ ([B, K]): the paper's row sums (per prototype) are sums over dim 0 here.
     let mut q = (t.detach().to_dtype(dt)? / teacher_temp)?.exp()?;
-    let sum_q = reducer.all_reduce_sum(&q.sum_all()?)?;
+    let sum_q = all_reduce_sum(comm.as_ref(), &q.sum_all()?)?;
     q = q.broadcast_div(&sum_q)?;
     for _ in 0..n_iterations {
-        let per_proto = reducer.all_reduce_sum(&q.sum_keepdim(0)?)?;
+        let per_proto = all_reduce_sum(comm.as_ref(), &q.sum_keepdim(0)?)?;
         q = (q.broadcast_div(&per_proto)? / k)?;
         let per_sample = q.sum_keepdim(1)?;
         q = (q.broadcast_div(&per_sample)? / b_global)?;
@@ -229,28 +229,28 @@ pub fn sinkhorn_knopp(
 }
 
 /// What turns teacher logits into targets, shared by [`crate::DinoLoss`] and [`crate::IbotPatchLoss`]: the
-/// EMA centre and the [`Reducer`] through which its statistic and Sinkhorn-Knopp's sums are all-reduced.
+/// EMA centre and the [`Communicator`] through which its statistic and Sinkhorn-Knopp's sums are all-reduced.
 #[derive(Clone)]
 pub(crate) struct TeacherTransform {
     pub(crate) center: Center,
-    pub(crate) reducer: Arc<dyn Reducer>,
+    pub(crate) comm: Arc<dyn Communicator>,
 }
 
 impl std::fmt::Debug for TeacherTransform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TeacherTransform")
             .field("center", &self.center)
-            .field("world_size", &self.reducer.world_size())
+            .field("world_size", &self.comm.world_size())
             .finish()
     }
 }
 
 impl TeacherTransform {
-    /// A zero centre of `shape` (last dim K) and a single-process reducer.
+    /// A zero centre of `shape` (last dim K) and a single-process communicator.
     pub(crate) fn new(shape: &[usize], momentum: f64, device: &Device) -> Result<Self> {
         Ok(Self {
             center: Center::zeros(shape, momentum, device)?,
-            reducer: Arc::new(SingleProcess),
+            comm: Arc::new(SingleProcess),
         })
     }
 
@@ -276,8 +276,8 @@ impl TeacherTransform {
         if per_rank_divisor != 1 {
             sum = (sum / per_rank_divisor as f64)?;
         }
-        let sum = self.reducer.all_reduce_sum(&sum)?;
-        let mean = (sum / (count * self.reducer.world_size()) as f64)?;
+        let sum = all_reduce_sum(self.comm.as_ref(), &sum)?;
+        let mean = (sum / (count * self.comm.world_size()) as f64)?;
         self.center.set_pending(mean)
     }
 
@@ -289,13 +289,13 @@ impl TeacherTransform {
         n_iterations: usize,
         b_global: f64,
     ) -> Result<Tensor> {
-        sinkhorn_knopp(t, teacher_temp, n_iterations, b_global, &self.reducer)
+        sinkhorn_knopp(t, teacher_temp, n_iterations, b_global, &self.comm)
     }
 
     /// The sum over ranks of a per-rank count.
     pub(crate) fn all_reduce_count(&self, n: usize, device: &Device) -> Result<f64> {
         let local = Tensor::new(&[n as f64], device)?;
-        let total = self.reducer.all_reduce_sum(&local)?;
+        let total = all_reduce_sum(self.comm.as_ref(), &local)?;
         let total = total
             .to_dtype(DType::F64)?
             .flatten_all()?

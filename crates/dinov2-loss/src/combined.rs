@@ -8,7 +8,7 @@ use crate::dino::{DinoLoss, DinoLossConfig};
 use crate::error::{Error, Result};
 use crate::ibot::{IbotLossConfig, IbotPatchLoss, PatchMasks};
 use crate::koleo::{KoLeoLoss, KoLeoLossConfig};
-use crate::reduce::Reducer;
+use crate::reduce::Communicator;
 
 /// How teacher logits become targets (`train.centering`).
 ///
@@ -331,18 +331,18 @@ impl DinoV2Loss {
         })
     }
 
-    /// Uses `reducer` for every global-batch statistic.
+    /// Uses `comm` for every global-batch statistic.
     ///
     /// ```
     /// use std::sync::Arc;
     /// use dinov2_loss::{DinoV2Loss, DinoV2LossConfig, SingleProcess};
     /// let loss = DinoV2Loss::new(DinoV2LossConfig::new(8, 8), &candle_core::Device::Cpu)?
-    ///     .with_reducer(Arc::new(SingleProcess));
+    ///     .with_communicator(Arc::new(SingleProcess));
     /// # Ok::<(), dinov2_loss::Error>(())
     /// ```
-    pub fn with_reducer(mut self, reducer: Arc<dyn Reducer>) -> Self {
-        self.dino = self.dino.with_reducer(reducer.clone());
-        self.ibot = self.ibot.map(|l| l.with_reducer(reducer));
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.dino = self.dino.with_communicator(comm.clone());
+        self.ibot = self.ibot.map(|l| l.with_communicator(comm));
         self
     }
 

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use crate::centering::{Center, TeacherTransform};
 use crate::error::{Error, Result};
 use crate::ops::{finite_positive, soft_cross_entropy, stat_dtype};
-use crate::reduce::Reducer;
+use crate::reduce::Communicator;
 
 /// Options of [`DinoLoss`] (`DINOLoss.__init__`), and of [`crate::IbotPatchLoss`] as
 /// [`crate::IbotLossConfig`]; [`Default`] is the official configuration.
@@ -109,7 +109,7 @@ pub struct DinoLoss {
 }
 
 impl DinoLoss {
-    /// A loss for `cfg.out_dim` prototypes with a zero centre, single process ([`Self::with_reducer`] for
+    /// A loss for `cfg.out_dim` prototypes with a zero centre, single process ([`Self::with_communicator`] for
     /// data-parallel training).
     ///
     /// ```
@@ -124,17 +124,17 @@ impl DinoLoss {
         Ok(Self { cfg, teacher })
     }
 
-    /// Uses `reducer` for the centre update and Sinkhorn-Knopp (default: [`crate::SingleProcess`]).
+    /// Uses `comm` for the centre update and Sinkhorn-Knopp (default: [`crate::SingleProcess`]).
     ///
     /// ```
     /// use std::sync::Arc;
     /// use dinov2_loss::{DinoLoss, DinoLossConfig, SingleProcess};
     /// let loss = DinoLoss::new(DinoLossConfig::new(4), &candle_core::Device::Cpu)?
-    ///     .with_reducer(Arc::new(SingleProcess));
+    ///     .with_communicator(Arc::new(SingleProcess));
     /// # Ok::<(), dinov2_loss::Error>(())
     /// ```
-    pub fn with_reducer(mut self, reducer: Arc<dyn Reducer>) -> Self {
-        self.teacher.reducer = reducer;
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.teacher.comm = comm;
         self
     }
 
@@ -232,7 +232,7 @@ impl DinoLoss {
         n_iterations: usize,
     ) -> Result<Tensor> {
         let b = t.dims().first().copied().unwrap_or(0);
-        let b_global = (b * self.teacher.reducer.world_size()) as f64;
+        let b_global = (b * self.teacher.comm.world_size()) as f64;
         self.teacher
             .sinkhorn_knopp(t, teacher_temp, n_iterations, b_global)
     }

@@ -123,14 +123,9 @@ pub enum Error {
         shape: Vec<usize>,
     },
 
-    /// A collective operation of a [`crate::Reducer`] failed.
-    #[error("all-reduce failed on rank {rank}: {reason}")]
-    Reduce {
-        /// The rank that saw the failure.
-        rank: usize,
-        /// What failed.
-        reason: String,
-    },
+    /// A collective operation (a global-batch sum over the ranks) failed; see [`dinov2_dist::Error`].
+    #[error(transparent)]
+    Dist(#[from] dinov2_dist::Error),
 
     /// A lock was poisoned by a thread that panicked while holding it.
     #[error("the {what} lock is poisoned: a thread panicked while holding it")]

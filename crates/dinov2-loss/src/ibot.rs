@@ -9,7 +9,7 @@ use crate::centering::{Center, TeacherTransform};
 use crate::dino::DinoLossConfig;
 use crate::error::{Error, Result};
 use crate::ops::soft_cross_entropy;
-use crate::reduce::Reducer;
+use crate::reduce::Communicator;
 
 /// Options of [`IbotPatchLoss`] (`iBOTPatchLoss.__init__`): the same as the DINO loss's, with `out_dim` =
 /// `ibot.head_n_prototypes` (65536; the DINO head's K with the official shared head). [`Default`] is the
@@ -207,7 +207,7 @@ pub fn mask_indices(masks: &Tensor) -> Result<Tensor> {
 }
 
 impl IbotPatchLoss {
-    /// A loss for `cfg.out_dim` prototypes with a zero centre, single process ([`Self::with_reducer`] for
+    /// A loss for `cfg.out_dim` prototypes with a zero centre, single process ([`Self::with_communicator`] for
     /// data-parallel training).
     ///
     /// ```
@@ -222,17 +222,17 @@ impl IbotPatchLoss {
         Ok(Self { cfg, teacher })
     }
 
-    /// Uses `reducer` for the centre update and Sinkhorn-Knopp (default: [`crate::SingleProcess`]).
+    /// Uses `comm` for the centre update and Sinkhorn-Knopp (default: [`crate::SingleProcess`]).
     ///
     /// ```
     /// use std::sync::Arc;
     /// use dinov2_loss::{IbotLossConfig, IbotPatchLoss, SingleProcess};
     /// let loss = IbotPatchLoss::new(IbotLossConfig::new(4), &candle_core::Device::Cpu)?
-    ///     .with_reducer(Arc::new(SingleProcess));
+    ///     .with_communicator(Arc::new(SingleProcess));
     /// # Ok::<(), dinov2_loss::Error>(())
     /// ```
-    pub fn with_reducer(mut self, reducer: Arc<dyn Reducer>) -> Self {
-        self.teacher.reducer = reducer;
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.teacher.comm = comm;
         self
     }
 

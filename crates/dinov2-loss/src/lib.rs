@@ -12,8 +12,8 @@
 //! * [`KoLeoLoss`]: the KoLeo regulariser (a batch of one is an error, not a NaN);
 //! * [`DinoV2Loss`]: the full DINOv2 combination of `SSLMetaArch.forward_backward`, with named inputs
 //!   ([`TeacherOutputs`], [`StudentOutputs`], [`PackedStudentOutputs`], [`PatchMasks`]);
-//! * [`Reducer`]: the all-reduce interface behind every global-batch statistic ([`SingleProcess`],
-//!   [`ThreadGroup`] for in-process simulation).
+//! * [`all_reduce_sum`]: every global-batch statistic is summed over the ranks of a
+//!   [`dinov2_dist::Communicator`] ([`SingleProcess`], [`ThreadGroup`] for in-process simulation, `Mpi`).
 //!
 //! Sizes and options live in configuration structs whose [`Default`] is the official configuration
 //! ([`DinoHeadConfig`], [`DinoLossConfig`], [`IbotLossConfig`], [`KoLeoLossConfig`], [`DinoV2LossConfig`]);
@@ -58,7 +58,7 @@ pub use error::{Error, Result};
 pub use head::{DinoHead, DinoHeadConfig};
 pub use ibot::{mask_indices, masks_weight, IbotLossConfig, IbotPatchLoss, PatchMasks};
 pub use koleo::{KoLeoLoss, KoLeoLossConfig};
-pub use reduce::{Reducer, SingleProcess, ThreadGroup, ThreadRank};
+pub use reduce::{all_reduce_sum, Communicator, SingleProcess, ThreadGroup, ThreadRank};
 
 /// The state dict type the head is loaded from and saved to (`dinov2-model`'s, so backbone and heads of a
 /// checkpoint share one type).

@@ -1,217 +1,52 @@
-//! The reduction interface used by centering and Sinkhorn-Knopp.
+//! Global-batch sums of tensors over a [`Communicator`].
 //!
-//! The official losses sum some statistics over the global batch with `torch.distributed.all_reduce`
-//! (centre update, Sinkhorn-Knopp totals and row sums, the global count of masked patches). Here every such
-//! sum goes through a [`Reducer`], so a multi-process backend (NCCL, MPI, TCP, ...) plugs in without touching
-//! the losses. [`SingleProcess`] is the one-rank case; [`ThreadGroup`] simulates several ranks inside one
-//! process (one thread per rank), which is how the global-batch semantics are tested.
+//! The official losses sum some statistics over the global batch with `torch.distributed.all_reduce` (centre
+//! update, Sinkhorn-Knopp totals and row sums, the global count of masked patches). Here every such sum goes
+//! through [`all_reduce_sum`] on the workspace's one collective interface, [`dinov2_dist::Communicator`]:
+//! [`SingleProcess`] by default, a [`ThreadGroup`] rank in tests, `Mpi` under `mpirun` (passed to the losses'
+//! `with_communicator`).
 
-use std::sync::{Arc, Barrier, Mutex};
+use candle_core::{DType, Tensor};
+pub use dinov2_dist::{Communicator, SingleProcess, ThreadGroup, ThreadRank};
 
-use candle_core::Tensor;
+use crate::error::Result;
 
-use crate::error::{Error, Result};
-
-/// A sum-all-reduce over the ranks of a data-parallel group.
+/// Element-wise sum of `t` over the ranks of `comm`, on `t`'s device, in `t`'s dtype, without a gradient graph.
 ///
-/// `all_reduce_sum` is a collective: every rank calls it, in the same order, with tensors of the same shape
-/// and dtype, and every rank gets back the element-wise sum over all ranks. Implementations must not keep a
-/// gradient graph (the statistics reduced here are computed without gradients). A multi-process backend
-/// (NCCL, MPI, TCP, ...) implements this trait and is passed to the losses' `with_reducer`.
+/// A collective: every rank calls it in the same order with tensors of the same shape. One rank returns `t`
+/// detached; otherwise the values travel through host memory as f64 (f64 tensors) or f32 (every other dtype, which
+/// covers the f32/bf16/f16 statistics of the losses: they are at most `K` prototypes long).
 ///
 /// ```
-/// use std::sync::Arc;
 /// use candle_core::{Device, Tensor};
-/// use dinov2_loss::{DinoLoss, DinoLossConfig, Reducer, Result};
-///
-/// /// A test double: one of `n` ranks that all hold the same batch.
-/// struct Replicated(usize);
-/// impl Reducer for Replicated {
-///     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-///         Ok((t.detach() * self.0 as f64)?)
-///     }
-///     fn world_size(&self) -> usize {
-///         self.0
-///     }
-/// }
-/// // the centre over 4 identical ranks is the centre of one
-/// let t = Tensor::new(&[[1f32, 3.0], [3.0, 1.0]], &Device::Cpu)?;
-/// let mut one = DinoLoss::new(DinoLossConfig::new(2), &Device::Cpu)?;
-/// let mut four = DinoLoss::new(DinoLossConfig::new(2), &Device::Cpu)?.with_reducer(Arc::new(Replicated(4)));
-/// for loss in [&mut one, &mut four] {
-///     loss.update_center(&t)?;
-///     loss.center_mut().apply_pending()?;
-/// }
-/// assert_eq!(one.center().tensor().to_vec2::<f32>()?, four.center().tensor().to_vec2::<f32>()?);
-/// # Ok::<(), dinov2_loss::Error>(())
+/// use dinov2_loss::{all_reduce_sum, Communicator, ThreadGroup};
+/// let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+///     let hs: Vec<_> = ThreadGroup::new(2)
+///         .unwrap()
+///         .into_iter()
+///         .map(|r| s.spawn(move || {
+///             let t = Tensor::new(&[r.rank() as f32 + 1.0, 10.0], &Device::Cpu).unwrap();
+///             all_reduce_sum(&r, &t).unwrap().to_vec1::<f32>().unwrap()
+///         }))
+///         .collect();
+///     hs.into_iter().map(|h| h.join().unwrap()).collect()
+/// });
+/// assert_eq!(sums, vec![vec![3.0, 20.0], vec![3.0, 20.0]]);
 /// ```
-pub trait Reducer: Send + Sync {
-    /// Element-wise sum of `t` over all ranks (returned on `t`'s device, in `t`'s dtype).
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
-    /// Number of ranks in the group (1 for a single process).
-    fn world_size(&self) -> usize;
-}
-
-/// The single-process reducer: the sum over one rank is the tensor itself.
-///
-/// ```
-/// use dinov2_loss::{Reducer, SingleProcess};
-/// let t = candle_core::Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu)?;
-/// assert_eq!(SingleProcess.world_size(), 1);
-/// assert_eq!(SingleProcess.all_reduce_sum(&t)?.to_vec1::<f32>()?, vec![1.0, 2.0]);
-/// # Ok::<(), dinov2_loss::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SingleProcess;
-
-impl Reducer for SingleProcess {
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.detach())
+pub fn all_reduce_sum(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+    let t = t.detach();
+    if comm.world_size() == 1 {
+        return Ok(t);
     }
-    fn world_size(&self) -> usize {
-        1
-    }
-}
-
-struct Shared {
-    n: usize,
-    slots: Mutex<Vec<Option<Tensor>>>,
-    arrive: Barrier,
-    leave: Barrier,
-}
-
-/// Several simulated ranks inside one process, one thread per rank.
-///
-/// [`ThreadGroup::new`] returns one [`ThreadRank`] handle per rank; move each into its own thread. Every rank
-/// must make the same sequence of collective calls (as with a real process group), otherwise the threads
-/// wait forever. The sum is taken in rank order, so all ranks get bit-identical results.
-///
-/// ```
-/// use dinov2_loss::{Reducer, ThreadGroup};
-/// use candle_core::{Device, Tensor};
-/// let ranks = ThreadGroup::new(2).unwrap();
-/// let handles: Vec<_> = ranks
-///     .into_iter()
-///     .enumerate()
-///     .map(|(i, r)| {
-///         std::thread::spawn(move || {
-///             let t = Tensor::new(&[i as f32 + 1.0], &Device::Cpu).unwrap();
-///             r.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap()
-///         })
-///     })
-///     .collect();
-/// for h in handles {
-///     assert_eq!(h.join().unwrap(), vec![3.0]);
-/// }
-/// ```
-pub struct ThreadGroup;
-
-impl ThreadGroup {
-    /// Creates a group of `n >= 1` ranks and returns their handles, rank 0 first.
-    ///
-    /// ```
-    /// use dinov2_loss::{Error, Reducer, ThreadGroup};
-    /// let ranks = dinov2_loss::ThreadGroup::new(3)?;
-    /// assert_eq!((ranks.len(), ranks[2].rank(), ranks[2].world_size()), (3, 2, 3));
-    /// assert!(matches!(ThreadGroup::new(0), Err(Error::InvalidArgument { name: "n", .. })));
-    /// # Ok::<(), dinov2_loss::Error>(())
-    /// ```
-    #[allow(clippy::new_ret_no_self)]
-    pub fn new(n: usize) -> Result<Vec<ThreadRank>> {
-        if n == 0 {
-            return Err(Error::InvalidArgument {
-                name: "n",
-                value: 0.0,
-                reason: "a thread group needs at least one rank",
-            });
-        }
-        let shared = Arc::new(Shared {
-            n,
-            slots: Mutex::new(vec![None; n]),
-            arrive: Barrier::new(n),
-            leave: Barrier::new(n),
-        });
-        Ok((0..n)
-            .map(|rank| ThreadRank {
-                shared: shared.clone(),
-                rank,
-            })
-            .collect())
-    }
-}
-
-/// One rank of a [`ThreadGroup`] (a [`Reducer`]); see [`ThreadGroup`] for an example.
-pub struct ThreadRank {
-    shared: Arc<Shared>,
-    rank: usize,
-}
-
-impl ThreadRank {
-    /// This handle's rank in `0..world_size`.
-    ///
-    /// ```
-    /// let ranks = dinov2_loss::ThreadGroup::new(2)?;
-    /// assert_eq!(ranks.iter().map(|r| r.rank()).collect::<Vec<_>>(), [0, 1]);
-    /// # Ok::<(), dinov2_loss::Error>(())
-    /// ```
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-}
-
-impl std::fmt::Debug for ThreadRank {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThreadRank")
-            .field("rank", &self.rank)
-            .field("world_size", &self.shared.n)
-            .finish()
-    }
-}
-
-impl Reducer for ThreadRank {
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let rank = self.rank;
-        let failed = |reason: &str| Error::Reduce {
-            rank,
-            reason: reason.to_string(),
-        };
-        let poisoned = |_| failed("another rank panicked during a collective");
-        {
-            let mut slots = self.shared.slots.lock().map_err(poisoned)?;
-            slots[self.rank] = Some(t.detach());
-        }
-        self.shared.arrive.wait();
-        let result = {
-            let slots = self.shared.slots.lock().map_err(poisoned)?;
-            let mut acc: Option<Tensor> = None;
-            let mut err = None;
-            for s in slots.iter() {
-                match (s, acc.take()) {
-                    (Some(s), None) => acc = Some(s.clone()),
-                    (Some(s), Some(a)) => match a.add(s) {
-                        Ok(v) => acc = Some(v),
-                        Err(e) => {
-                            err = Some(Error::from(e));
-                            break;
-                        }
-                    },
-                    (None, _) => {
-                        err = Some(failed("a rank did not contribute"));
-                        break;
-                    }
-                }
-            }
-            match (err, acc) {
-                (Some(e), _) => Err(e),
-                (None, Some(a)) => Ok(a),
-                (None, None) => Err(failed("empty group")),
-            }
-        };
-        // Everyone has read every slot before anyone may overwrite its slot in the next collective.
-        self.shared.leave.wait();
-        result
-    }
-    fn world_size(&self) -> usize {
-        self.shared.n
-    }
+    let (shape, dtype, device) = (t.shape().clone(), t.dtype(), t.device().clone());
+    let out = if dtype == DType::F64 {
+        let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+        comm.all_reduce_sum_f64(&mut v)?;
+        Tensor::from_vec(v, shape, &device)?
+    } else {
+        let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        comm.all_reduce_sum_f32(&mut v)?;
+        Tensor::from_vec(v, shape, &device)?.to_dtype(dtype)?
+    };
+    Ok(out)
 }

@@ -20,7 +20,9 @@ use std::thread;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, sum_error, SeededRng, U32};
-use dinov2_loss::{DinoLoss, DinoLossConfig, IbotLossConfig, IbotPatchLoss, Reducer, ThreadGroup};
+use dinov2_loss::{
+    Communicator, DinoLoss, DinoLossConfig, IbotLossConfig, IbotPatchLoss, ThreadGroup,
+};
 
 const CPU: Device = Device::Cpu;
 
@@ -36,9 +38,9 @@ fn sinkhorn_tol(n: usize, n_iterations: usize) -> f64 {
     2.0 * (2 * n_iterations + 1) as f64 * 2.0 * sum_error(n, U32)
 }
 
-/// Runs `f(rank_reducer, rank)` on every rank of a 2-rank thread group, returning results by rank.
+/// Runs `f(rank_communicator, rank)` on every rank of a 2-rank thread group, returning results by rank.
 fn on_two_ranks<T: Send + 'static>(
-    f: impl Fn(Arc<dyn Reducer>, usize) -> T + Send + Sync + Clone + 'static,
+    f: impl Fn(Arc<dyn Communicator>, usize) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
     let ranks = ThreadGroup::new(2).unwrap();
     let handles: Vec<_> = ranks
@@ -72,10 +74,10 @@ fn dino_centre_and_sinkhorn_are_global_batch_statistics() {
     let single_sk = single.sinkhorn_knopp_teacher(&steps[0], 0.05, 3).unwrap();
 
     let steps2 = steps.clone();
-    let results = on_two_ranks(move |reducer, rank| {
+    let results = on_two_ranks(move |comm, rank| {
         let mut loss = DinoLoss::new(DinoLossConfig::new(k), &CPU)
             .unwrap()
-            .with_reducer(reducer);
+            .with_communicator(comm);
         let mut targets = vec![];
         for t in &steps2 {
             let local = t.narrow(0, 3 * rank, 3).unwrap();
@@ -111,12 +113,12 @@ fn ibot_sinkhorn_is_global_and_centre_averages_rank_means() {
     let single_sk = single.sinkhorn_knopp_teacher(&six, 0.05, 6, 3).unwrap();
 
     let all2 = all.clone();
-    let results = on_two_ranks(move |reducer, rank| {
+    let results = on_two_ranks(move |comm, rank| {
         let (start, len) = parts[rank];
         let local = all2.narrow(0, start, len).unwrap();
         let mut loss = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU)
             .unwrap()
-            .with_reducer(reducer);
+            .with_communicator(comm);
         let sk = loss.sinkhorn_knopp_teacher(&local, 0.05, len, 3).unwrap();
         loss.update_center(&local.unsqueeze(0).unwrap()).unwrap();
         loss.center_mut().apply_pending().unwrap();
@@ -141,10 +143,10 @@ fn ibot_sinkhorn_is_global_and_centre_averages_rank_means() {
     single.update_center(&all.unsqueeze(0).unwrap()).unwrap();
     single.center_mut().apply_pending().unwrap();
     let all2 = all.clone();
-    let centres = on_two_ranks(move |reducer, rank| {
+    let centres = on_two_ranks(move |comm, rank| {
         let mut loss = IbotPatchLoss::new(IbotLossConfig::new(k), &CPU)
             .unwrap()
-            .with_reducer(reducer);
+            .with_communicator(comm);
         let local = all2.narrow(0, 4 * rank, 4).unwrap().unsqueeze(0).unwrap();
         loss.update_center(&local).unwrap();
         loss.center_mut().apply_pending().unwrap();
