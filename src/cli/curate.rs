@@ -335,7 +335,11 @@ pub(super) struct SampleArgs {
 }
 
 /// Runs one stage with progress bars on stderr, then prints what it did.
-pub(super) fn run(cmd: CurateCommand) -> Result<()> {
+pub(super) fn run(
+    cmd: CurateCommand,
+    comm: std::sync::Arc<dyn dinov2_dist::Communicator>,
+) -> Result<()> {
+    let _ = comm;
     let bars = Bars::default();
     match cmd {
         CurateCommand::Embed(a) => {

@@ -7,8 +7,11 @@ mod eval_linear;
 mod model;
 mod train;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use dinov2_dist::Communicator;
 
 use self::model::{ModelArgs, OutFormat, PreprocessMode};
 
@@ -146,8 +149,24 @@ pub fn run(cli: Cli) -> Result<()> {
             format,
         } => model::convert(&model, &output, format),
         Command::Info { model } => model::info(&model),
-        Command::Curate(cmd) => curate::run(cmd),
-        Command::Train(args) => train::train(args),
+        Command::Curate(cmd) => with_communicator(|comm| curate::run(cmd, comm)),
+        Command::Train(args) => with_communicator(|comm| train::train(args, comm)),
         Command::Eval(cmd) => eval::run(cmd),
     }
+}
+
+/// Runs a command that can span processes on the communicator its launcher asked for (one process alone, MPI
+/// under `mpirun`). When one rank of several fails, it prints its error and aborts the group (`MPI_Abort`), so
+/// the other ranks stop instead of waiting for it in their next collective.
+fn with_communicator(f: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> Result<()> {
+    let comm = dinov2_dist::from_env().context("cannot join the process group")?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let res = f(comm.clone());
+    if let Err(e) = &res {
+        if world > 1 {
+            eprintln!("Error on rank {rank} of {world}: {e:?}");
+            comm.abort(1);
+        }
+    }
+    res
 }

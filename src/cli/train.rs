@@ -30,7 +30,8 @@ pub struct TrainArgs {
 }
 
 /// Runs `dinov2 train`.
-pub fn train(args: TrainArgs) -> Result<()> {
+pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator>) -> Result<()> {
+    let _ = comm; // data-parallel training: next commit
     let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
     let output_dir = args
         .output_dir
