@@ -335,12 +335,21 @@ pub(super) struct SampleArgs {
 }
 
 /// Runs one stage with progress bars on stderr, then prints what it did.
+///
+/// Under `mpirun -np N` every rank runs the stage on its share (`pipeline::*_on`); rank 0 shows the progress and
+/// prints the closing message, and `sample` (which reads the clustering only) runs on rank 0 alone.
 pub(super) fn run(
     cmd: CurateCommand,
     comm: std::sync::Arc<dyn dinov2_dist::Communicator>,
 ) -> Result<()> {
-    let _ = comm;
+    let comm = comm.as_ref();
+    let lead = comm.rank() == 0;
+    if lead && comm.world_size() > 1 {
+        eprintln!("curate: {} ranks ({})", comm.world_size(), comm.backend());
+    }
     let bars = Bars::default();
+    let quiet = pipeline::NoProgress;
+    let bars: &dyn Progress = if lead { &bars } else { &quiet };
     match cmd {
         CurateCommand::Embed(a) => {
             let params = pipeline::EmbedParams {
@@ -355,12 +364,14 @@ pub(super) fn run(
                 model: a.model.clone(),
                 merge_to: a.merge_to.clone(),
             };
-            let s = pipeline::embed(&params, || model_embedder(&a), &bars)?;
+            let s = pipeline::embed_on(&params, || model_embedder(&a), bars, comm)?;
             let r = s.report;
-            eprintln!(
-                "embedded {} images: {} shards computed, {} skipped",
-                r.n_rows, r.computed, r.skipped
-            );
+            if lead {
+                eprintln!(
+                    "embedded {} images: {} shards computed, {} skipped",
+                    r.n_rows, r.computed, r.skipped
+                );
+            }
         }
         CurateCommand::Dedup(a) => {
             let params = pipeline::DedupParams {
@@ -373,7 +384,7 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            if let Some(s) = done(pipeline::dedup(&params, &bars)?) {
+            if let Some(s) = done(lead, pipeline::dedup_on(&params, bars, comm)?).filter(|_| lead) {
                 eprintln!(
                     "dedup: kept {} of {} rows",
                     s.result.n_kept(),
@@ -391,7 +402,7 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            done(pipeline::knn(&params, &bars)?);
+            done(lead, pipeline::knn_on(&params, bars, comm)?);
         }
         CurateCommand::Retrieve(a) => {
             let params = pipeline::RetrieveParams {
@@ -413,7 +424,7 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            done(pipeline::retrieve(&params, &bars)?);
+            done(lead, pipeline::retrieve_on(&params, bars, comm)?);
         }
         CurateCommand::Kmeans(a) => {
             let params = pipeline::KmeansParams {
@@ -431,7 +442,7 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            done(pipeline::kmeans(&params, &bars)?);
+            done(lead, pipeline::kmeans_on(&params, bars, comm)?);
         }
         CurateCommand::Hkmeans(a) => {
             let params = pipeline::HkmeansParams {
@@ -445,7 +456,7 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            done(pipeline::hkmeans(&params, &bars)?);
+            done(lead, pipeline::hkmeans_on(&params, bars, comm)?);
         }
         CurateCommand::Sample(a) => {
             let params = pipeline::SampleParams {
@@ -457,15 +468,17 @@ pub(super) fn run(
                 output: a.out.output,
                 force: a.out.force,
             };
-            done(pipeline::sample(&params, &bars)?);
+            if lead {
+                done(lead, pipeline::sample(&params, bars)?);
+            }
         }
     }
     Ok(())
 }
 
 /// The summary of a stage that ran; for a finished one, says so.
-fn done<S>(outcome: Outcome<S>) -> Option<S> {
-    if let Outcome::Skipped { summary } = &outcome {
+fn done<S>(lead: bool, outcome: Outcome<S>) -> Option<S> {
+    if let (true, Outcome::Skipped { summary }) = (lead, &outcome) {
         eprintln!(
             "{} exists: stage already done (use --force to recompute)",
             summary.display()

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{invalid, io_err, Error, Result};
 use crate::npy;
 use crate::store::{l2_normalize_rows, Embeddings};
+use dinov2_dist::{Communicator, SingleProcess};
 
 /// Anything that turns a batch of image files into embedding rows.
 ///
@@ -133,6 +134,23 @@ pub fn embed_pool(
     cfg: &EmbedConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EmbedReport> {
+    embed_pool_sharded(embedder, paths, out, cfg, progress, &SingleProcess)
+}
+
+/// [`embed_pool`] by the ranks of `comm` together (`mpirun -np N dinov2 curate embed`): shard `s` is rank
+/// `s % N`'s, which writes it to `out` (so a rerun resumes per rank, with any world size when `out` is on a
+/// shared file system); every rank checks or writes the manifest and `paths.txt` in its own view of `out`.
+/// `progress` counts this rank's rows; the returned report counts every rank's shards. The shard files are the
+/// ones one process writes.
+pub fn embed_pool_sharded(
+    embedder: &mut dyn Embedder,
+    paths: &[PathBuf],
+    out: &Path,
+    cfg: &EmbedConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    comm: &dyn Communicator,
+) -> Result<EmbedReport> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     if cfg.shard_size == 0 || cfg.batch_size == 0 {
         let name = if cfg.shard_size == 0 {
             "shard_size"
@@ -188,8 +206,17 @@ pub fn embed_pool(
         skipped: 0,
     };
     let mut done_rows = 0;
-    for s in 0..n_shards {
-        let (a, b) = (s * cfg.shard_size, ((s + 1) * cfg.shard_size).min(n));
+    let mine = |s: usize| s % world == rank;
+    let my_rows: usize = (0..n_shards)
+        .filter(|&s| mine(s))
+        .map(|s| ((s + 1) * cfg.shard_size).min(n) - s * cfg.shard_size)
+        .sum();
+    let n = if world == 1 { n } else { my_rows };
+    for s in (0..n_shards).filter(|&s| mine(s)) {
+        let (a, b) = (
+            s * cfg.shard_size,
+            ((s + 1) * cfg.shard_size).min(paths.len()),
+        );
         if shard_done(out, s, b - a, dim) {
             report.skipped += 1;
             done_rows += b - a;
@@ -225,6 +252,11 @@ pub fn embed_pool(
         npy::write_i64(&ids_path(out, s), &ids, &[b - a])?;
         npy::write_f32(&shard_path(out, s), &rows, &[b - a, dim])?;
         report.computed += 1;
+    }
+    if world > 1 {
+        let c = comm.all_gather_i64(&[report.computed as i64, report.skipped as i64])?;
+        report.computed = c.iter().step_by(2).sum::<i64>() as usize;
+        report.skipped = c.iter().skip(1).step_by(2).sum::<i64>() as usize;
     }
     Ok(report)
 }

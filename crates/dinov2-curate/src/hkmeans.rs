@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{invalid, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
+use dinov2_dist::{gather_counts, Communicator};
 
 /// Which members of a cluster are picked when only some are needed. Serialised as `"c"` / `"r"` (the official
 /// strategy letters); parsed from `c`, `closest`, `r` or `random`.
@@ -135,6 +136,142 @@ pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Le
         k: kk,
         centroids,
         assignment: labels,
+        offsets,
+        members,
+    })
+}
+
+/// [`run_level`] by the ranks of `comm` together, each passing its contiguous share of the level's input rows
+/// (rank 0 the first rows): every rank returns the same level as [`run_level`] on the whole input, up to the
+/// order of the f64 additions of the k-means sums (row numbers in `assignment` and `members` are global).
+///
+/// Traffic: the sharded k-means ([`kmeans::train_sharded`]); per resampling step the candidates of every cluster
+/// (`Closest`: each rank's `sample_size` closest members of each cluster, so at most `k × sample_size` rows per
+/// rank; `Random`: every member's distance and id, one `f64` + one `i64` per row, since the draw is over positions
+/// in the whole sorted cluster) and the picked rows from their owners; at the end every row's label and distance
+/// (the level's outputs).
+///
+/// ```
+/// use dinov2_dist::{shard_range, Communicator, ThreadGroup};
+/// use dinov2_curate::hkmeans::{run_level, run_level_sharded, LevelConfig, Pick};
+/// let x: Vec<f32> = (0..60).map(|i| ((i * 7919) % 101) as f32 / 101.0).collect(); // 30 rows, d = 2
+/// let cfg = LevelConfig { k: 4, n_iter: 5, n_resampling_steps: 1, sample_size: 3, strategy: Pick::Closest };
+/// let one = run_level(&x, 2, &cfg, 7).unwrap();
+/// let levels: Vec<_> = std::thread::scope(|s| {
+///     let hs: Vec<_> = ThreadGroup::new(2).unwrap().into_iter().map(|r| {
+///         let (x, cfg) = (&x, &cfg);
+///         s.spawn(move || {
+///             let rows = shard_range(30, 2, r.rank());
+///             run_level_sharded(&x[rows.start * 2..rows.end * 2], 2, cfg, 7, &r).unwrap()
+///         })
+///     }).collect();
+///     hs.into_iter().map(|h| h.join().unwrap()).collect()
+/// });
+/// for l in &levels {
+///     assert_eq!((&l.assignment, &l.members, &l.offsets), (&one.assignment, &one.members, &one.offsets));
+/// }
+/// ```
+pub fn run_level_sharded(
+    x: &[f32],
+    d: usize,
+    cfg: &LevelConfig,
+    seed: u64,
+    comm: &dyn Communicator,
+) -> Result<Level> {
+    if comm.world_size() == 1 {
+        return run_level(x, d, cfg, seed);
+    }
+    let n_local = x.len() / d.max(1);
+    let counts = gather_counts(comm, n_local)?;
+    let offset: usize = counts[..comm.rank()].iter().sum();
+    let n: usize = counts.iter().sum();
+    let k = cfg.k.min(n);
+    if k == 0 {
+        return Err(invalid("k", "a level needs k >= 1 and a non-empty input"));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let kcfg = |k: usize, seed: u64| KMeansConfig {
+        k,
+        n_iter: cfg.n_iter,
+        init: Init::KMeansPlusPlus,
+        seed,
+        ..KMeansConfig::new(k)
+    };
+    let km = kmeans::train_sharded(
+        x,
+        d,
+        &kcfg(k, rng.random()),
+        comm,
+        None,
+        &mut |_, _| {},
+        &mut |_| Ok(()),
+    )?;
+    let mut centroids = km.centroids;
+    let (mut labels, mut dist) = kmeans::assign(x, d, &centroids)?;
+    for _ in 0..cfg.n_resampling_steps {
+        // This rank's candidates per cluster: (label, distance, global row), closest first.
+        let (loc_off, loc_members) = sorted_clusters(&labels, &dist, k);
+        let (mut cl, mut cd, mut cr) = (Vec::new(), Vec::new(), Vec::new());
+        for j in 0..k {
+            let c = &loc_members[loc_off[j]..loc_off[j + 1]];
+            let take = match cfg.strategy {
+                Pick::Closest => cfg.sample_size.min(c.len()),
+                Pick::Random => c.len(),
+            };
+            for &i in &c[..take] {
+                cl.push(j as i64);
+                cd.push(dist[i] as f64);
+                cr.push((offset + i) as i64);
+            }
+        }
+        let (cl, cd, cr) = (
+            comm.all_gather_i64(&cl)?,
+            comm.all_gather_f64(&cd)?,
+            comm.all_gather_i64(&cr)?,
+        );
+        // Merge: the clusters' candidates in the order of the whole-input sort (distance, then row).
+        let mut by_cluster: Vec<Vec<(f32, usize)>> = vec![Vec::new(); k];
+        for ((&l, &dd), &row) in cl.iter().zip(&cd).zip(&cr) {
+            by_cluster[l as usize].push((dd as f32, row as usize));
+        }
+        let mut picked = Vec::new();
+        for c in &mut by_cluster {
+            c.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let m = cfg.sample_size.min(c.len());
+            match cfg.strategy {
+                Pick::Closest => picked.extend(c[..m].iter().map(|p| p.1)),
+                Pick::Random => {
+                    picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i].1))
+                }
+            }
+        }
+        picked.sort_unstable();
+        // The picked rows from their owners, in row order (rank order = row order).
+        let mine: Vec<f32> = picked
+            .iter()
+            .filter(|&&g| g >= offset && g < offset + n_local)
+            .flat_map(|&g| x[(g - offset) * d..(g - offset + 1) * d].iter().copied())
+            .collect();
+        let sub = comm.all_gather_f32(&mine)?;
+        let kk = k.min(picked.len());
+        let km = kmeans::train(&sub, d, &kcfg(kk, rng.random()))?;
+        centroids = km.centroids;
+        let a = kmeans::assign(x, d, &centroids)?;
+        labels = a.0;
+        dist = a.1;
+    }
+    let kk = centroids.len() / d;
+    let all_labels: Vec<u32> = comm
+        .all_gather_i64(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
+        .into_iter()
+        .map(|l| l as u32)
+        .collect();
+    let all_dist = comm.all_gather_f32(&dist)?;
+    let (offsets, members) = sorted_clusters(&all_labels, &all_dist, kk);
+    Ok(Level {
+        k: kk,
+        centroids,
+        assignment: all_labels,
         offsets,
         members,
     })

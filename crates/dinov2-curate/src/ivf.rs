@@ -11,6 +11,7 @@ use crate::error::{check_rows, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
 use crate::knn::{exact_knn, KnnResult, TopK};
 use crate::linalg::{matmul_abt, sq_norms};
+use dinov2_dist::{shard_range, Communicator, SingleProcess};
 
 /// IVF construction parameters.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -51,6 +52,19 @@ pub struct IvfFlat {
 impl IvfFlat {
     /// Trains the coarse quantiser on a subsample of `base` and fills the lists with all of `base`'s rows.
     pub fn build(base: &[f32], d: usize, params: &IvfParams) -> Result<Self> {
+        Self::build_sharded(base, d, params, &SingleProcess)
+    }
+
+    /// [`IvfFlat::build`] by the ranks of `comm` together, each passing the whole `base`: the coarse quantiser is
+    /// trained by [`kmeans::train_sharded`] on the ranks' contiguous shares of the rows and each rank assigns its
+    /// share to the lists; the list labels are gathered (one `i64` per row, once), so every rank holds the same
+    /// index as [`IvfFlat::build`] up to the order of the f64 additions of the k-means sums.
+    pub fn build_sharded(
+        base: &[f32],
+        d: usize,
+        params: &IvfParams,
+        comm: &dyn Communicator,
+    ) -> Result<Self> {
         let n = check_rows("IVF build", base.len(), d)?;
         let nlist = params.nlist.min(n).max(1);
         let cfg = KMeansConfig {
@@ -62,8 +76,20 @@ impl IvfFlat {
             max_points_per_centroid: Some(params.max_points_per_centroid.max(1)),
             tol: 1e-4,
         };
-        let km = kmeans::train(base, d, &cfg)?;
-        let (labels, _) = km.assign(base)?;
+        let mine = shard_range(n, comm.world_size(), comm.rank());
+        let local = &base[mine.start * d..mine.end * d];
+        let km =
+            kmeans::train_sharded(local, d, &cfg, comm, None, &mut |_, _| {}, &mut |_| Ok(()))?;
+        let (local_labels, _) = km.assign(local)?;
+        let labels: Vec<u32> = if comm.world_size() == 1 {
+            local_labels
+        } else {
+            let l: Vec<i64> = local_labels.iter().map(|&l| l as i64).collect();
+            comm.all_gather_i64(&l)?
+                .into_iter()
+                .map(|l| l as u32)
+                .collect()
+        };
         let (offsets, rows) = group_by_label(&labels, nlist);
         let mut vecs = vec![0f32; n * d];
         vecs.par_chunks_mut(d)

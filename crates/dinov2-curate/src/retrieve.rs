@@ -9,6 +9,7 @@ use rand::SeedableRng;
 
 use crate::dedup::Searcher;
 use crate::error::{invalid, Result};
+use dinov2_dist::{shard_range, Communicator, SingleProcess};
 
 /// Output of a retrieval (the ids are not serialised: they go to an `.npy` file).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -71,12 +72,30 @@ pub fn sample_based(
     k: usize,
     dedup_union: bool,
 ) -> Result<Retrieval> {
+    sample_based_sharded(queries, pool, d, k, dedup_union, &SingleProcess)
+}
+
+/// [`sample_based`] by the ranks of `comm` together, each passing all the queries and a searcher over the whole
+/// pool: each rank searches a contiguous part of the queries, the hits are gathered in query order, and every rank
+/// returns what [`sample_based`] returns.
+pub fn sample_based_sharded(
+    queries: &[f32],
+    pool: &Searcher<'_>,
+    d: usize,
+    k: usize,
+    dedup_union: bool,
+    comm: &dyn Communicator,
+) -> Result<Retrieval> {
     let nq = queries.len() / d.max(1);
-    let mut hits = Vec::with_capacity(nq * k);
+    let part = shard_range(nq, comm.world_size(), comm.rank());
+    let mut hits = Vec::with_capacity(part.len() * k);
     const CHUNK: usize = 65536;
-    for q in queries.chunks(CHUNK * d.max(1)) {
+    for q in queries[part.start * d..part.end * d].chunks(CHUNK * d.max(1)) {
         let r = pool.search(q, d, k, None)?;
         hits.extend(r.ids.iter().copied().filter(|&i| i >= 0));
+    }
+    if comm.world_size() > 1 {
+        hits = comm.all_gather_i64(&hits)?;
     }
     let (n_unique, n_collided, max_hits, hit_histogram) = stats(&hits);
     let n_hits = hits.len();

@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    load_plain, map_ids, read_json, run_stage, to_json, write_rows, Index, IndexInfo, IndexParams,
-    Input, Outcome, Progress, Reporter, Stage,
+    load_plain, map_ids, read_json, run_stage_on, to_json, write_rows, Index, IndexInfo,
+    IndexParams, Input, Outcome, Progress, Reporter, Stage,
 };
 use crate::dedup::{self as algo, DedupResult, RelativeResult, Searcher};
 use crate::error::{io_err, Error, Result};
 use crate::npy;
+use dinov2_dist::{Communicator, SingleProcess};
 
 /// Parameters of [`dedup`](fn@dedup).
 ///
@@ -237,12 +238,35 @@ pub struct DedupSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn dedup(params: &DedupParams, progress: &dyn Progress) -> Result<Outcome<DedupSummary>> {
-    run_stage(&params.output, params.force, |out| {
-        run(params, progress, out)
+    dedup_on(params, progress, &SingleProcess)
+}
+
+/// [`dedup`] as one rank of a sharded run (`mpirun -np N dinov2 curate dedup`), self or relative: every rank of
+/// `comm` calls it with the same parameters. The IVF index (if any) is built together
+/// ([`crate::ivf::IvfFlat::build_sharded`]); the query chunks are dealt round-robin (chunk `c` to rank
+/// `c % N`, each written to its own `edges/chunk_*.npy` checkpoint, so a rerun resumes per rank) and the
+/// reference rows split in contiguous parts; the above-threshold edges are gathered and every rank builds the same
+/// components. Rank 0 measures the sampled recall and writes the outputs. With the exact search the outputs are
+/// identical to a one-process run's; with IVF they are the same up to the index's approximation (the coarse
+/// k-means differs only in the order of its f64 additions).
+pub fn dedup_on(
+    params: &DedupParams,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<Outcome<DedupSummary>> {
+    run_stage_on(&params.output, params.force, comm, |out| {
+        run(params, progress, out, comm)
     })
 }
 
-fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<DedupSummary> {
+fn run(
+    params: &DedupParams,
+    progress: &dyn Progress,
+    out: &Path,
+    comm: &dyn Communicator,
+) -> Result<DedupSummary> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let r = Reporter::new(progress, Stage::Dedup);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -268,7 +292,9 @@ fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<Dedu
     let edge_dir = out.join("edges");
     let ppath = out.join("params.json");
     let fp_json = to_json(&fingerprint, &ppath)?;
-    if ppath.exists() && read_json(&ppath)? != fp_json {
+    // Every rank checks its own view of the directory (its edge checkpoints may be on a local disk).
+    let changed = ppath.exists() && read_json(&ppath)? != fp_json;
+    if comm.all_gather_i64(&[i64::from(changed)])?.contains(&1) {
         if !params.force {
             return Err(Error::ParamsChanged {
                 path: out.to_path_buf(),
@@ -276,9 +302,18 @@ fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<Dedu
         }
         let _ = std::fs::remove_dir_all(&edge_dir);
     }
-    crate::embed::write_json(&ppath, &fp_json)?;
+    // Rank 0 writes the parameters; a rank whose directory is not shared with rank 0's (a local disk) then
+    // writes its own copy, which guards its edge checkpoints.
+    comm.barrier()?;
+    if lead {
+        crate::embed::write_json(&ppath, &fp_json)?;
+    }
+    comm.barrier()?;
+    if !lead && !ppath.exists() {
+        crate::embed::write_json(&ppath, &fp_json)?;
+    }
     std::fs::create_dir_all(&edge_dir).map_err(io_err(&edge_dir))?;
-    let index = Index::build(&x, &params.index, &r)?;
+    let index = Index::build(&x, &params.index, &r, comm)?;
     let searcher = index.searcher(x.as_slice());
     let refs = Searcher::Exact { base: &reference };
     let chunk = params.chunk.max(1);
@@ -288,6 +323,10 @@ fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<Dedu
     let mut s = 0;
     while s < n {
         let e = (s + chunk).min(n);
+        if (s / chunk) % world != rank {
+            s = e;
+            continue;
+        }
         let path = edge_dir.join(format!("chunk_{s:010}.npy"));
         let chunk_edges = if path.exists() {
             read_edges(&path)?
@@ -310,19 +349,37 @@ fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<Dedu
         s = e;
     }
     if nr > 0 {
-        let path = edge_dir.join("reference.npy");
+        // Reference rows as pool queries: contiguous parts by rank (one file for one rank).
+        let part = dinov2_dist::shard_range(nr, world, rank);
+        let path = if world == 1 {
+            edge_dir.join("reference.npy")
+        } else {
+            edge_dir.join(format!("reference_{:010}_{:010}.npy", part.start, part.end))
+        };
         let re = if path.exists() {
             read_edges(&path)?
         } else {
-            let re = algo::threshold_edges(&searcher.search(&reference, d, k, None)?, n, threshold);
+            let q = &reference[part.start * d..part.end * d];
+            let re =
+                algo::threshold_edges(&searcher.search(q, d, k, None)?, n + part.start, threshold);
             write_edges(&path, &re)?;
             re
         };
         edges.extend(re);
     }
     r.end("dedup");
+    if world > 1 {
+        let flat: Vec<i64> = edges.iter().flat_map(|&(a, b)| [a, b]).collect();
+        edges = comm
+            .all_gather_i64(&flat)?
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
+            .collect();
+    }
     let search_s = t.elapsed().as_secs_f64();
     let sample = params.index.recall_sample;
+    // The sampled recall is rank 0's to measure (it writes the summary).
+    let sample = if lead { sample } else { 0 };
     let recall = index.recall(x.as_slice(), x.as_slice(), d, k, sample, true)?;
     let edge_recall = index.edge_recall(x.as_slice(), d, k, sample, threshold)?;
     let recall_s = t.elapsed().as_secs_f64() - search_s;
@@ -343,13 +400,15 @@ fn run(params: &DedupParams, progress: &dyn Progress, out: &Path) -> Result<Dedu
     };
     map_ids(&mut keep, &rows);
     keep.sort_unstable();
-    npy::write_i64(&out.join("keep.npy"), &keep, &[keep.len()])?;
-    npy::write_i64(
-        &out.join("components.npy"),
-        &components,
-        &[components.len()],
-    )?;
-    write_rows(out, &rows)?;
+    if lead {
+        npy::write_i64(&out.join("keep.npy"), &keep, &[keep.len()])?;
+        npy::write_i64(
+            &out.join("components.npy"),
+            &components,
+            &[components.len()],
+        )?;
+        write_rows(out, &rows)?;
+    }
     let summary = DedupSummary {
         mode,
         result,

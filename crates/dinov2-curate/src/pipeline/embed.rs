@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::{write_summary, Progress, Reporter, Stage};
 use crate::embed::{self, EmbedConfig, EmbedReport, Embedder};
 use crate::error::{invalid, Result};
+use dinov2_dist::{Communicator, SingleProcess};
 
 /// Parameters of [`embed`](fn@embed).
 ///
@@ -127,6 +128,19 @@ pub fn embed<E: Embedder>(
     make_embedder: impl FnOnce() -> Result<E>,
     progress: &dyn Progress,
 ) -> Result<EmbedSummary> {
+    embed_on(params, make_embedder, progress, &SingleProcess)
+}
+
+/// [`embed`] as one rank of a sharded run (`mpirun -np N dinov2 curate embed`): every rank of `comm` loads the
+/// model and embeds its shards ([`embed::embed_pool_sharded`]: shard `s` is rank `s % N`'s); rank 0 merges (with
+/// `merge_to`) and writes the summary once every rank is done. Merging reads every shard, so it needs `output` on
+/// a file system all ranks share.
+pub fn embed_on<E: Embedder>(
+    params: &EmbedParams,
+    make_embedder: impl FnOnce() -> Result<E>,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<EmbedSummary> {
     let r = Reporter::new(progress, Stage::Embed);
     let paths = match (&params.images, &params.list) {
         (Some(dir), _) => embed::list_images(dir)?,
@@ -142,22 +156,27 @@ pub fn embed<E: Embedder>(
     let mut model = make_embedder()?;
     let t = Instant::now();
     r.begin("embed", paths.len());
-    let report = embed::embed_pool(
+    let report = embed::embed_pool_sharded(
         &mut model,
         &paths,
         &params.output,
         &params.config,
         &mut |done, total| r.advance("embed", done, total),
+        comm,
     )?;
     r.end("embed");
-    if let Some(m) = &params.merge_to {
-        embed::merge_shards(&params.output, m)?;
-    }
+    comm.barrier()?;
     let summary = EmbedSummary {
         report,
         seconds: t.elapsed().as_secs_f64(),
         model: params.model.clone(),
     };
-    write_summary(&params.output, &summary)?;
+    if comm.rank() == 0 {
+        if let Some(m) = &params.merge_to {
+            embed::merge_shards(&params.output, m)?;
+        }
+        write_summary(&params.output, &summary)?;
+    }
+    comm.barrier()?;
     Ok(summary)
 }

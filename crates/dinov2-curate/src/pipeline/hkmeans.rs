@@ -3,12 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{run_stage, write_rows, Input, Outcome, Progress, Reporter, Stage};
+use super::{run_stage_on, write_rows, Input, Outcome, Progress, Reporter, Stage};
 use crate::embed::write_json;
 use crate::error::{invalid, io_err, Error, Result};
 use crate::hkmeans::{self as algo, Level, LevelConfig, Pick};
 use crate::npy;
 use crate::store::read_ids;
+use dinov2_dist::{Communicator, SingleProcess};
 
 /// Parameters of [`hkmeans`](fn@hkmeans). The per-level lists hold one value per level, or a single value for
 /// every level.
@@ -146,15 +147,36 @@ pub struct LevelSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn hkmeans(params: &HkmeansParams, progress: &dyn Progress) -> Result<Outcome<HkmeansSummary>> {
-    run_stage(&params.output, params.force, |out| {
-        run(params, progress, out)
+    hkmeans_on(params, progress, &SingleProcess)
+}
+
+/// [`hkmeans`] as one rank of a sharded run (`mpirun -np N dinov2 curate hkmeans`): every rank of `comm` calls it
+/// with the same parameters and reads only its contiguous share of the rows. Level 1 runs sharded
+/// ([`algo::run_level_sharded`]: k-means and resampling on the shares); the higher levels cluster the previous
+/// centroids, which every rank holds, so each rank computes them alike. Rank 0 decides which levels are already
+/// done (resume), writes the level directories and shares their centroids. The outputs equal a one-process run's
+/// up to the order of the f64 additions of the level-1 k-means sums.
+pub fn hkmeans_on(
+    params: &HkmeansParams,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<Outcome<HkmeansSummary>> {
+    run_stage_on(&params.output, params.force, comm, |out| {
+        run(params, progress, out, comm)
     })
 }
 
-fn run(params: &HkmeansParams, progress: &dyn Progress, out: &Path) -> Result<HkmeansSummary> {
+fn run(
+    params: &HkmeansParams,
+    progress: &dyn Progress,
+    out: &Path,
+    comm: &dyn Communicator,
+) -> Result<HkmeansSummary> {
     let r = Reporter::new(progress, Stage::Hkmeans);
     let t = Instant::now();
-    let (x, rows) = params.input.load()?;
+    let lead = comm.rank() == 0;
+    let local = params.input.load_local(comm)?;
+    let (x, rows, n) = (&local.x, &local.rows, local.n);
     let d = x.dim();
     let nl = params.k.len();
     if nl == 0 {
@@ -167,8 +189,31 @@ fn run(params: &HkmeansParams, progress: &dyn Progress, out: &Path) -> Result<Hk
     let mut levels: Vec<Level> = Vec::new();
     for lv in 0..nl {
         let dir = out.join(format!("level{}", lv + 1));
-        let level = if dir.join("summary.json").exists() && !params.force {
-            load_level(&dir)?
+        let mut done = vec![u8::from(
+            lead && dir.join("summary.json").exists() && !params.force,
+        )];
+        comm.broadcast_bytes(&mut done, 0)?;
+        let level = if done == [1] {
+            // Rank 0 reads the finished level; the others need only its centroids (the next level's input).
+            let mut l = if lead {
+                load_level(&dir)?
+            } else {
+                Level {
+                    k: 0,
+                    centroids: Vec::new(),
+                    assignment: Vec::new(),
+                    offsets: Vec::new(),
+                    members: Vec::new(),
+                }
+            };
+            if comm.world_size() > 1 {
+                let mut k = (l.k as u64).to_le_bytes().to_vec();
+                comm.broadcast_bytes(&mut k, 0)?;
+                l.k = u64::from_le_bytes(k.try_into().unwrap_or_default()) as usize;
+                l.centroids.resize(l.k * d, 0.0);
+                comm.broadcast_f32(&mut l.centroids, 0)?;
+            }
+            l
         } else {
             let cfg = LevelConfig {
                 k: params.k[lv],
@@ -181,19 +226,28 @@ fn run(params: &HkmeansParams, progress: &dyn Progress, out: &Path) -> Result<Hk
                 Some(l) => &l.centroids,
                 None => x.as_slice(),
             };
-            let l = algo::run_level(input, d, &cfg, algo::level_seed(params.seed, lv))?;
-            save_level(&dir, &l, d)?;
+            let seed = algo::level_seed(params.seed, lv);
+            let l = if levels.is_empty() {
+                algo::run_level_sharded(input, d, &cfg, seed, comm)?
+            } else {
+                algo::run_level(input, d, &cfg, seed)?
+            };
+            if lead {
+                save_level(&dir, &l, d)?;
+            }
             l
         };
         levels.push(level);
         r.advance("hkmeans", lv + 1, nl);
     }
     r.end("hkmeans");
-    write_rows(out, &rows)?;
+    if lead {
+        write_rows(out, rows)?;
+    }
     let s = HkmeansSummary {
         levels: nl,
         k: levels.iter().map(|l| l.k).collect(),
-        n: x.rows(),
+        n,
         d,
         seconds: t.elapsed().as_secs_f64(),
     };

@@ -6,11 +6,14 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{read_json, run_stage, write_rows, Input, Outcome, Progress, Reporter, Stage};
+use super::{
+    read_json, run_stage_on, to_json, write_rows, Input, Outcome, Progress, Reporter, Stage,
+};
 use crate::embed::write_json;
 use crate::error::{io_err, Error, Result};
 use crate::kmeans::{self as algo, Init, KMeansCheckpoint, KMeansConfig};
 use crate::npy;
+use dinov2_dist::{Communicator, SingleProcess};
 
 /// Parameters of [`kmeans`](fn@kmeans).
 ///
@@ -140,15 +143,35 @@ pub struct KmeansSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn kmeans(params: &KmeansParams, progress: &dyn Progress) -> Result<Outcome<KmeansSummary>> {
-    run_stage(&params.output, params.force, |out| {
-        run(params, progress, out)
+    kmeans_on(params, progress, &SingleProcess)
+}
+
+/// [`kmeans`] as one rank of a sharded run (`mpirun -np N dinov2 curate kmeans`): every rank of `comm` calls it
+/// with the same parameters, reads only its contiguous share of the rows and takes part in
+/// [`algo::train_sharded`]; rank 0 writes the checkpoints and the outputs, which equal a one-process run's up to
+/// the order of the f64 additions of the per-cluster sums (same assignments unless a row is that close to two
+/// centroids). A resumed run reads rank 0's checkpoint, broadcast to the others, so any world size can resume it.
+pub fn kmeans_on(
+    params: &KmeansParams,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<Outcome<KmeansSummary>> {
+    run_stage_on(&params.output, params.force, comm, |out| {
+        run(params, progress, out, comm)
     })
 }
 
-fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<KmeansSummary> {
+fn run(
+    params: &KmeansParams,
+    progress: &dyn Progress,
+    out: &Path,
+    comm: &dyn Communicator,
+) -> Result<KmeansSummary> {
     let r = Reporter::new(progress, Stage::Kmeans);
     let t = Instant::now();
-    let (x, rows) = params.input.load()?;
+    let local = params.input.load_local(comm)?;
+    let (x, rows, n) = (&local.x, &local.rows, local.n);
+    let lead = comm.rank() == 0;
     let k = params.k;
     let cfg = KMeansConfig {
         k,
@@ -164,13 +187,13 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
     let state_path = ck_dir.join("state.json");
     let fingerprint = json!({
         "embeddings": params.input.embeddings, "rows": params.input.rows,
-        "no_normalize": !params.input.normalize, "n": x.rows(), "d": x.dim(), "k": k,
+        "no_normalize": !params.input.normalize, "n": n, "d": x.dim(), "k": k,
         // The names of the command line's `--init` values (`KmeansPp`, `Random`), as earlier versions wrote.
         "init": match params.init { Init::KMeansPlusPlus => "KmeansPp", Init::Random => "Random" },
         "seed": params.seed, "max_points_per_centroid": params.max_points_per_centroid, "tol": params.tol,
     });
     let mut resume = None;
-    if state_path.exists() && !params.force {
+    if lead && state_path.exists() && !params.force {
         let state = read_json(&state_path)?;
         if state["params"] == fingerprint {
             let mut ck: KMeansCheckpoint = serde_json::from_value(state["checkpoint"].clone())
@@ -200,11 +223,32 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
             r.message("kmeans: checkpoint of other parameters ignored");
         }
     }
+    if comm.world_size() > 1 {
+        // Rank 0's checkpoint (if any) to every rank: its state as JSON, then the centroids.
+        let mut state = match &resume {
+            Some(ck) => to_json(ck, &state_path)?.to_string().into_bytes(),
+            None => Vec::new(),
+        };
+        comm.broadcast_bytes(&mut state, 0)?;
+        if !state.is_empty() {
+            let mut ck: KMeansCheckpoint =
+                serde_json::from_slice(&state).map_err(|source| Error::Json {
+                    path: state_path.clone(),
+                    source,
+                })?;
+            let mut c = resume
+                .take()
+                .map_or_else(|| vec![0f32; k * x.dim()], |ck| ck.centroids);
+            comm.broadcast_f32(&mut c, 0)?;
+            ck.centroids = c;
+            resume = Some(ck);
+        }
+    }
     let resumed_from = resume.as_ref().map(|c| c.iterations);
     r.begin("kmeans", params.iters);
     let every = params.checkpoint_every;
     let mut save = |ck: &KMeansCheckpoint| -> Result<()> {
-        if every == 0 || ck.iterations % every != 0 {
+        if !lead || every == 0 || ck.iterations % every != 0 {
             return Ok(());
         }
         std::fs::create_dir_all(&ck_dir).map_err(io_err(&ck_dir))?;
@@ -230,10 +274,11 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
         Ok(())
     };
     let iters = params.iters;
-    let km = algo::train_resumable(
+    let km = algo::train_sharded(
         x.as_slice(),
         x.dim(),
         &cfg,
+        comm,
         resume,
         &mut |it, _| r.advance("kmeans", it + 1, iters),
         &mut save,
@@ -241,16 +286,21 @@ fn run(params: &KmeansParams, progress: &dyn Progress, out: &Path) -> Result<Kme
     r.end("kmeans");
     let train_s = t.elapsed().as_secs_f64();
     let (labels, dist) = km.assign(x.as_slice())?;
-    let objective: f64 = dist.iter().map(|&v| v as f64).sum();
-    npy::write_f32(&out.join("centroids.npy"), &km.centroids, &[km.k, km.d])?;
+    // The outputs cover every row: this rank's part gathered in rank order (= row order).
     let lab: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-    npy::write_i64(&out.join("assignment.npy"), &lab, &[lab.len()])?;
-    npy::write_f32(&out.join("distances.npy"), &dist, &[dist.len()])?;
-    write_rows(out, &rows)?;
+    let lab = comm.all_gather_i64(&lab)?;
+    let dist = comm.all_gather_f32(&dist)?;
+    let objective: f64 = dist.iter().map(|&v| v as f64).sum();
+    if lead {
+        npy::write_f32(&out.join("centroids.npy"), &km.centroids, &[km.k, km.d])?;
+        npy::write_i64(&out.join("assignment.npy"), &lab, &[lab.len()])?;
+        npy::write_f32(&out.join("distances.npy"), &dist, &[dist.len()])?;
+        write_rows(out, rows)?;
+    }
     let s = KmeansSummary {
         k: km.k,
         d: km.d,
-        n: x.rows(),
+        n,
         iterations: km.iterations,
         objective_history: km.objective_history,
         objective,

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{
-    load_plain, map_ids, run_stage, Index, IndexInfo, IndexParams, Input, Outcome, Progress,
+    load_plain, map_ids, run_stage_on, Index, IndexInfo, IndexParams, Input, Outcome, Progress,
     Reporter, Stage,
 };
 use crate::error::Result;
 use crate::{knn as algo, npy};
+use dinov2_dist::{shard_range, Communicator, SingleProcess};
 
 /// Query rows searched per step (one progress update each).
 const QUERY_CHUNK: usize = 65536;
@@ -164,12 +165,30 @@ pub enum KnnSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn knn(params: &KnnParams, progress: &dyn Progress) -> Result<Outcome<KnnSummary>> {
-    run_stage(&params.output, params.force, |out| {
-        run(params, progress, out)
+    knn_on(params, progress, &SingleProcess)
+}
+
+/// [`knn`] as one rank of a sharded run (`mpirun -np N dinov2 curate knn`): every rank of `comm` calls it with
+/// the same parameters and searches a contiguous part of the queries against the whole base (the IVF index, if
+/// any, is built together); the results are gathered in query order and rank 0 writes them. Exact search: the
+/// same files as one process.
+pub fn knn_on(
+    params: &KnnParams,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<Outcome<KnnSummary>> {
+    run_stage_on(&params.output, params.force, comm, |out| {
+        run(params, progress, out, comm)
     })
 }
 
-fn run(params: &KnnParams, progress: &dyn Progress, out: &Path) -> Result<KnnSummary> {
+fn run(
+    params: &KnnParams,
+    progress: &dyn Progress,
+    out: &Path,
+    comm: &dyn Communicator,
+) -> Result<KnnSummary> {
+    let lead = comm.rank() == 0;
     let r = Reporter::new(progress, Stage::Knn);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -183,14 +202,31 @@ fn run(params: &KnnParams, progress: &dyn Progress, out: &Path) -> Result<KnnSum
         None => (x.as_slice(), Some(0)),
     };
     let nq = q.len() / d;
+    // This rank's queries.
+    let part = shard_range(nq, comm.world_size(), comm.rank());
     if let Some(th) = params.threshold {
-        let res = algo::range_search(q, x.as_slice(), d, th, self_off)?;
-        let mut ids = res.ids;
+        let mine = &q[part.start * d..part.end * d];
+        let res = algo::range_search(mine, x.as_slice(), d, th, self_off.map(|o| o + part.start))?;
+        let counts: Vec<i64> = res
+            .offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as i64)
+            .collect();
+        let counts = comm.all_gather_i64(&counts)?;
+        let mut ids = comm.all_gather_i64(&res.ids)?;
+        let sims = comm.all_gather_f32(&res.sims)?;
         map_ids(&mut ids, &rows);
-        let offsets: Vec<i64> = res.offsets.iter().map(|&o| o as i64).collect();
-        npy::write_i64(&out.join("offsets.npy"), &offsets, &[offsets.len()])?;
-        npy::write_i64(&out.join("ids.npy"), &ids, &[ids.len()])?;
-        npy::write_f32(&out.join("sims.npy"), &res.sims, &[res.sims.len()])?;
+        let offsets: Vec<i64> = std::iter::once(0)
+            .chain(counts.iter().scan(0i64, |acc, &c| {
+                *acc += c;
+                Some(*acc)
+            }))
+            .collect();
+        if lead {
+            npy::write_i64(&out.join("offsets.npy"), &offsets, &[offsets.len()])?;
+            npy::write_i64(&out.join("ids.npy"), &ids, &[ids.len()])?;
+            npy::write_f32(&out.join("sims.npy"), &sims, &[sims.len()])?;
+        }
         let s = KnnSummary::Range(RangeSummary {
             queries: nq,
             threshold: th,
@@ -200,33 +236,37 @@ fn run(params: &KnnParams, progress: &dyn Progress, out: &Path) -> Result<KnnSum
         return Ok(s);
     }
     let k = params.k;
-    let index = Index::build(&x, &params.index, &r)?;
+    let index = Index::build(&x, &params.index, &r, comm)?;
     let searcher = index.searcher(x.as_slice());
-    r.begin("knn", nq);
-    let mut ids = Vec::with_capacity(nq * k);
-    let mut sims = Vec::with_capacity(nq * k);
-    let mut s = 0;
-    while s < nq {
-        let e = (s + QUERY_CHUNK).min(nq);
+    r.begin("knn", part.len());
+    let mut ids = Vec::with_capacity(part.len() * k);
+    let mut sims = Vec::with_capacity(part.len() * k);
+    let mut s = part.start;
+    while s < part.end {
+        let e = (s + QUERY_CHUNK).min(part.end);
         let res = searcher.search(&q[s * d..e * d], d, k, self_off.map(|o| o + s))?;
         ids.extend(res.ids);
         sims.extend(res.sims);
-        r.advance("knn", e, nq);
+        r.advance("knn", e - part.start, part.len());
         s = e;
     }
     r.end("knn");
+    let mut ids = comm.all_gather_i64(&ids)?;
+    let sims = comm.all_gather_f32(&sims)?;
     let search_s = t.elapsed().as_secs_f64();
     let recall = index.recall(
         q,
         x.as_slice(),
         d,
         k,
-        params.index.recall_sample,
+        if lead { params.index.recall_sample } else { 0 },
         self_off.is_some(),
     )?;
     map_ids(&mut ids, &rows);
-    npy::write_i64(&out.join("ids.npy"), &ids, &[nq, k])?;
-    npy::write_f32(&out.join("sims.npy"), &sims, &[nq, k])?;
+    if lead {
+        npy::write_i64(&out.join("ids.npy"), &ids, &[nq, k])?;
+        npy::write_f32(&out.join("sims.npy"), &sims, &[nq, k])?;
+    }
     let s = KnnSummary::Knn(KnnSearchSummary {
         queries: nq,
         base: x.rows(),

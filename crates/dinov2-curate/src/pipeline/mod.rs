@@ -47,6 +47,7 @@ use crate::dedup::Searcher;
 use crate::error::{invalid, io_err, Error, Result};
 use crate::ivf::{measure_edge_recall, measure_recall, IvfFlat, IvfParams, RecallSpec, SearchFn};
 use crate::store::{read_ids, Embeddings};
+use dinov2_dist::{shard_range, Communicator};
 
 mod dedup;
 mod embed;
@@ -56,12 +57,14 @@ mod knn;
 mod retrieve;
 mod sample;
 
-pub use self::dedup::{dedup, DedupFingerprint, DedupMode, DedupParams, DedupStats, DedupSummary};
-pub use self::embed::{embed, EmbedParams, EmbedSummary};
-pub use self::hkmeans::{hkmeans, HkmeansParams, HkmeansSummary, LevelSummary};
-pub use self::kmeans::{kmeans, KmeansParams, KmeansSummary};
-pub use self::knn::{knn, KnnParams, KnnSearchSummary, KnnSummary, RangeSummary};
-pub use self::retrieve::{retrieve, RetrieveMode, RetrieveParams, RetrieveSummary};
+pub use self::dedup::{
+    dedup, dedup_on, DedupFingerprint, DedupMode, DedupParams, DedupStats, DedupSummary,
+};
+pub use self::embed::{embed, embed_on, EmbedParams, EmbedSummary};
+pub use self::hkmeans::{hkmeans, hkmeans_on, HkmeansParams, HkmeansSummary, LevelSummary};
+pub use self::kmeans::{kmeans, kmeans_on, KmeansParams, KmeansSummary};
+pub use self::knn::{knn, knn_on, KnnParams, KnnSearchSummary, KnnSummary, RangeSummary};
+pub use self::retrieve::{retrieve, retrieve_on, RetrieveMode, RetrieveParams, RetrieveSummary};
 pub use self::sample::{sample, SampleParams, SampleSummary};
 
 /// A stage of the pipeline (named in [`ProgressEvent`]s).
@@ -468,7 +471,12 @@ enum Index {
 }
 
 impl Index {
-    fn build(x: &Embeddings, p: &IndexParams, r: &Reporter) -> Result<Self> {
+    fn build(
+        x: &Embeddings,
+        p: &IndexParams,
+        r: &Reporter,
+        comm: &dyn Communicator,
+    ) -> Result<Self> {
         let n = x.rows();
         let use_ivf = match p.index {
             IndexKind::Exact => false,
@@ -482,7 +490,7 @@ impl Index {
             .nlist
             .unwrap_or_else(|| ((n as f64).sqrt().round() as usize).max(1));
         r.begin("ivf build", 1);
-        let idx = IvfFlat::build(x.as_slice(), x.dim(), &IvfParams::new(nlist))?;
+        let idx = IvfFlat::build_sharded(x.as_slice(), x.dim(), &IvfParams::new(nlist), comm)?;
         r.end("ivf build");
         Ok(Index::Ivf(idx, p.nprobe))
     }
@@ -591,6 +599,113 @@ fn finished(output: &Path, force: bool) -> Result<Option<PathBuf>> {
     }
     std::fs::create_dir_all(output).map_err(io_err(output))?;
     Ok(None)
+}
+
+/// [`run_stage`] for one rank of a sharded run: rank 0 decides whether the stage is already finished (its view
+/// of `summary.json`) and every rank follows; rank 0 writes the summary once every rank's part is done.
+fn run_stage_on<S: serde::Serialize>(
+    output: &Path,
+    force: bool,
+    comm: &dyn Communicator,
+    body: impl FnOnce(&Path) -> Result<S>,
+) -> Result<Outcome<S>> {
+    if comm.world_size() == 1 {
+        return run_stage(output, force, body);
+    }
+    // 0: run, 1 + path: finished, 2 + message: rank 0 cannot prepare the output.
+    let mut decision = Vec::new();
+    if comm.rank() == 0 {
+        decision = match finished(output, force) {
+            Ok(None) => vec![0],
+            Ok(Some(p)) => [&[1u8][..], p.to_string_lossy().as_bytes()].concat(),
+            Err(e) => [&[2u8][..], e.to_string().as_bytes()].concat(),
+        };
+    }
+    comm.broadcast_bytes(&mut decision, 0)?;
+    match decision.split_first() {
+        Some((1, _)) => {
+            return Ok(Outcome::Skipped {
+                summary: output.join("summary.json"),
+            })
+        }
+        Some((2, msg)) => {
+            return Err(invalid(
+                "output",
+                format!("rank 0: {}", String::from_utf8_lossy(msg)),
+            ))
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(output).map_err(io_err(output))?;
+    let summary = body(output)?;
+    if comm.rank() == 0 {
+        write_summary(output, &summary)?;
+    }
+    comm.barrier()?;
+    Ok(Outcome::Completed(summary))
+}
+
+/// One rank's contiguous share of a stage's input rows.
+struct LocalRows {
+    /// This rank's rows (normalised as the whole input would be).
+    x: Embeddings,
+    /// Rows of the whole input.
+    n: usize,
+    /// The subset's original ids (all of them), when the input is a row subset.
+    rows: Option<Vec<i64>>,
+}
+
+impl Input {
+    /// This rank's share of the input: rows [`shard_range`]`(n, world, rank)` of the (subset of the) embeddings,
+    /// read from the memory-mapped file and normalised exactly as [`Input::load`] would normalise the whole input
+    /// (the decision to normalise is taken over all ranks' rows). One rank: [`Input::load`].
+    fn load_local(&self, comm: &dyn Communicator) -> Result<LocalRows> {
+        if comm.world_size() == 1 {
+            let (x, rows) = self.load()?;
+            let n = x.rows();
+            return Ok(LocalRows { x, n, rows });
+        }
+        require_path("embeddings", &self.embeddings)?;
+        let e = Embeddings::open(&self.embeddings)?;
+        let (x, n, rows) = match &self.rows {
+            Some(p) => {
+                let ids = read_ids(p)?;
+                let r = shard_range(ids.len(), comm.world_size(), comm.rank());
+                let sel = e.select(&ids[r.clone()]).map_err(|err| match err {
+                    Error::RowOutOfRange { row, rows, .. } => Error::RowOutOfRange {
+                        row,
+                        rows,
+                        path: Some(p.clone()),
+                    },
+                    other => other,
+                })?;
+                (sel, ids.len(), Some(ids))
+            }
+            None => {
+                let n = e.rows();
+                let r = shard_range(n, comm.world_size(), comm.rank());
+                let local = e.row_range(r.start, r.end)?.to_vec();
+                (Embeddings::from_vec(local, r.len(), e.dim())?, n, None)
+            }
+        };
+        let x = if self.normalize {
+            // `into_normalized` over the whole input: normalise unless every row already has unit norm.
+            let dev = if x.rows() == 0 {
+                0.0
+            } else {
+                x.max_norm_deviation() as f64
+            };
+            let max_dev = comm.all_gather_f64(&[dev])?.into_iter().fold(0.0, f64::max);
+            if n == 0 || (max_dev as f32) <= 1e-3 {
+                x
+            } else {
+                x.normalized()
+            }
+        } else {
+            x
+        };
+        Ok(LocalRows { x, n, rows })
+    }
 }
 
 /// Opens a second matrix used with the embeddings (queries, references): same dimension, normalised alike.

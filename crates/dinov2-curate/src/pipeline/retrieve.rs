@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{
-    load_plain, map_ids, require_path, run_stage, Index, IndexParams, Input, Outcome, Progress,
+    load_plain, map_ids, require_path, run_stage_on, Index, IndexParams, Input, Outcome, Progress,
     Reporter, Stage,
 };
 use crate::error::{Error, Result};
@@ -13,6 +13,7 @@ use crate::kmeans::{self, KMeansConfig};
 use crate::npy;
 use crate::retrieve::{self as algo, Retrieval};
 use crate::store::read_ids;
+use dinov2_dist::{shard_range, Communicator, SingleProcess};
 
 /// Retrieval mode.
 ///
@@ -158,12 +159,30 @@ pub fn retrieve(
     params: &RetrieveParams,
     progress: &dyn Progress,
 ) -> Result<Outcome<RetrieveSummary>> {
-    run_stage(&params.output, params.force, |out| {
-        run(params, progress, out)
+    retrieve_on(params, progress, &SingleProcess)
+}
+
+/// [`retrieve`] as one rank of a sharded run (`mpirun -np N dinov2 curate retrieve`): every rank of `comm` calls
+/// it with the same parameters. Sample mode: each rank searches a contiguous part of the queries against the whole
+/// pool (an IVF index is built together) and the hits are gathered; cluster mode: the pool k-means is trained
+/// sharded on contiguous row shares and the pool labels gathered. Rank 0 writes the outputs; with the exact search
+/// they are identical to a one-process run's.
+pub fn retrieve_on(
+    params: &RetrieveParams,
+    progress: &dyn Progress,
+    comm: &dyn Communicator,
+) -> Result<Outcome<RetrieveSummary>> {
+    run_stage_on(&params.output, params.force, comm, |out| {
+        run(params, progress, out, comm)
     })
 }
 
-fn run(params: &RetrieveParams, progress: &dyn Progress, out: &Path) -> Result<RetrieveSummary> {
+fn run(
+    params: &RetrieveParams,
+    progress: &dyn Progress,
+    out: &Path,
+    comm: &dyn Communicator,
+) -> Result<RetrieveSummary> {
     let r = Reporter::new(progress, Stage::Retrieve);
     let t = Instant::now();
     let (x, rows) = params.input.load()?;
@@ -172,13 +191,14 @@ fn run(params: &RetrieveParams, progress: &dyn Progress, out: &Path) -> Result<R
     let q = load_plain(&params.queries, params.input.normalize, d)?;
     let mut res = match params.mode {
         RetrieveMode::Sample => {
-            let index = Index::build(&x, &params.index, &r)?;
-            algo::sample_based(
+            let index = Index::build(&x, &params.index, &r, comm)?;
+            algo::sample_based_sharded(
                 q.as_slice(),
                 &index.searcher(x.as_slice()),
                 d,
                 params.k,
                 params.unique,
+                comm,
             )?
         }
         RetrieveMode::Cluster => {
@@ -190,8 +210,27 @@ fn run(params: &RetrieveParams, progress: &dyn Progress, out: &Path) -> Result<R
                         max_points_per_centroid: Some(256),
                         ..KMeansConfig::new(params.n_clusters)
                     };
-                    let km = kmeans::train(x.as_slice(), d, &cfg)?;
-                    let labels = km.assign(x.as_slice())?.0;
+                    let mine = shard_range(x.rows(), comm.world_size(), comm.rank());
+                    let xl = x.row_range(mine.start, mine.end)?;
+                    let km = kmeans::train_sharded(
+                        xl,
+                        d,
+                        &cfg,
+                        comm,
+                        None,
+                        &mut |_, _| {},
+                        &mut |_| Ok(()),
+                    )?;
+                    let labels = km.assign(xl)?.0;
+                    let labels = if comm.world_size() == 1 {
+                        labels
+                    } else {
+                        let l: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+                        comm.all_gather_i64(&l)?
+                            .into_iter()
+                            .map(|l| l as u32)
+                            .collect()
+                    };
                     (km.centroids, labels)
                 }
             };
@@ -211,7 +250,9 @@ fn run(params: &RetrieveParams, progress: &dyn Progress, out: &Path) -> Result<R
     // The ids go to the file only (the summary is the counts).
     let mut ids = std::mem::take(&mut res.ids);
     map_ids(&mut ids, &rows);
-    npy::write_i64(&out.join("retrieved.npy"), &ids, &[ids.len()])?;
+    if comm.rank() == 0 {
+        npy::write_i64(&out.join("retrieved.npy"), &ids, &[ids.len()])?;
+    }
     let s = RetrieveSummary {
         result: res,
         seconds: t.elapsed().as_secs_f64(),
