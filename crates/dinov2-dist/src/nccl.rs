@@ -1180,6 +1180,23 @@ mod tests {
         }
     }
 
+    /// With a real NCCL (`DINOV2_NCCL_LIB=.../nvidia/nccl/lib/libnccl.so.2` from the `nvidia-nccl-cu13` wheel; no
+    /// GPU needed): every symbol resolves, the version is 2.x and the library makes a unique id.
+    #[test]
+    #[ignore = "needs a real libnccl.so.2 in DINOV2_NCCL_LIB"]
+    fn a_real_library_resolves_and_makes_ids() {
+        let (major, minor, patch) = nccl_version().unwrap();
+        assert_eq!(major, 2, "{major}.{minor}.{patch}");
+        let id = NcclId::new().unwrap();
+        assert!(id.as_bytes().iter().any(|&b| b != 0), "an all-zero id");
+        assert_ne!(
+            id.as_bytes(),
+            NcclId::new().unwrap().as_bytes(),
+            "two calls, one id"
+        );
+        eprintln!("NCCL {major}.{minor}.{patch}: symbols resolved, unique ids made");
+    }
+
     #[test]
     fn exchange_broadcasts_rank_zeros_id() {
         let ids: Vec<Result<NcclId>> = std::thread::scope(|s| {
