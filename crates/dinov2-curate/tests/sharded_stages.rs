@@ -175,7 +175,11 @@ fn sharded_stages_write_what_one_process_writes() {
         let keep = npy::read_i64(&one.join("dedup/keep.npy")).unwrap().0;
         assert!(keep.len() < 301 && keep.len() > 200, "{} kept", keep.len());
         let rel = npy::read_i64(&one.join("rel/keep.npy")).unwrap().0;
-        assert!(rel.len() <= 301 - 20, "relative dedup kept {} rows", rel.len());
+        assert!(
+            rel.len() <= 301 - 20,
+            "relative dedup kept {} rows",
+            rel.len()
+        );
         // k-means: per-cluster sums are added rank by rank, so centroids agree to f64 summation order (then
         // rounded to f32: a few ulps of values of magnitude <= 1); assignments are equal because the blobs are
         // far apart compared with that.
