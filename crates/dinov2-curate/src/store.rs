@@ -75,6 +75,70 @@ impl Embeddings {
         }
     }
 
+    /// Rank `rank`'s contiguous share ([`dinov2_dist::shard_range`]) of the rows of a matrix file, and the file's
+    /// number of rows. For a `<f4` `.npy` only these rows are mapped, read and checked for NaN/inf (a row named
+    /// in an error is the file's row number), so a rank touches nothing but its share; other files are opened
+    /// whole ([`Embeddings::open`]) and the share copied.
+    ///
+    /// ```
+    /// use dinov2_curate::store::Embeddings;
+    /// let dir = tempfile::tempdir()?;
+    /// let p = dir.path().join("x.npy");
+    /// Embeddings::from_vec((0..10).map(|v| v as f32).collect(), 5, 2)?.save_npy(&p)?;
+    /// let (part, n) = Embeddings::open_shard(&p, 2, 1)?;
+    /// assert_eq!((n, part.rows(), part.as_slice()), (5, 2, &[6.0, 7.0, 8.0, 9.0][..]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_shard(path: &Path, world: usize, rank: usize) -> Result<(Self, usize)> {
+        let is_npy = path.extension().and_then(|e| e.to_str()) != Some("safetensors");
+        if is_npy {
+            let h = npy::read_header(path)?;
+            if let (&[rows, dim], npy::NpyDtype::F32) = (&h.shape[..], h.dtype) {
+                if dim > 0 && cfg!(target_endian = "little") && h.data_offset % 4 == 0 {
+                    let map = map_file(path)?;
+                    if map.len() < h.data_offset + rows * dim * 4 {
+                        return Err(Error::Npy {
+                            path: path.into(),
+                            reason: "file shorter than its shape (truncated?)".into(),
+                        });
+                    }
+                    let r = dinov2_dist::shard_range(rows, world, rank);
+                    let e = Self {
+                        rows: r.len(),
+                        dim,
+                        storage: Storage::Mapped {
+                            map,
+                            offset: h.data_offset + r.start * dim * 4,
+                        },
+                    };
+                    check_finite(e.as_slice(), dim, Some(path)).map_err(|err| match err {
+                        Error::NonFinite {
+                            path,
+                            row,
+                            col,
+                            value,
+                            rows: bad,
+                            ..
+                        } => Error::NonFinite {
+                            path,
+                            row: row + r.start,
+                            col,
+                            value,
+                            rows: bad,
+                            total: rows,
+                        },
+                        other => other,
+                    })?;
+                    return Ok((e, rows));
+                }
+            }
+        }
+        let all = Self::open(path)?;
+        let r = dinov2_dist::shard_range(all.rows(), world, rank);
+        let part = all.row_range(r.start, r.end)?.to_vec();
+        Ok((Self::from_vec(part, r.len(), all.dim())?, all.rows()))
+    }
+
     /// Opens a 2-D `.npy` float matrix (memory-mapped when it is little-endian f32).
     pub fn open_npy(path: &Path) -> Result<Self> {
         let h = npy::read_header(path)?;

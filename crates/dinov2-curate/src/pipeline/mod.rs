@@ -657,8 +657,9 @@ struct LocalRows {
 
 impl Input {
     /// This rank's share of the input: rows [`shard_range`]`(n, world, rank)` of the (subset of the) embeddings,
-    /// read from the memory-mapped file and normalised exactly as [`Input::load`] would normalise the whole input
-    /// (the decision to normalise is taken over all ranks' rows). One rank: [`Input::load`].
+    /// mapped alone from the file ([`Embeddings::open_shard`]; a `--rows` subset opens the whole file) and
+    /// normalised exactly as [`Input::load`] would normalise the whole input (the decision to normalise is taken
+    /// over all ranks' rows). One rank: [`Input::load`].
     fn load_local(&self, comm: &dyn Communicator) -> Result<LocalRows> {
         if comm.world_size() == 1 {
             let (x, rows) = self.load()?;
@@ -666,9 +667,9 @@ impl Input {
             return Ok(LocalRows { x, n, rows });
         }
         require_path("embeddings", &self.embeddings)?;
-        let e = Embeddings::open(&self.embeddings)?;
         let (x, n, rows) = match &self.rows {
             Some(p) => {
+                let e = Embeddings::open(&self.embeddings)?;
                 let ids = read_ids(p)?;
                 let r = shard_range(ids.len(), comm.world_size(), comm.rank());
                 let sel = e.select(&ids[r.clone()]).map_err(|err| match err {
@@ -682,10 +683,9 @@ impl Input {
                 (sel, ids.len(), Some(ids))
             }
             None => {
-                let n = e.rows();
-                let r = shard_range(n, comm.world_size(), comm.rank());
-                let local = e.row_range(r.start, r.end)?.to_vec();
-                (Embeddings::from_vec(local, r.len(), e.dim())?, n, None)
+                let (x, n) =
+                    Embeddings::open_shard(&self.embeddings, comm.world_size(), comm.rank())?;
+                (x, n, None)
             }
         };
         let x = if self.normalize {
