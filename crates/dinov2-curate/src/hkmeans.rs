@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{invalid, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
-use dinov2_dist::{gather_counts, Communicator};
+use dinov2_dist::{gather_counts, Communicator, SingleProcess};
 
 /// Which members of a cluster are picked when only some are needed. Serialised as `"c"` / `"r"` (the official
 /// strategy letters); parsed from `c`, `closest`, `r` or `random`.
@@ -89,56 +89,7 @@ fn sorted_clusters(labels: &[u32], dist: &[f32], k: usize) -> (Vec<usize>, Vec<u
 
 /// Runs one level on `x` (`n x d`).
 pub fn run_level(x: &[f32], d: usize, cfg: &LevelConfig, seed: u64) -> Result<Level> {
-    let n = x.len() / d.max(1);
-    let k = cfg.k.min(n);
-    if k == 0 {
-        return Err(invalid("k", "a level needs k >= 1 and a non-empty input"));
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let kcfg = |k: usize, seed: u64| KMeansConfig {
-        k,
-        n_iter: cfg.n_iter,
-        init: Init::KMeansPlusPlus,
-        seed,
-        ..KMeansConfig::new(k)
-    };
-    let km = kmeans::train(x, d, &kcfg(k, rng.random()))?;
-    let mut centroids = km.centroids;
-    let (mut labels, mut dist) = kmeans::assign(x, d, &centroids)?;
-    for _ in 0..cfg.n_resampling_steps {
-        let (offsets, members) = sorted_clusters(&labels, &dist, k);
-        let mut picked = Vec::new();
-        for j in 0..k {
-            let c = &members[offsets[j]..offsets[j + 1]];
-            let m = cfg.sample_size.min(c.len());
-            match cfg.strategy {
-                Pick::Closest => picked.extend_from_slice(&c[..m]),
-                Pick::Random => {
-                    picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i]))
-                }
-            }
-        }
-        picked.sort_unstable();
-        let sub: Vec<f32> = picked
-            .iter()
-            .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
-            .collect();
-        let kk = k.min(picked.len());
-        let km = kmeans::train(&sub, d, &kcfg(kk, rng.random()))?;
-        centroids = km.centroids;
-        let a = kmeans::assign(x, d, &centroids)?;
-        labels = a.0;
-        dist = a.1;
-    }
-    let kk = centroids.len() / d;
-    let (offsets, members) = sorted_clusters(&labels, &dist, kk);
-    Ok(Level {
-        k: kk,
-        centroids,
-        assignment: labels,
-        offsets,
-        members,
-    })
+    run_level_sharded(x, d, cfg, seed, &SingleProcess)
 }
 
 /// [`run_level`] by the ranks of `comm` together, each passing its contiguous share of the level's input rows
@@ -178,9 +129,6 @@ pub fn run_level_sharded(
     seed: u64,
     comm: &dyn Communicator,
 ) -> Result<Level> {
-    if comm.world_size() == 1 {
-        return run_level(x, d, cfg, seed);
-    }
     let n_local = x.len() / d.max(1);
     let counts = gather_counts(comm, n_local)?;
     let offset: usize = counts[..comm.rank()].iter().sum();

@@ -75,6 +75,16 @@ fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Largest difference between the f32 matrices of two `.npy` files.
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (x, y) = (npy::read_f32(a).unwrap().0, npy::read_f32(b).unwrap().0);
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max)
+}
+
 fn assert_same_files(a: &Path, b: &Path, names: &[&str]) {
     for n in names {
         assert!(
@@ -183,13 +193,10 @@ fn sharded_stages_write_what_one_process_writes() {
         // k-means: per-cluster sums are added rank by rank, so centroids agree to f64 summation order (then
         // rounded to f32: a few ulps of values of magnitude <= 1); assignments are equal because the blobs are
         // far apart compared with that.
-        let c1 = npy::read_f32(&one.join("kmeans/centroids.npy")).unwrap().0;
-        let c2 = npy::read_f32(&many.join("kmeans/centroids.npy")).unwrap().0;
-        let diff = c1
-            .iter()
-            .zip(&c2)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(
+            &one.join("kmeans/centroids.npy"),
+            &many.join("kmeans/centroids.npy"),
+        );
         assert!(diff < 1e-6, "centroids differ by {diff}");
         assert_same_files(
             &one.join("kmeans"),
@@ -204,13 +211,7 @@ fn sharded_stages_write_what_one_process_writes() {
                     &b,
                     &["assignment.npy", "sorted_offsets.npy", "sorted_members.npy"],
                 );
-                let c1 = npy::read_f32(&a.join("centroids.npy")).unwrap().0;
-                let c2 = npy::read_f32(&b.join("centroids.npy")).unwrap().0;
-                let diff = c1
-                    .iter()
-                    .zip(&c2)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&a.join("centroids.npy"), &b.join("centroids.npy"));
                 assert!(diff < 1e-6, "{hk}/{lv}: centroids differ by {diff}");
             }
         }
@@ -244,12 +245,6 @@ fn a_sharded_kmeans_resumes_from_rank_0s_checkpoint_with_another_world_size() {
         assert_eq!(s.resumed_from_iteration, Some(3));
     });
     assert_same_files(&a, &b, &["assignment.npy"]);
-    let c1 = npy::read_f32(&a.join("centroids.npy")).unwrap().0;
-    let c2 = npy::read_f32(&b.join("centroids.npy")).unwrap().0;
-    let diff = c1
-        .iter()
-        .zip(&c2)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_diff(&a.join("centroids.npy"), &b.join("centroids.npy"));
     assert!(diff < 1e-6, "centroids differ by {diff}");
 }

@@ -359,14 +359,7 @@ impl Input {
         let (e, rows) = match &self.rows {
             Some(p) => {
                 let ids = read_ids(p)?;
-                let sel = e.select(&ids).map_err(|err| match err {
-                    Error::RowOutOfRange { row, rows, .. } => Error::RowOutOfRange {
-                        row,
-                        rows,
-                        path: Some(p.clone()),
-                    },
-                    other => other,
-                })?;
+                let sel = select_rows(&e, &ids, p)?;
                 (sel, Some(ids))
             }
             None => (e, None),
@@ -645,6 +638,18 @@ fn run_stage_on<S: serde::Serialize>(
     Ok(Outcome::Completed(summary))
 }
 
+/// The rows `ids` of `e`; an id outside it is an error naming the id file `ids_path`.
+fn select_rows(e: &Embeddings, ids: &[i64], ids_path: &Path) -> Result<Embeddings> {
+    e.select(ids).map_err(|err| match err {
+        Error::RowOutOfRange { row, rows, .. } => Error::RowOutOfRange {
+            row,
+            rows,
+            path: Some(ids_path.to_path_buf()),
+        },
+        other => other,
+    })
+}
+
 /// One rank's contiguous share of a stage's input rows.
 struct LocalRows {
     /// This rank's rows (normalised as the whole input would be).
@@ -672,14 +677,7 @@ impl Input {
                 let e = Embeddings::open(&self.embeddings)?;
                 let ids = read_ids(p)?;
                 let r = shard_range(ids.len(), comm.world_size(), comm.rank());
-                let sel = e.select(&ids[r.clone()]).map_err(|err| match err {
-                    Error::RowOutOfRange { row, rows, .. } => Error::RowOutOfRange {
-                        row,
-                        rows,
-                        path: Some(p.clone()),
-                    },
-                    other => other,
-                })?;
+                let sel = select_rows(&e, &ids[r.clone()], p)?;
                 (sel, ids.len(), Some(ids))
             }
             None => {
