@@ -6,8 +6,9 @@
 //!   `backbone.…`, `dino_head.…`, `ibot_head.…`), `dino_loss.center` and `ibot_patch_loss.center`;
 //! * `optimizer.safetensors`: AdamW's `exp_avg.<name>` / `exp_avg_sq.<name>` (f32), the step counts in its
 //!   metadata;
-//! * `trainer.json`: the iteration, the data sampler's position, the stochastic-depth generator's state, the
-//!   format version.
+//! * `trainer.json`: the iteration, the data sampler's position (every rank's, for a data-parallel run), the
+//!   stochastic-depth generator's state, the format version. A checkpoint of a data-parallel run is written
+//!   by rank 0 and is the same as a single process's: it loads with any number of ranks.
 //!
 //! In a distillation run ([`crate::distill`]) the `teacher.<name>` tensors are the student's EMA (the exported
 //! model); the frozen teacher is not saved: it is loaded again from `distillation.teacher_model`.
@@ -43,6 +44,10 @@ pub struct TrainerState {
     pub sampler_position: u64,
     /// The stochastic-depth generator.
     pub drop_path_rng: RngState,
+    /// Data-parallel runs: every rank's sampler position, in rank order (`sampler_position` is rank 0's).
+    /// Empty for a single process and in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_sampler_positions: Vec<u64>,
 }
 
 /// A [`ChaCha8Rng`]'s full state.

@@ -18,6 +18,28 @@ pub enum Error {
     /// An error from `dinov2-data`.
     #[error(transparent)]
     Data(#[from] dinov2_data::Error),
+    /// A collective of data-parallel training failed (`dinov2-dist`).
+    #[error(transparent)]
+    Dist(#[from] dinov2_dist::Error),
+    /// Data-parallel ranks whose weights are no longer bit-identical (see
+    /// [`DataParallel::check_in_sync`](crate::data_parallel::DataParallel::check_in_sync)).
+    #[error("data-parallel ranks out of sync at iteration {iteration}: the {what} of rank(s) {ranks:?} differ from rank 0's")]
+    RanksOutOfSync {
+        /// What was compared.
+        what: String,
+        /// Completed iterations when it was checked.
+        iteration: u64,
+        /// The ranks whose values differ from rank 0's.
+        ranks: Vec<usize>,
+    },
+    /// Another rank of a data-parallel run failed (what it reported).
+    #[error("rank {rank} failed: {reason}")]
+    RankFailed {
+        /// The rank.
+        rank: usize,
+        /// Its error.
+        reason: String,
+    },
 
     /// A configuration key that does not exist.
     #[error("unknown configuration key `{key}`{}", suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default())]

@@ -11,6 +11,7 @@ pub mod eval;
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod distill;
 pub mod ema;
 pub mod meta_arch;

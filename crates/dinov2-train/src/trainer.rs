@@ -3,20 +3,28 @@
 //! [`Trainer`] owns everything that changes during a run (the meta-architecture, AdamW, the iteration, the
 //! stochastic-depth generator, the data position) and runs one official iteration per [`Trainer::step`]:
 //! schedules → `forward_backward` → per-submodule clipping → AdamW → EMA teacher.
+//!
+//! Data-parallel ([`Trainer::with_communicator`]): every rank runs its own `Trainer` on its shard of the global
+//! batch; between `forward_backward` and clipping the student's gradients are averaged over the ranks
+//! ([`crate::data_parallel`]), the loss's centring and Sinkhorn-Knopp sums go over the ranks, and the ranks keep
+//! bit-identical weights.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use dinov2_data::rand::SeedableRng;
 use dinov2_data::rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, RngState, TrainerState};
+use crate::data_parallel::DataParallel;
 use crate::error::{Error, Result};
 use crate::meta_arch::{LossValues, SslMetaArch, StepBatch, SUBMODULES};
 use crate::optim::{clip_coefficients, AdamW, AdamWConfig, StepSettings};
 use crate::param_groups::param_group;
 use crate::schedules::{ScheduleConfig, ScheduleValues, Schedules};
+use dinov2_dist::Communicator;
 
 /// The optimisation settings of a run (the `optim` and `teacher` config sections).
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +65,10 @@ pub struct Trainer {
     sampler_position: u64,
     /// For each submodule present: its index in [`SUBMODULES`] and its parameters (clipping groups).
     groups: Vec<(usize, Vec<Tensor>)>,
+    /// Data-parallel over more than one rank (`None`: a single process, no collective at all).
+    dp: Option<DataParallel>,
+    /// Every rank's sampler position, rank order (gathered by [`Self::gather_sampler_positions`]).
+    rank_sampler_positions: Vec<u64>,
 }
 
 impl Trainer {
@@ -99,7 +111,107 @@ impl Trainer {
             iteration: 0,
             sampler_position: 0,
             groups,
+            dp: None,
+            rank_sampler_positions: Vec::new(),
         })
+    }
+
+    /// Data-parallel training over `comm` with the default buckets: see [`Self::with_data_parallel`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use candle_core::Device;
+    /// use dinov2_dist::Communicator;
+    /// use dinov2_loss::{DinoHeadConfig, DinoV2LossConfig};
+    /// use dinov2_train::meta_arch::{SslMetaArch, SslMetaArchConfig};
+    /// use dinov2_train::trainer::{OptimSettings, Trainer};
+    /// let mut vit = dinov2_model::VitConfig::vit_small();
+    /// (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) = (32, 1, 2, 28);
+    /// let cfg = SslMetaArchConfig {
+    ///     student: vit,
+    ///     dino_head: DinoHeadConfig { hidden_dim: 32, bottleneck_dim: 16, ..DinoHeadConfig::new(32, 64) },
+    ///     ibot_head: None,
+    ///     loss: DinoV2LossConfig::new(64, 64),
+    /// };
+    /// let settings = OptimSettings {
+    ///     schedules: dinov2_train::schedules::ScheduleConfig {
+    ///         epochs: 4, epoch_length: 3, warmup_epochs: 1, warmup_teacher_temp_epochs: 2,
+    ///         ..dinov2_train::schedules::ScheduleConfig::official()
+    ///     },
+    ///     adamw: Default::default(),
+    ///     layerwise_decay: 0.9,
+    ///     patch_embed_lr_mult: 0.2,
+    ///     clip_grad: 3.0,
+    /// };
+    /// // two ranks in one process, initialised differently: rank 0's weights win
+    /// let same = std::thread::scope(|s| {
+    ///     let hs: Vec<_> = dinov2_dist::ThreadGroup::new(2)?
+    ///         .into_iter()
+    ///         .map(|r| {
+    ///             let (cfg, settings) = (cfg.clone(), settings.clone());
+    ///             s.spawn(move || -> dinov2_train::Result<Vec<f32>> {
+    ///                 let arch = SslMetaArch::new(cfg, r.rank() as u64, &Device::Cpu)?;
+    ///                 let t = Trainer::new(arch, &settings, 0)?.with_communicator(Arc::new(r))?;
+    ///                 let (_, w) = &t.arch().student_parameters()[0];
+    ///                 Ok(w.as_tensor().flatten_all()?.to_vec1()?)
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     let w: Vec<Vec<f32>> = hs.into_iter().map(|h| h.join().unwrap()).collect::<dinov2_train::Result<_>>()?;
+    ///     Ok::<_, dinov2_train::Error>(w[0] == w[1])
+    /// })?;
+    /// assert!(same);
+    /// # Ok::<(), dinov2_train::Error>(())
+    /// ```
+    pub fn with_communicator(self, comm: Arc<dyn Communicator>) -> Result<Self> {
+        self.with_data_parallel(DataParallel::new(comm))
+    }
+
+    /// Data-parallel training: this trainer is rank `dp.rank()` of `dp.world_size()`, each rank stepping on its
+    /// own part of the global batch (a collective: every rank calls it, with the same configuration).
+    ///
+    /// The loss's centring and Sinkhorn-Knopp sums go over the ranks; the student and teacher weights are
+    /// broadcast from rank 0 (the ranks start identical even where their initialisations differed); each
+    /// [`Self::step`] averages the gradients over the ranks before clipping, and its reported losses are the
+    /// means over the ranks. With one rank nothing changes (no collective is ever called).
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
+        if dp.world_size() == 1 {
+            self.dp = None;
+            return Ok(self);
+        }
+        let student = self.arch.student_parameters();
+        dp.check_layout(&student)?;
+        let loss = self
+            .arch
+            .loss()
+            .clone()
+            .with_communicator(dp.communicator().clone());
+        *self.arch.loss_mut() = loss;
+        let mut all = student;
+        all.extend(
+            self.arch
+                .teacher_parameters()
+                .into_iter()
+                .map(|(k, v)| (format!("teacher.{k}"), v)),
+        );
+        dp.broadcast_parameters(&all, 0)?;
+        self.dp = Some(dp);
+        Ok(self)
+    }
+
+    /// The data-parallel group, when there is more than one rank.
+    pub fn data_parallel(&self) -> Option<&DataParallel> {
+        self.dp.as_ref()
+    }
+
+    /// This trainer's rank (0 in a single process).
+    pub fn rank(&self) -> usize {
+        self.dp.as_ref().map_or(0, DataParallel::rank)
+    }
+
+    /// Number of data-parallel ranks (1 in a single process).
+    pub fn world_size(&self) -> usize {
+        self.dp.as_ref().map_or(1, DataParallel::world_size)
     }
 
     /// The next iteration to run (= completed iterations).
@@ -139,18 +251,28 @@ impl Trainer {
 
     /// One official iteration on `batch`. A non-finite loss is refused before any parameter changes
     /// ([`Error::NonFiniteLoss`]).
+    ///
+    /// Data-parallel, `batch` is this rank's part of the global batch (every rank the same size, for the
+    /// gradient mean to be the global batch's); the losses are averaged over the ranks before the finiteness
+    /// check, so every rank refuses a step that is non-finite on any of them.
     pub fn step(&mut self, batch: &StepBatch) -> Result<StepReport> {
         let it = self.iteration;
         let sv = self.schedules.at(it);
-        let out = self
+        let mut out = self
             .arch
             .forward_backward(batch, sv.teacher_temp, &mut self.rng)?;
+        if let Some(dp) = &self.dp {
+            out.losses = average_losses(dp, &out.losses)?;
+        }
         if !out.losses.is_finite() {
             return Err(Error::NonFiniteLoss {
                 iteration: it,
                 terms: format_terms(&out.losses),
                 last_checkpoint: None,
             });
+        }
+        if let Some(dp) = &self.dp {
+            dp.all_reduce_gradients(&mut out.grads, &self.arch.student_parameters())?;
         }
         let mut scale: HashMap<&'static str, f64> = HashMap::new();
         let mut grad_norms = Vec::new();
@@ -206,23 +328,72 @@ impl Trainer {
         Ok((dino, ibot))
     }
 
-    /// Saves a full checkpoint under `dir` (see [`checkpoint`]) and returns its path.
+    /// Data-parallel, before a checkpoint (a collective; nothing with one rank): gathers every rank's sampler
+    /// position (saved with the checkpoint) and checks that every rank holds the same student, teacher and
+    /// centres ([`Error::RanksOutOfSync`] otherwise). Then rank 0 alone calls [`Self::save`].
+    pub fn prepare_checkpoint(&mut self) -> Result<()> {
+        let Some(dp) = self.dp.clone() else {
+            return Ok(());
+        };
+        let positions = dp
+            .communicator()
+            .all_gather_i64(&[self.sampler_position as i64])?;
+        self.rank_sampler_positions = positions.into_iter().map(|p| p as u64).collect();
+        let (dino, ibot) = self.centers_after_update()?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, params) in [
+            ("student.", self.arch.student_parameters()),
+            ("teacher.", self.arch.teacher_parameters()),
+        ] {
+            tensors.extend(
+                params
+                    .into_iter()
+                    .map(|(k, v)| (format!("{prefix}{k}"), v.as_tensor().clone())),
+            );
+        }
+        tensors.push(("dino_loss.center".into(), dino));
+        if let Some(c) = ibot {
+            tensors.push(("ibot_patch_loss.center".into(), c));
+        }
+        dp.check_in_sync(
+            "student/teacher weights or centres",
+            self.iteration,
+            &tensors,
+        )
+    }
+
+    /// Saves a full checkpoint under `dir` (see [`checkpoint`]) and returns its path. Data-parallel: rank 0 saves
+    /// (after [`Self::prepare_checkpoint`] on every rank), with every rank's sampler position.
     pub fn save(&mut self, dir: impl AsRef<Path>) -> Result<PathBuf> {
         let state = TrainerState {
             version: 1,
             iteration: self.iteration,
             sampler_position: self.sampler_position,
             drop_path_rng: RngState::of(&self.rng),
+            rank_sampler_positions: if self.rank_sampler_positions.len() == self.world_size() {
+                self.rank_sampler_positions.clone()
+            } else {
+                Vec::new()
+            },
         };
         checkpoint::save(dir, &mut self.arch, &self.optimizer, &state)
     }
 
-    /// Restores the checkpoint at `path` (written by [`Self::save`] for the same configuration).
+    /// Restores the checkpoint at `path` (written by [`Self::save`] for the same configuration, with any
+    /// number of ranks). Data-parallel, every rank reads the same checkpoint; the sampler position is this
+    /// rank's own when the checkpoint was written by as many ranks, else the position of the writer's rank 0
+    /// (with another world size the ranks' shards of the dataset differ, so the data order is a new one from that
+    /// point: each rank resumes its new shard at that position, the model and optimiser state exactly).
     pub fn restore(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let state = checkpoint::load(path, &mut self.arch, &mut self.optimizer)?;
         self.rng = state.drop_path_rng.restore()?;
         self.iteration = state.iteration;
-        self.sampler_position = state.sampler_position;
+        self.sampler_position = if state.rank_sampler_positions.len() == self.world_size() {
+            state.rank_sampler_positions[self.rank()]
+        } else {
+            state.sampler_position
+        };
+        self.rank_sampler_positions = state.rank_sampler_positions;
         Ok(())
     }
 }
@@ -234,6 +405,22 @@ impl std::fmt::Debug for Trainer {
             .field("arch", &self.arch)
             .finish_non_exhaustive()
     }
+}
+
+/// The loss terms' means over the ranks (one all-reduce of five values).
+fn average_losses(dp: &DataParallel, l: &LossValues) -> Result<LossValues> {
+    let terms = [l.dino_local, l.dino_global, l.koleo, l.ibot];
+    let mut v: Vec<f64> = terms.iter().map(|t| t.unwrap_or(0.0)).collect();
+    v.push(l.total);
+    dp.average(&mut v)?;
+    let back = |i: usize| terms[i].map(|_| v[i]);
+    Ok(LossValues {
+        dino_local: back(0),
+        dino_global: back(1),
+        koleo: back(2),
+        ibot: back(3),
+        total: v[4],
+    })
 }
 
 /// `name=value` pairs of the official log names.
