@@ -31,7 +31,7 @@ pub struct TrainArgs {
 
 /// Runs `dinov2 train`.
 pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator>) -> Result<()> {
-    let _ = comm; // data-parallel training: next commit
+    let (rank, world) = (comm.rank(), comm.world_size());
     let cfg = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
     let output_dir = args
         .output_dir
@@ -39,6 +39,15 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
     let mut opts = RunOptions::new(&output_dir);
     opts.resume = !args.no_resume;
     opts.stop_after_iters = args.stop_after_iters;
+    opts = opts.with_communicator(comm.clone());
+    if world > 1 && rank == 0 {
+        eprintln!(
+            "data-parallel over {world} ranks ({}): batch {} per rank, {} per step",
+            comm.backend(),
+            cfg.train.batch_size_per_gpu,
+            cfg.train.batch_size_per_gpu * world
+        );
+    }
     let stop = opts.stop.clone();
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {
@@ -51,14 +60,21 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
     })
     .context("cannot install the Ctrl-C handler")?;
 
-    let bar = ProgressBar::new(0);
+    // progress on rank 0 only (the other ranks train silently; their errors still reach stderr)
+    let bar = if rank == 0 {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.enable_steady_tick(Duration::from_millis(500));
+    if rank == 0 {
+        bar.enable_steady_tick(Duration::from_millis(500));
+    }
     let summary = dinov2_train::run::run(&cfg, &opts, &mut |e| match e {
         Event::Started {
             start_iter,
@@ -108,11 +124,14 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
             ));
         }
         // on stderr even without a terminal: it may state a deviation from the paper (seeded teacher heads)
-        Event::DistillationTeacher { info } => bar.suspend(|| eprintln!("{info}")),
+        Event::DistillationTeacher { info } if rank == 0 => bar.suspend(|| eprintln!("{info}")),
         _ => {}
     });
     bar.finish_and_clear();
     let summary = summary?;
+    if rank != 0 {
+        return Ok(());
+    }
     let how = match summary.reason {
         StopReason::Finished => "finished",
         StopReason::StopAfterIters => "stopped (--stop-after-iters)",

@@ -1,5 +1,17 @@
 //! A whole run from a [`TrainConfig`]: data, model, resume, checkpoints, metrics, export (what `dinov2 train`
 //! does; `train/train.py: do_train`).
+//!
+//! **Data-parallel** ([`RunOptions::communicator`] of more than one rank, e.g. `mpirun -np N dinov2 train`):
+//! every rank runs [`run`] with the same configuration and output directory (a shared file system). Rank `r`
+//! of `N` reads its shard of the dataset (`ShardedInfiniteSampler` with `rank = r, world = N`; its own
+//! augmentation seeds), `train.batch_size_per_gpu` images per step, so a step sees `N × batch_size_per_gpu`
+//! images and the learning rate follows the official scaling rule for that global batch; gradients are averaged
+//! over the ranks ([`crate::data_parallel`]). Rank 0 alone writes the configuration, the metrics, the
+//! checkpoints, the exported teacher and the plot, and runs the k-NN evaluation; the other ranks wait for each
+//! checkpoint to be complete before they go on. A checkpoint holds every rank's sampler position and loads
+//! with any number of ranks (same number: each rank continues its exact data order; another number: each
+//! rank's new shard from rank 0's position, see [`Trainer::restore`]). The logged losses are the means over
+//! the ranks, the throughput is global images per second. [`Event`]s are emitted on every rank.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,9 +23,11 @@ use candle_core::Device;
 use dinov2_data::{
     Dataset, DinoPipeline, Loader, LoaderConfig, Preprocess, ShardedInfiniteSampler,
 };
+use dinov2_dist::{Communicator, SingleProcess};
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
+use crate::data_parallel::{DataParallel, DEFAULT_BUCKET_BYTES};
 use crate::error::{Error, Result};
 use crate::eval::knn::{embed_dataset_with, knn_evaluate, metrics_json, KnnAccuracy};
 use crate::meta_arch::{SslMetaArch, SslMetaArchConfig, StepBatch};
@@ -41,8 +55,13 @@ pub struct RunOptions {
     pub resume: bool,
     /// Save and stop once this many iterations are complete (the schedules are unchanged).
     pub stop_after_iters: Option<u64>,
-    /// Set it (from a Ctrl-C handler, say) to save and stop after the current iteration.
+    /// Set it (from a Ctrl-C handler, say) to save and stop after the current iteration (data-parallel: when it
+    /// is set on any rank, every rank stops after the same iteration).
     pub stop: Arc<AtomicBool>,
+    /// The ranks of a data-parallel run ([`SingleProcess`] by default; see the [module docs](self)).
+    pub communicator: Arc<dyn Communicator>,
+    /// Bucket size of the gradient all-reduce (data-parallel only).
+    pub grad_bucket_bytes: usize,
 }
 
 impl RunOptions {
@@ -53,7 +72,15 @@ impl RunOptions {
             resume: true,
             stop_after_iters: None,
             stop: Arc::new(AtomicBool::new(false)),
+            communicator: Arc::new(SingleProcess),
+            grad_bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
+    }
+
+    /// Data-parallel over `comm` (this process is `comm.rank()` of `comm.world_size()`).
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.communicator = comm;
+        self
     }
 }
 
@@ -180,10 +207,22 @@ pub fn build_arch(cfg: &TrainConfig, device: &Device) -> Result<SslMetaArch> {
 
 /// The optimisation settings of a configuration (`lr` by the scaling rule for one process).
 pub fn optim_settings(cfg: &TrainConfig) -> OptimSettings {
+    optim_settings_for(cfg, 1)
+}
+
+/// The optimisation settings of a configuration trained on `world_size` data-parallel ranks (`lr` by the
+/// scaling rule for the global batch, `batch_size_per_gpu × world_size`).
+///
+/// ```
+/// let cfg = dinov2_train::TrainConfig::default();
+/// let (one, four) = (dinov2_train::run::optim_settings(&cfg), dinov2_train::run::optim_settings_for(&cfg, 4));
+/// assert_eq!(four.schedules.lr, 2.0 * one.schedules.lr);
+/// ```
+pub fn optim_settings_for(cfg: &TrainConfig, world_size: usize) -> OptimSettings {
     let (o, t) = (&cfg.optim, &cfg.teacher);
     OptimSettings {
         schedules: ScheduleConfig {
-            lr: cfg.lr(1),
+            lr: cfg.lr(world_size.max(1)),
             min_lr: o.min_lr,
             epochs: o.epochs,
             epoch_length: cfg.train.OFFICIAL_EPOCH_LENGTH,
@@ -218,11 +257,16 @@ pub fn run(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<RunSummary> {
     cfg.validate()?;
+    let comm = opts.communicator.clone();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let out = &opts.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut saved_cfg = cfg.clone();
-    saved_cfg.apply_scaling_rules(1);
-    crate::plot::write_atomic(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
+    if lead {
+        let mut saved_cfg = cfg.clone();
+        saved_cfg.apply_scaling_rules(world);
+        crate::plot::write_atomic(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
+    }
 
     let device = Device::Cpu;
     let arch = if cfg.distillation.enabled {
@@ -232,30 +276,43 @@ pub fn run(
     } else {
         build_arch(cfg, &device)?
     };
-    let mut trainer = Trainer::new(arch, &optim_settings(cfg), cfg.train.seed)?;
+    let dp = DataParallel::new(comm.clone()).with_bucket_bytes(opts.grad_bucket_bytes)?;
+    let mut trainer = Trainer::new(arch, &optim_settings_for(cfg, world), cfg.train.seed)?
+        .with_data_parallel(dp)?;
     let ckpt_dir = out.join(CHECKPOINT_DIR);
-    let mut resumed_from = None;
-    if opts.resume {
-        resumed_from = checkpoint::latest(&ckpt_dir)?;
+    // rank 0 decides (archives a previous run, finds the checkpoint), every rank reads the same checkpoint
+    let decided = if lead {
+        lead_result(comm.as_ref(), || {
+            let mut resumed_from = None;
+            if opts.resume {
+                resumed_from = checkpoint::latest(&ckpt_dir)?;
+            } else {
+                archive_previous_run(out)?;
+            }
+            let weights = cfg.model.weights.trim();
+            if resumed_from.is_none() && !weights.is_empty() {
+                resumed_from = Some(PathBuf::from(weights));
+            }
+            Ok(resumed_from)
+        })
     } else {
-        archive_previous_run(out)?;
-    }
-    let weights = cfg.model.weights.trim();
-    if resumed_from.is_none() && !weights.is_empty() {
-        resumed_from = Some(PathBuf::from(weights));
-    }
+        follow_result(comm.as_ref())
+    }?;
+    let resumed_from: Option<PathBuf> = decided;
     if let Some(p) = &resumed_from {
         trainer.restore(p)?;
     }
     let start = trainer.iteration();
     let max_iter = trainer.max_iter();
-    trim_metrics(&out.join(METRICS_FILE), start)?;
+    if lead {
+        trim_metrics(&out.join(METRICS_FILE), start)?;
+    }
 
-    let knn = PeriodicKnn::open(cfg)?;
+    let knn = if lead { PeriodicKnn::open(cfg)? } else { None };
     let dataset = dinov2_data::open_dataset(&cfg.train.dataset_path)?;
     let dataset_len = dataset.len();
     let batch_size = cfg.train.batch_size_per_gpu;
-    let mut sampler = ShardedInfiniteSampler::new(dataset_len, cfg.train.seed, 0, 1, true)?;
+    let mut sampler = ShardedInfiniteSampler::new(dataset_len, cfg.train.seed, rank, world, true)?;
     sampler.seek(trainer.sampler_position());
     let pipeline = DinoPipeline {
         augmentation: cfg.augmentation()?,
@@ -265,6 +322,7 @@ pub fn run(
         batch_size,
         num_threads: cfg.train.num_workers.max(1),
         seed: cfg.train.seed,
+        rank,
         start_step: start,
         drop_last: true,
         ..LoaderConfig::default()
@@ -289,7 +347,11 @@ pub fn run(
         if opts.stop_after_iters.is_some_and(|n| it >= n) {
             break StopReason::StopAfterIters;
         }
-        if opts.stop.load(Ordering::SeqCst) {
+        let mut stop = [f64::from(u8::from(opts.stop.load(Ordering::SeqCst)))];
+        if world > 1 {
+            comm.all_reduce_sum_f64(&mut stop)?; // every rank stops after the same iteration
+        }
+        if stop[0] > 0.0 {
             break StopReason::Interrupted;
         }
         let loaded = loader.next().ok_or_else(|| Error::InvalidArgument {
@@ -310,7 +372,7 @@ pub fn run(
             r => r?,
         };
         trainer.set_sampler_position(loaded.next_position);
-        window.1 += batch_size;
+        window.1 += batch_size * world;
         let done = trainer.iteration();
         let logged = done % log_period == 0 || done == max_iter || it == start;
         let secs = window.0.elapsed().as_secs_f64().max(1e-9);
@@ -319,7 +381,7 @@ pub fn run(
             report: &report,
             images_per_s,
         });
-        if logged {
+        if logged && lead {
             append_metrics(&out.join(METRICS_FILE), &report, images_per_s, batch_size)?;
             window = (Instant::now(), 0);
         }
@@ -333,22 +395,33 @@ pub fn run(
             window = (Instant::now(), 0); // the evaluation's time is not training throughput
         }
         if done % period == 0 && done < max_iter {
-            let p = save_all(&mut trainer, out, cfg)?;
+            let p = save_collective(&mut trainer, out, cfg)?;
             on_event(Event::Checkpoint { path: &p });
             last_checkpoint = Some(p);
         }
     };
     drop(loader);
-    let checkpoint = match &last_checkpoint {
-        Some(p)
-            if p.starts_with(&ckpt_dir)
-                && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i)
-                    == Some(trainer.iteration()) =>
-        {
-            p.clone()
-        }
-        _ => {
-            let p = save_all(&mut trainer, out, cfg)?;
+    // whether the last checkpoint is the current state (rank 0 looks, every rank follows)
+    let reuse = if lead {
+        lead_result(comm.as_ref(), || {
+            Ok(match &last_checkpoint {
+                Some(p)
+                    if p.starts_with(&ckpt_dir)
+                        && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i)
+                            == Some(trainer.iteration()) =>
+                {
+                    Some(p.clone())
+                }
+                _ => None,
+            })
+        })
+    } else {
+        follow_result(comm.as_ref())
+    }?;
+    let checkpoint = match reuse {
+        Some(p) => p,
+        None => {
+            let p = save_collective(&mut trainer, out, cfg)?;
             on_event(Event::Checkpoint { path: &p });
             p
         }
@@ -461,6 +534,60 @@ fn archive_previous_run(out: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `f` on rank 0 and tells the other ranks its outcome ([`follow_result`]): an optional path, or the
+/// error's text. One rank: just `f`.
+fn lead_result(
+    comm: &dyn Communicator,
+    f: impl FnOnce() -> Result<Option<PathBuf>>,
+) -> Result<Option<PathBuf>> {
+    let r = f();
+    if comm.world_size() > 1 {
+        let mut msg = match &r {
+            Ok(None) => vec![0u8],
+            Ok(Some(p)) => [&[1u8][..], p.to_string_lossy().as_bytes()].concat(),
+            Err(e) => [&[2u8][..], e.to_string().as_bytes()].concat(),
+        };
+        comm.broadcast_bytes(&mut msg, 0)?;
+    }
+    r
+}
+
+/// The outcome of rank 0's [`lead_result`]: its path, or [`Error::RankFailed`].
+fn follow_result(comm: &dyn Communicator) -> Result<Option<PathBuf>> {
+    let mut msg = Vec::new();
+    comm.broadcast_bytes(&mut msg, 0)?;
+    let text = || String::from_utf8_lossy(&msg[1..]).into_owned();
+    match msg.first() {
+        Some(0) => Ok(None),
+        Some(1) => Ok(Some(PathBuf::from(text()))),
+        _ => Err(Error::RankFailed {
+            rank: 0,
+            reason: if msg.is_empty() {
+                "no reply".into()
+            } else {
+                text()
+            },
+        }),
+    }
+}
+
+/// A checkpoint of the run, written by rank 0 once every rank is known to hold the same weights; the other
+/// ranks wait until it is complete (and get rank 0's error if it failed).
+fn save_collective(trainer: &mut Trainer, out: &Path, cfg: &TrainConfig) -> Result<PathBuf> {
+    trainer.prepare_checkpoint()?;
+    let comm = trainer.data_parallel().map(|dp| dp.communicator().clone());
+    let comm: Arc<dyn Communicator> = comm.unwrap_or_else(|| Arc::new(SingleProcess));
+    let saved = if trainer.rank() == 0 {
+        lead_result(comm.as_ref(), || save_all(trainer, out, cfg).map(Some))
+    } else {
+        follow_result(comm.as_ref())
+    }?;
+    saved.ok_or_else(|| Error::RankFailed {
+        rank: 0,
+        reason: "no checkpoint path".into(),
+    })
 }
 
 /// Checkpoint, pruning, teacher export and plot.

@@ -224,3 +224,70 @@ fn periodic_knn_logs_the_teacher_accuracy_and_survives_a_resume() {
     assert!(err.to_string().contains("missing"), "{err}");
     assert!(!tmp.path().join("bad").join(METRICS_FILE).exists());
 }
+
+#[test]
+fn two_ranks_write_every_output_once_and_a_single_process_resumes() {
+    use dinov2_dist::{Communicator, ThreadGroup};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let cfg = config(&data);
+    let out = tmp.path().join("out");
+    // two ranks (one thread each) in the same output directory, 2 images per rank and step
+    let summaries: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let (cfg, out) = (&cfg, &out);
+                s.spawn(move || {
+                    let rank = r.rank();
+                    let mut opts = RunOptions::new(out).with_communicator(std::sync::Arc::new(r));
+                    opts.stop_after_iters = Some(2);
+                    let mut started = 0;
+                    let mut global_rate = Vec::new();
+                    let summary = run(cfg, &opts, &mut |e| match e {
+                        Event::Started { .. } => started += 1,
+                        Event::Step { images_per_s, .. } => global_rate.push(images_per_s),
+                        _ => {}
+                    })
+                    .unwrap();
+                    assert_eq!((started, global_rate.len()), (1, 2), "rank {rank}");
+                    summary
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &summaries {
+        assert_eq!((s.iteration, s.reason), (2, StopReason::StopAfterIters));
+        assert_eq!(s.checkpoint, summaries[0].checkpoint);
+    }
+    // rank 0 wrote each output once
+    let metrics = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    let kept = dinov2_train::checkpoint::list(out.join("checkpoints")).unwrap();
+    assert_eq!(kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(summaries[0].checkpoint.join("trainer.json")).unwrap(),
+    )
+    .unwrap();
+    // each rank consumed 2 steps × 2 images of its own shard
+    assert_eq!(state["rank_sampler_positions"], serde_json::json!([4, 4]));
+    assert!(out.join(TEACHER_FILE).is_file());
+    // the saved configuration has the learning rate of the global batch (2 ranks × 2 images)
+    let saved = TrainConfig::load(Some(&out.join(CONFIG_FILE)), &[] as &[String]).unwrap();
+    assert_eq!(saved.optim.lr, cfg.lr(2));
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // one process resumes the 2-rank checkpoint and finishes
+    let s = run(&cfg, &RunOptions::new(&out), &mut |_| {}).unwrap();
+    assert_eq!((s.iteration, s.reason), (6, StopReason::Finished));
+    let metrics = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+}
