@@ -1,0 +1,315 @@
+//! Data-parallel training across real processes under `mpirun -np 2` (skipped when no MPI launcher is
+//! installed, unless `DINOV2_REQUIRE_MPI=1`): `cargo test --features mpi --test mpi_train`.
+//!
+//! * `two_mpi_ranks_of_b_equal_one_process_of_2b` re-runs itself under mpirun: each rank trains a single-process
+//!   reference on the global batches (2B) and a data-parallel trainer on its half (B); their weights agree up
+//!   to the order of float summation, and the ranks stay bit-identical.
+//! * `mpirun_dinov2_train_writes_once_and_resumes_alone` runs `mpirun -np 2 dinov2 train` on a tiny image
+//!   folder, then `dinov2 train` in one process resumes from the checkpoint the two ranks wrote.
+#![cfg(feature = "mpi")]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use dinov2::train::meta_arch::{SslMetaArch, SslMetaArchConfig, StepBatch};
+use dinov2::train::optim::AdamWConfig;
+use dinov2::train::schedules::ScheduleConfig;
+use dinov2::train::trainer::{OptimSettings, Trainer};
+use dinov2_dist::{Communicator, Mpi};
+use dinov2_loss::{DinoHeadConfig, DinoV2LossConfig, TargetMode};
+
+const CHILD: &str = "DINOV2_TRAIN_MPI_CHILD";
+const B: usize = 2;
+const STEPS: u64 = 3;
+
+/// `mpirun -np 2`, or `None` (the test is skipped) when no launcher is installed and MPI is not required.
+fn mpirun() -> Option<Command> {
+    let cmd = dinov2_dist::mpirun_command(2);
+    if cmd.is_none() {
+        assert!(
+            std::env::var("DINOV2_REQUIRE_MPI").as_deref() != Ok("1"),
+            "DINOV2_REQUIRE_MPI=1 but no mpirun/mpiexec on PATH"
+        );
+        eprintln!("skipped: no MPI launcher on PATH");
+    }
+    cmd
+}
+
+/// The tiny model of crates/dinov2-train/tests/data_parallel.rs: KoLeo off, no stochastic depth, iBOT on.
+fn arch(seed: u64) -> SslMetaArch {
+    let mut vit = dinov2::model::VitConfig::vit_small();
+    (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) = (32, 2, 2, 28);
+    vit.drop_path_rate = 0.0;
+    vit.layer_scale_init = Some(1e-5);
+    let head = DinoHeadConfig {
+        hidden_dim: 32,
+        bottleneck_dim: 16,
+        ..DinoHeadConfig::new(32, 64)
+    };
+    let loss = DinoV2LossConfig {
+        koleo_loss_weight: 0.0,
+        target_mode: TargetMode::Centering,
+        ..DinoV2LossConfig::new(64, 64)
+    };
+    let cfg = SslMetaArchConfig {
+        student: vit,
+        dino_head: head,
+        ibot_head: None,
+        loss,
+    };
+    SslMetaArch::new(cfg, seed, &Device::Cpu).unwrap()
+}
+
+fn settings() -> OptimSettings {
+    OptimSettings {
+        schedules: ScheduleConfig {
+            lr: 1e-3,
+            epochs: 4,
+            epoch_length: 3,
+            warmup_epochs: 1,
+            warmup_teacher_temp_epochs: 2,
+            ..ScheduleConfig::official()
+        },
+        adamw: AdamWConfig::default(),
+        layerwise_decay: 0.9,
+        patch_embed_lr_mult: 0.2,
+        clip_grad: 3.0,
+    }
+}
+
+/// Rank `rank`'s half of step `step` (globals, locals, masks; as many masked patches on both ranks).
+fn half(rank: usize, step: u64) -> (Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let img = |n: usize, s: usize, phase: f64| {
+        Tensor::arange(0f32, (n * 3 * s * s) as f32, &dev)
+            .unwrap()
+            .affine(0.011 * (1.0 + step as f64 + 0.37 * rank as f64), phase)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((n, 3, s, s))
+            .unwrap()
+    };
+    let extra = (step % 2) as u8;
+    let rows: [[u8; 4]; 4] = if rank == 0 {
+        [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, extra], [0, 1, 0, 1]]
+    } else {
+        [[0, 0, 0, 1], [1, 0, 1, 0], [extra, 0, 0, 0], [1, 0, 0, 1]]
+    };
+    (
+        img(2 * B, 28, 0.1 * step as f64 + rank as f64),
+        img(2 * B, 14, 1.0 + rank as f64),
+        Tensor::new(&rows, &dev).unwrap(),
+    )
+}
+
+fn step_batch(global: Tensor, local: Tensor, masks: Tensor) -> StepBatch {
+    let idx = dinov2_loss::mask_indices(&masks).unwrap();
+    StepBatch {
+        global_crops: global,
+        local_crops: Some(local),
+        masks,
+        mask_indices: idx.to_dtype(DType::U32).unwrap(),
+    }
+}
+
+/// Both halves as one batch of 2B (each crop-major block: rank 0's images, then rank 1's).
+fn global_batch(step: u64) -> StepBatch {
+    let (g0, l0, m0) = half(0, step);
+    let (g1, l1, m1) = half(1, step);
+    let interleave = |a: &Tensor, b: &Tensor| {
+        let parts: Vec<Tensor> = (0..a.dim(0).unwrap() / B)
+            .flat_map(|c| {
+                [
+                    a.narrow(0, c * B, B).unwrap(),
+                    b.narrow(0, c * B, B).unwrap(),
+                ]
+            })
+            .collect();
+        Tensor::cat(&parts, 0).unwrap()
+    };
+    step_batch(
+        interleave(&g0, &g1),
+        interleave(&l0, &l1),
+        interleave(&m0, &m1),
+    )
+}
+
+fn weights(t: &mut Trainer) -> Vec<Vec<f32>> {
+    let (dino, ibot) = t.centers_after_update().unwrap();
+    let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut out: Vec<Vec<f32>> = t
+        .arch()
+        .student_parameters()
+        .into_iter()
+        .chain(t.arch().teacher_parameters())
+        .map(|(_, v)| flat(v.as_tensor()))
+        .collect();
+    out.push(flat(&dino));
+    out.extend(ibot.as_ref().map(flat));
+    out
+}
+
+fn equivalence_child() {
+    let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+    let rank = comm.rank();
+    assert_eq!(comm.world_size(), 2);
+    let mut reference = Trainer::new(arch(7), &settings(), 7).unwrap();
+    let mut lr_sum = 0.0;
+    for s in 0..STEPS {
+        lr_sum += reference.step(&global_batch(s)).unwrap().schedule.lr;
+    }
+    // rank 1 starts from another initialisation: the start-up broadcast replaces it by rank 0's
+    let mut dp = Trainer::new(arch(7 + 100 * rank as u64), &settings(), 7)
+        .unwrap()
+        .with_communicator(comm)
+        .unwrap();
+    for s in 0..STEPS {
+        let (g, l, m) = half(rank, s);
+        dp.step(&step_batch(g, l, m)).unwrap();
+    }
+    dp.prepare_checkpoint().unwrap(); // both ranks bit-identical (Error::RanksOutOfSync otherwise)
+    let max = weights(&mut reference)
+        .iter()
+        .flatten()
+        .zip(weights(&mut dp).iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // the bound of crates/dinov2-train/tests/data_parallel.rs: 2·Σlr in theory (AdamW's update of an element
+    // whose gradient is rounding noise), a few ulps of the weights in practice
+    assert!(f64::from(max) <= 2.0 * lr_sum && max < 1e-5, "{max}");
+    println!("mpi-train rank {rank}: ok, max |difference| {max:.3e}");
+}
+
+#[test]
+fn two_mpi_ranks_of_b_equal_one_process_of_2b() {
+    if std::env::var_os(CHILD).is_some() {
+        return equivalence_child();
+    }
+    let Some(mut cmd) = mpirun() else { return };
+    let out = cmd
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "two_mpi_ranks_of_b_equal_one_process_of_2b",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mpirun failed\n{stdout}\n{stderr}");
+    for rank in 0..2 {
+        assert!(
+            stdout.contains(&format!("mpi-train rank {rank}: ok")),
+            "{stdout}\n{stderr}"
+        );
+    }
+    eprintln!(
+        "{}",
+        stdout
+            .lines()
+            .filter(|l| l.contains("mpi-train"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn write_images(dir: &Path, n: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let img = dinov2::data::image::RgbImage::from_fn(36 + i, 34, |x, y| {
+            dinov2::data::image::Rgb([(x * 9 + i * 40) as u8, (y * 7) as u8, ((x * y) % 251) as u8])
+        });
+        img.save(dir.join(format!("{i}.jpg"))).unwrap();
+    }
+}
+
+/// The tiny configuration of tests/train_cli.rs: 2 images per rank and step, 4 iterations.
+const TINY: [&str; 14] = [
+    "train.log_period=1",
+    "student.arch=vit_tiny",
+    "student.patch_size=8",
+    "crops.global_crops_size=16",
+    "crops.local_crops_size=8",
+    "crops.local_crops_number=2",
+    "dino.head_n_prototypes=32",
+    "dino.head_hidden_dim=16",
+    "dino.head_bottleneck_dim=8",
+    "train.batch_size_per_gpu=2",
+    "train.OFFICIAL_EPOCH_LENGTH=2",
+    "train.num_workers=1",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+];
+
+#[test]
+fn mpirun_dinov2_train_writes_once_and_resumes_alone() {
+    if std::env::var_os(CHILD).is_some() {
+        return; // only the parent runs it
+    }
+    let Some(mut cmd) = mpirun() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_images(&data, 6);
+    let out = tmp.path().join("run");
+    let ds = format!("train.dataset_path={}", data.display());
+    let mut args = vec![
+        "train",
+        "--output-dir",
+        out.to_str().unwrap(),
+        &ds,
+        "teacher.warmup_teacher_temp_epochs=1",
+    ];
+    args.extend(TINY);
+    let o = cmd
+        .arg(env!("CARGO_BIN_EXE_dinov2"))
+        .args(&args)
+        .args(["--stop-after-iters", "2"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("data-parallel over 2 ranks (mpi)"),
+        "{stderr}"
+    );
+    // rank 0 alone reports and writes
+    assert_eq!(
+        stdout
+            .matches("stopped (--stop-after-iters) at iteration 2/4")
+            .count(),
+        1,
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(out.join("training_metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    let kept = dinov2::train::checkpoint::list(out.join("checkpoints")).unwrap();
+    assert_eq!(kept.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(kept[0].1.join("trainer.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["rank_sampler_positions"], serde_json::json!([4, 4]));
+
+    // one process resumes the checkpoint of two and finishes
+    let o = Command::new(env!("CARGO_BIN_EXE_dinov2"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("finished at iteration 4/4"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("training_metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+}
