@@ -365,12 +365,58 @@ fn a_checkpoint_of_two_ranks_resumes_on_one_and_on_two() {
                         .with_communicator(Arc::new(r))
                         .unwrap();
                     t.restore(&path).unwrap();
-                    (t.sampler_position(), state(&mut t))
+                    let position = t.sampler_position();
+                    let (g, l, m) = half(t.rank(), 1);
+                    t.step(&step_batch(g, l, m)).unwrap(); // the restored centres still go over the ranks
+                    t.prepare_checkpoint().unwrap();
+                    (position, state(&mut t))
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!((resumed[0].0, resumed[1].0), (10, 11)); // each rank its own position
-    assert!(resumed[0].1 == state(&mut one) && resumed[1].1 == resumed[0].1);
+    assert!(resumed[1].1 == resumed[0].1);
+    // the next step on 2 ranks × B is the one-process step on 2B
+    one.step(&global_batch(1)).unwrap();
+    let c = compare(&resumed[0].1, &state(&mut one), 2e-3);
+    assert!(c.max_abs < 1e-5, "{} differs by {}", c.worst, c.max_abs);
+}
+
+#[test]
+fn a_non_finite_loss_on_one_rank_stops_every_rank_before_any_change() {
+    let ranks = ThreadGroup::new(2).unwrap();
+    let out: Vec<(bool, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .into_iter()
+            .map(|r| {
+                s.spawn(move || {
+                    let rank = r.rank();
+                    let mut t = Trainer::new(arch(4, false, TargetMode::Centering), &settings(), 4)
+                        .unwrap()
+                        .with_communicator(Arc::new(r))
+                        .unwrap();
+                    // the weights (as in one process, the centres' pending update is not rolled back: the
+                    // run stops and resumes from its last checkpoint)
+                    let weights = |t: &mut Trainer| -> State {
+                        state(t)
+                            .into_iter()
+                            .filter(|(k, _)| !k.ends_with("center"))
+                            .collect()
+                    };
+                    let before = weights(&mut t);
+                    let (mut g, l, m) = half(rank, 0);
+                    if rank == 1 {
+                        g = (g * f64::NAN).unwrap();
+                    }
+                    let err = t.step(&step_batch(g, l, m)).unwrap_err();
+                    let refused =
+                        matches!(err, dinov2_train::Error::NonFiniteLoss { iteration: 0, .. });
+                    (refused, t.iteration() == 0 && weights(&mut t) == before)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(out, vec![(true, true), (true, true)]);
 }
