@@ -313,3 +313,72 @@ fn mpirun_dinov2_train_writes_once_and_resumes_alone() {
     let metrics = std::fs::read_to_string(out.join("training_metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 4);
 }
+
+/// Time of one gradient all-reduce of a ViT-Ti-sized student (24 × 256 Ki f32 = 25 MiB) over two MPI
+/// processes on this machine, for 25 MiB (default) and 4 MiB buckets (medians of 10; a measurement, not a test):
+/// `cargo test --features mpi --test mpi_train -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement"]
+fn gradient_all_reduce_time() {
+    if std::env::var_os(CHILD).is_some() {
+        let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+        let rank = comm.rank();
+        let vars: Vec<(String, candle_core::Var)> = (0..24)
+            .map(|i| {
+                let t = Tensor::ones(256 * 1024, DType::F32, &Device::Cpu).unwrap();
+                (
+                    format!("p{i:02}"),
+                    candle_core::Var::from_tensor(&t).unwrap(),
+                )
+            })
+            .collect();
+        for mib in [25usize, 4] {
+            let dp = dinov2::train::data_parallel::DataParallel::new(comm.clone())
+                .with_bucket_bytes(mib << 20)
+                .unwrap();
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let loss = vars
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().sum_all().unwrap())
+                    .reduce(|a, b| (a + b).unwrap())
+                    .unwrap();
+                let mut g = loss.backward().unwrap();
+                comm.barrier().unwrap();
+                let t0 = std::time::Instant::now();
+                let stats = dp.all_reduce_gradients(&mut g, &vars).unwrap();
+                times.push((t0.elapsed().as_secs_f64(), stats.buckets));
+            }
+            times.sort_by(|a, b| a.0.total_cmp(&b.0));
+            println!(
+                "mpi-train rank {rank}: all-reduce of 25 MiB of gradients in {} buckets of {mib} MiB: median {:.1} ms",
+                times[5].1,
+                times[5].0 * 1e3
+            );
+        }
+        return;
+    }
+    let Some(mut cmd) = mpirun() else { return };
+    let out = cmd
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "gradient_all_reduce_time",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in stdout.lines().filter(|l| l.contains("mpi-train")) {
+        eprintln!("{l}");
+    }
+}
