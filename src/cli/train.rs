@@ -24,6 +24,9 @@ pub struct TrainArgs {
     /// Save a checkpoint and exit once N iterations are complete (schedules unchanged).
     #[arg(long, value_name = "N")]
     stop_after_iters: Option<u64>,
+    /// Data-parallel runs (`mpirun -np N dinov2 train`): size of the gradient all-reduce buckets, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 25)]
+    grad_bucket_mib: usize,
     /// Official-style overrides, e.g. `optim.epochs=10 train.dataset_path=photos/`.
     #[arg(value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -40,6 +43,11 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
     opts.resume = !args.no_resume;
     opts.stop_after_iters = args.stop_after_iters;
     opts = opts.with_communicator(comm.clone());
+    anyhow::ensure!(
+        args.grad_bucket_mib > 0,
+        "--grad-bucket-mib must be at least 1"
+    );
+    opts.grad_bucket_bytes = args.grad_bucket_mib.saturating_mul(1 << 20);
     if world > 1 && rank == 0 {
         eprintln!(
             "data-parallel over {world} ranks ({}): batch {} per rank, {} per step",

@@ -17,7 +17,9 @@
 //! **Overlap.** candle's `backward` is one call that returns every gradient at the end, so the all-reduce
 //! cannot start during the backward as DDP's hooks do. What does overlap: a scoped communication thread reduces
 //! bucket `k` while this thread packs bucket `k + 1` and unpacks bucket `k - 1` (the [`Communicator`] is `Sync`;
-//! MPI runs with `MPI_THREAD_SERIALIZED`).
+//! MPI runs with `MPI_THREAD_SERIALIZED`). Measured with two MPI processes on one 2-core machine, 25 MiB of
+//! gradients take 66 ms in one 25 MiB bucket and 33-39 ms in 4 MiB buckets (`gradient_all_reduce_time` in the
+//! root `tests/mpi_train.rs`; `dinov2 train --grad-bucket-mib`).
 //!
 //! **What is not batch-split invariant.** KoLeo's nearest neighbour is searched within each rank's local batch,
 //! as in the official code, so with KoLeo on, `N` ranks × `B` is a different loss from one rank × `N·B`;
