@@ -51,16 +51,31 @@ def main():
                                                         "--iters", "5", "--tol", "0", "--checkpoint-every", "0"],
             "dedup exact (30k x 384, k=64)": ["curate", "dedup", "--embeddings", dd, "--k", "64",
                                              "--threshold", "0.9", "--index", "exact", "--recall-sample", "0"],
+            "dedup IVF (30k x 384, k=64, 173 lists, nprobe 16)": [
+                "curate", "dedup", "--embeddings", dd, "--k", "64", "--threshold", "0.9", "--index", "ivf",
+                "--nlist", "173", "--nprobe", "16", "--recall-sample", "500"],
         }
         setups = [("1 rank, 1 thread", [], 1), ("1 rank, 2 threads", [], 2), ("2 ranks (mpirun), 1 thread each", mpirun, 1)]
         results = {}
+        same = {}
         for name, args in stages.items():
             times = {s[0]: [] for s in setups}
             for rep in range(a.reps):
+                outs = []
                 for label, pre, threads in setups:  # interleaved
                     out = os.path.join(tmp, f"out-{rep}-{len(times[label])}-{threads}-{len(pre)}")
                     times[label].append(run(pre + [a.bin] + args + ["--output", out], threads))
-                    shutil.rmtree(out)
+                    outs.append(out)
+                # outputs of 1 rank and 2 ranks
+                files = ["assignment.npy"] if "kmeans" in name else ["keep.npy", "components.npy"]
+                eq = all(open(os.path.join(outs[0], f), "rb").read() == open(os.path.join(outs[2], f), "rb").read()
+                         for f in files)
+                summ = [json.load(open(os.path.join(o, "summary.json"))) for o in (outs[0], outs[2])]
+                same[name] = {"identical " + "+".join(files): eq,
+                              "edge_recall": [x.get("edge_recall") for x in summ],
+                              "objective": [x.get("objective") for x in summ]}
+                for o in outs:
+                    shutil.rmtree(o)
             results[name] = {k: statistics.median(v) for k, v in times.items()}
             results[name]["all"] = times
         base = "1 rank, 1 thread"
@@ -71,6 +86,7 @@ def main():
             two = r["2 ranks (mpirun), 1 thread each"]
             print(f"| {name} | {cells} | {r[base] / two:.2f}x | {r['1 rank, 2 threads'] / two:.2f}x |")
         print(json.dumps({k: v["all"] for k, v in results.items()}))
+        print(json.dumps(same))
     finally:
         shutil.rmtree(tmp)
 
