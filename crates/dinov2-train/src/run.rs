@@ -262,11 +262,13 @@ pub fn run(
     let lead = rank == 0;
     let out = &opts.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    if lead {
+    // what rank 0 alone does is wrapped in `on_lead`, which hands its outcome (or its error) to the others
+    on_lead(comm.as_ref(), || {
         let mut saved_cfg = cfg.clone();
         saved_cfg.apply_scaling_rules(world);
         crate::plot::write_atomic(&out.join(CONFIG_FILE), saved_cfg.to_yaml().as_bytes())?;
-    }
+        Ok(None)
+    })?;
 
     let device = Device::Cpu;
     let arch = if cfg.distillation.enabled {
@@ -281,34 +283,30 @@ pub fn run(
         .with_data_parallel(dp)?;
     let ckpt_dir = out.join(CHECKPOINT_DIR);
     // rank 0 decides (archives a previous run, finds the checkpoint), every rank reads the same checkpoint
-    let decided = if lead {
-        lead_result(comm.as_ref(), || {
-            let mut resumed_from = None;
-            if opts.resume {
-                resumed_from = checkpoint::latest(&ckpt_dir)?;
-            } else {
-                archive_previous_run(out)?;
-            }
-            let weights = cfg.model.weights.trim();
-            if resumed_from.is_none() && !weights.is_empty() {
-                resumed_from = Some(PathBuf::from(weights));
-            }
-            Ok(resumed_from)
-        })
-    } else {
-        follow_result(comm.as_ref())
-    }?;
-    let resumed_from: Option<PathBuf> = decided;
+    let resumed_from = on_lead(comm.as_ref(), || {
+        let mut resumed_from = None;
+        if opts.resume {
+            resumed_from = checkpoint::latest(&ckpt_dir)?;
+        } else {
+            archive_previous_run(out)?;
+        }
+        let weights = cfg.model.weights.trim();
+        if resumed_from.is_none() && !weights.is_empty() {
+            resumed_from = Some(PathBuf::from(weights));
+        }
+        Ok(resumed_from)
+    })?;
     if let Some(p) = &resumed_from {
         trainer.restore(p)?;
     }
     let start = trainer.iteration();
     let max_iter = trainer.max_iter();
-    if lead {
+    let mut knn = None;
+    on_lead(comm.as_ref(), || {
         trim_metrics(&out.join(METRICS_FILE), start)?;
-    }
-
-    let knn = if lead { PeriodicKnn::open(cfg)? } else { None };
+        knn = PeriodicKnn::open(cfg)?;
+        Ok(None)
+    })?;
     let dataset = dinov2_data::open_dataset(&cfg.train.dataset_path)?;
     let dataset_len = dataset.len();
     let batch_size = cfg.train.batch_size_per_gpu;
@@ -402,22 +400,18 @@ pub fn run(
     };
     drop(loader);
     // whether the last checkpoint is the current state (rank 0 looks, every rank follows)
-    let reuse = if lead {
-        lead_result(comm.as_ref(), || {
-            Ok(match &last_checkpoint {
-                Some(p)
-                    if p.starts_with(&ckpt_dir)
-                        && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i)
-                            == Some(trainer.iteration()) =>
-                {
-                    Some(p.clone())
-                }
-                _ => None,
-            })
+    let reuse = on_lead(comm.as_ref(), || {
+        Ok(match &last_checkpoint {
+            Some(p)
+                if p.starts_with(&ckpt_dir)
+                    && checkpoint::list(&ckpt_dir)?.last().map(|(i, _)| *i)
+                        == Some(trainer.iteration()) =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
         })
-    } else {
-        follow_result(comm.as_ref())
-    }?;
+    })?;
     let checkpoint = match reuse {
         Some(p) => p,
         None => {
@@ -536,6 +530,20 @@ fn archive_previous_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on rank 0 alone and hands its outcome to the other ranks (a collective): its optional path on every
+/// rank, or its error (on rank 0) and [`Error::RankFailed`] with its text (on the others), so that a failure of
+/// rank 0's own work does not leave the others waiting. One rank: just `f`.
+fn on_lead(
+    comm: &dyn Communicator,
+    f: impl FnOnce() -> Result<Option<PathBuf>>,
+) -> Result<Option<PathBuf>> {
+    if comm.rank() == 0 {
+        lead_result(comm, f)
+    } else {
+        follow_result(comm)
+    }
+}
+
 /// Runs `f` on rank 0 and tells the other ranks its outcome ([`follow_result`]): an optional path, or the
 /// error's text. One rank: just `f`.
 fn lead_result(
@@ -579,11 +587,7 @@ fn save_collective(trainer: &mut Trainer, out: &Path, cfg: &TrainConfig) -> Resu
     trainer.prepare_checkpoint()?;
     let comm = trainer.data_parallel().map(|dp| dp.communicator().clone());
     let comm: Arc<dyn Communicator> = comm.unwrap_or_else(|| Arc::new(SingleProcess));
-    let saved = if trainer.rank() == 0 {
-        lead_result(comm.as_ref(), || save_all(trainer, out, cfg).map(Some))
-    } else {
-        follow_result(comm.as_ref())
-    }?;
+    let saved = on_lead(comm.as_ref(), || save_all(trainer, out, cfg).map(Some))?;
     saved.ok_or_else(|| Error::RankFailed {
         rank: 0,
         reason: "no checkpoint path".into(),

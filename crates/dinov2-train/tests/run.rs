@@ -291,3 +291,42 @@ fn two_ranks_write_every_output_once_and_a_single_process_resumes() {
     let metrics = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
     assert_eq!(metrics.lines().count(), 6);
 }
+
+#[test]
+fn a_failure_of_rank_0_alone_reaches_the_other_ranks() {
+    use dinov2_dist::{Communicator, ThreadGroup};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    image_folder(&data);
+    let mut cfg = config(&data);
+    // rank 0 alone opens the k-NN datasets
+    cfg.evaluation.knn_train_dataset = tmp.path().join("missing").display().to_string();
+    cfg.evaluation.knn_val_dataset = cfg.evaluation.knn_train_dataset.clone();
+    let out = tmp.path().join("out");
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let (cfg, out) = (&cfg, &out);
+                s.spawn(move || {
+                    let rank = r.rank();
+                    let opts = RunOptions::new(out).with_communicator(std::sync::Arc::new(r));
+                    let e = run(cfg, &opts, &mut |_| {}).unwrap_err();
+                    if rank == 1 {
+                        assert!(
+                            matches!(e, dinov2_train::Error::RankFailed { rank: 0, .. }),
+                            "{e}"
+                        );
+                    }
+                    e.to_string()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errors {
+        assert!(e.contains("missing"), "{e}");
+    }
+    assert!(errors[1].starts_with("rank 0 failed: "), "{}", errors[1]);
+}
