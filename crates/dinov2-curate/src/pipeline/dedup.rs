@@ -316,7 +316,20 @@ fn run(
     let index = Index::build(&x, &params.index, &r, comm)?;
     let searcher = index.searcher(x.as_slice());
     let refs = Searcher::Exact { base: &reference };
-    let chunk = params.chunk.max(1);
+    // On several ranks every rank gets at least one chunk: chunks of at most ceil(n / world) queries. Such a
+    // chunk's file also names its end, so chunks of another world size are never mistaken for it.
+    let chunk = if world == 1 {
+        params.chunk.max(1)
+    } else {
+        params.chunk.max(1).min(n.div_ceil(world).max(1))
+    };
+    let chunk_name = |s: usize, e: usize| {
+        if chunk == params.chunk.max(1) {
+            format!("chunk_{s:010}.npy")
+        } else {
+            format!("chunk_{s:010}_{e:010}.npy")
+        }
+    };
     let (k, threshold) = (params.k, params.threshold);
     r.begin("dedup", n);
     let mut edges: Vec<(i64, i64)> = Vec::new();
@@ -327,7 +340,7 @@ fn run(
             s = e;
             continue;
         }
-        let path = edge_dir.join(format!("chunk_{s:010}.npy"));
+        let path = edge_dir.join(chunk_name(s, e));
         let chunk_edges = if path.exists() {
             read_edges(&path)?
         } else {
