@@ -3,7 +3,7 @@
 `mpirun -np 2` (1 thread per rank), interleaved, repeated; prints medians and ratios (docs/scale.md).
 
     cargo build --release --features mpi --bin dinov2
-    python3 tools/bench_scale.py [--bin target/release/dinov2] [--reps 3]
+    python3 tools/bench_scale.py [--bin target/release/dinov2] [--reps 3] [--only dedup]
 
 Needs numpy and Open MPI's mpirun (Debian: openmpi-bin). The pool is random clustered data made here (seeded).
 """
@@ -38,6 +38,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/dinov2"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="", help="run the stages whose name contains this")
     a = ap.parse_args()
     mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
     os.environ.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
@@ -59,6 +60,8 @@ def main():
         results = {}
         same = {}
         for name, args in stages.items():
+            if a.only not in name:
+                continue
             times = {s[0]: [] for s in setups}
             for rep in range(a.reps):
                 outs = []
