@@ -13,16 +13,16 @@ use std::process::Command;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use dinov2::train::meta_arch::{SslMetaArch, SslMetaArchConfig, StepBatch};
-use dinov2::train::optim::AdamWConfig;
-use dinov2::train::schedules::ScheduleConfig;
-use dinov2::train::trainer::{OptimSettings, Trainer};
+use dinov2::train::trainer::Trainer;
 use dinov2_dist::{Communicator, Mpi};
-use dinov2_loss::{DinoHeadConfig, DinoV2LossConfig, TargetMode};
+use dinov2_loss::TargetMode;
+
+/// The tiny model, settings and batches of crates/dinov2-train/tests/data_parallel.rs.
+#[path = "../crates/dinov2-train/tests/support/dp_batches.rs"]
+mod dp_batches;
+use dp_batches::{arch, global_batch, half, settings, state, step_batch, STEPS};
 
 const CHILD: &str = "DINOV2_TRAIN_MPI_CHILD";
-const B: usize = 2;
-const STEPS: u64 = 3;
 
 /// `mpirun -np 2`, or `None` (the test is skipped) when no launcher is installed and MPI is not required.
 fn mpirun() -> Option<Command> {
@@ -37,144 +37,38 @@ fn mpirun() -> Option<Command> {
     cmd
 }
 
-/// The tiny model of crates/dinov2-train/tests/data_parallel.rs: KoLeo off, no stochastic depth, iBOT on.
-fn arch(seed: u64) -> SslMetaArch {
-    let mut vit = dinov2::model::VitConfig::vit_small();
-    (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) = (32, 2, 2, 28);
-    vit.drop_path_rate = 0.0;
-    vit.layer_scale_init = Some(1e-5);
-    let head = DinoHeadConfig {
-        hidden_dim: 32,
-        bottleneck_dim: 16,
-        ..DinoHeadConfig::new(32, 64)
-    };
-    let loss = DinoV2LossConfig {
-        koleo_loss_weight: 0.0,
-        target_mode: TargetMode::Centering,
-        ..DinoV2LossConfig::new(64, 64)
-    };
-    let cfg = SslMetaArchConfig {
-        student: vit,
-        dino_head: head,
-        ibot_head: None,
-        loss,
-    };
-    SslMetaArch::new(cfg, seed, &Device::Cpu).unwrap()
-}
-
-fn settings() -> OptimSettings {
-    OptimSettings {
-        schedules: ScheduleConfig {
-            lr: 1e-3,
-            epochs: 4,
-            epoch_length: 3,
-            warmup_epochs: 1,
-            warmup_teacher_temp_epochs: 2,
-            ..ScheduleConfig::official()
-        },
-        adamw: AdamWConfig::default(),
-        layerwise_decay: 0.9,
-        patch_embed_lr_mult: 0.2,
-        clip_grad: 3.0,
-    }
-}
-
-/// Rank `rank`'s half of step `step` (globals, locals, masks; as many masked patches on both ranks).
-fn half(rank: usize, step: u64) -> (Tensor, Tensor, Tensor) {
-    let dev = Device::Cpu;
-    let img = |n: usize, s: usize, phase: f64| {
-        Tensor::arange(0f32, (n * 3 * s * s) as f32, &dev)
-            .unwrap()
-            .affine(0.011 * (1.0 + step as f64 + 0.37 * rank as f64), phase)
-            .unwrap()
-            .sin()
-            .unwrap()
-            .reshape((n, 3, s, s))
-            .unwrap()
-    };
-    let extra = (step % 2) as u8;
-    let rows: [[u8; 4]; 4] = if rank == 0 {
-        [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, extra], [0, 1, 0, 1]]
-    } else {
-        [[0, 0, 0, 1], [1, 0, 1, 0], [extra, 0, 0, 0], [1, 0, 0, 1]]
-    };
-    (
-        img(2 * B, 28, 0.1 * step as f64 + rank as f64),
-        img(2 * B, 14, 1.0 + rank as f64),
-        Tensor::new(&rows, &dev).unwrap(),
-    )
-}
-
-fn step_batch(global: Tensor, local: Tensor, masks: Tensor) -> StepBatch {
-    let idx = dinov2_loss::mask_indices(&masks).unwrap();
-    StepBatch {
-        global_crops: global,
-        local_crops: Some(local),
-        masks,
-        mask_indices: idx.to_dtype(DType::U32).unwrap(),
-    }
-}
-
-/// Both halves as one batch of 2B (each crop-major block: rank 0's images, then rank 1's).
-fn global_batch(step: u64) -> StepBatch {
-    let (g0, l0, m0) = half(0, step);
-    let (g1, l1, m1) = half(1, step);
-    let interleave = |a: &Tensor, b: &Tensor| {
-        let parts: Vec<Tensor> = (0..a.dim(0).unwrap() / B)
-            .flat_map(|c| {
-                [
-                    a.narrow(0, c * B, B).unwrap(),
-                    b.narrow(0, c * B, B).unwrap(),
-                ]
-            })
-            .collect();
-        Tensor::cat(&parts, 0).unwrap()
-    };
-    step_batch(
-        interleave(&g0, &g1),
-        interleave(&l0, &l1),
-        interleave(&m0, &m1),
-    )
-}
-
-fn weights(t: &mut Trainer) -> Vec<Vec<f32>> {
-    let (dino, ibot) = t.centers_after_update().unwrap();
-    let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut out: Vec<Vec<f32>> = t
-        .arch()
-        .student_parameters()
-        .into_iter()
-        .chain(t.arch().teacher_parameters())
-        .map(|(_, v)| flat(v.as_tensor()))
-        .collect();
-    out.push(flat(&dino));
-    out.extend(ibot.as_ref().map(flat));
-    out
-}
-
 fn equivalence_child() {
     let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
     let rank = comm.rank();
     assert_eq!(comm.world_size(), 2);
-    let mut reference = Trainer::new(arch(7), &settings(), 7).unwrap();
+    // the model of data_parallel.rs's centring case: KoLeo off, no stochastic depth, iBOT on the DINO head
+    let mut reference =
+        Trainer::new(arch(7, false, TargetMode::Centering), &settings(), 7).unwrap();
     let mut lr_sum = 0.0;
     for s in 0..STEPS {
         lr_sum += reference.step(&global_batch(s)).unwrap().schedule.lr;
     }
     // rank 1 starts from another initialisation: the start-up broadcast replaces it by rank 0's
-    let mut dp = Trainer::new(arch(7 + 100 * rank as u64), &settings(), 7)
-        .unwrap()
-        .with_communicator(comm)
-        .unwrap();
+    let mut dp = Trainer::new(
+        arch(7 + 100 * rank as u64, false, TargetMode::Centering),
+        &settings(),
+        7,
+    )
+    .unwrap()
+    .with_communicator(comm)
+    .unwrap();
     for s in 0..STEPS {
         let (g, l, m) = half(rank, s);
         dp.step(&step_batch(g, l, m)).unwrap();
     }
     dp.prepare_checkpoint().unwrap(); // both ranks bit-identical (Error::RanksOutOfSync otherwise)
+
+    // student, teacher and centres, flattened in that order (same names on both sides)
+    let weights =
+        |t: &mut Trainer| -> Vec<f32> { state(t).into_iter().flat_map(|(_, v)| v).collect() };
     let max = weights(&mut reference)
         .iter()
-        .flatten()
-        .zip(weights(&mut dp).iter().flatten())
+        .zip(&weights(&mut dp))
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     // the bound of crates/dinov2-train/tests/data_parallel.rs: 2·Σlr in theory (AdamW's update of an element
