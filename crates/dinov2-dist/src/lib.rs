@@ -290,9 +290,12 @@ pub fn from_env() -> Result<Arc<dyn Communicator>> {
 
 /// A `mpirun -np <np>` command for Open MPI (or `mpiexec -n <np>` for MPICH) with the settings that let it run
 /// in a container and as root: `--allow-run-as-root`, `--oversubscribe` (more ranks than cores), shared-memory
-/// transport without single-copy (`btl_vader_single_copy_mechanism=none`, which containers refuse). `None` when
-/// no launcher is on `PATH`. The multi-process tests and CI start their ranks with it; append the program and
-/// its arguments.
+/// transport without single-copy (`btl_vader_single_copy_mechanism=none`, which containers refuse), and a session
+/// directory base of its own (`orte_tmpdir_base`, a new empty directory under the system's temporary directory):
+/// two Open MPI launches starting at the same moment otherwise race to create the same session directory and
+/// one fails (`mkdir /tmp/ompi.<host>.<uid>: File exists`, seen with tests launching in parallel). `None` when no
+/// launcher is on `PATH`. The multi-process tests and CI start their ranks with it; append the program and its
+/// arguments.
 ///
 /// ```
 /// if let Some(cmd) = dinov2_dist::mpirun_command(2) {
@@ -305,6 +308,9 @@ pub fn mpirun_command(np: usize) -> Option<std::process::Command> {
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
     };
     if on_path("ompi_info") && on_path("mpirun") {
+        static LAUNCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = LAUNCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("dinov2-mpirun-{}-{n}", std::process::id()));
         let mut c = std::process::Command::new("mpirun");
         c.args([
             "--allow-run-as-root",
@@ -313,6 +319,9 @@ pub fn mpirun_command(np: usize) -> Option<std::process::Command> {
             &np.to_string(),
         ])
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+        if std::fs::create_dir_all(&base).is_ok() {
+            c.env("OMPI_MCA_orte_tmpdir_base", &base);
+        }
         Some(c)
     } else if on_path("mpiexec") {
         let mut c = std::process::Command::new("mpiexec");
