@@ -291,7 +291,8 @@ pub fn from_env() -> Result<Arc<dyn Communicator>> {
 /// A `mpirun -np <np>` command for Open MPI (or `mpiexec -n <np>` for MPICH) with the settings that let it run
 /// in a container and as root: `--allow-run-as-root`, `--oversubscribe` (more ranks than cores), shared-memory
 /// transport without single-copy (`btl_vader_single_copy_mechanism=none`, which containers refuse), and a session
-/// directory base of its own (`orte_tmpdir_base`, a new empty directory under the system's temporary directory):
+/// directory base of its own (`orte_tmpdir_base`: `<temp dir>/dinov2-mpirun/<pid>-<n>`; empty ones of earlier
+/// processes are removed):
 /// two Open MPI launches starting at the same moment otherwise race to create the same session directory and
 /// one fails (`mkdir /tmp/ompi.<host>.<uid>: File exists`, seen with tests launching in parallel). `None` when no
 /// launcher is on `PATH`. The multi-process tests and CI start their ranks with it; append the program and its
@@ -310,7 +311,21 @@ pub fn mpirun_command(np: usize) -> Option<std::process::Command> {
     if on_path("ompi_info") && on_path("mpirun") {
         static LAUNCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = LAUNCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let base = std::env::temp_dir().join(format!("dinov2-mpirun-{}-{n}", std::process::id()));
+        let pid = std::process::id();
+        let parent = std::env::temp_dir().join("dinov2-mpirun");
+        // Open MPI empties its session directory when a launch ends; the empty bases of earlier processes go.
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                if !e
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{pid}-"))
+                {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let base = parent.join(format!("{pid}-{n}"));
         let mut c = std::process::Command::new("mpirun");
         c.args([
             "--allow-run-as-root",
