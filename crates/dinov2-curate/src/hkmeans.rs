@@ -157,39 +157,52 @@ pub fn run_level_sharded(
     let mut centroids = km.centroids;
     let (mut labels, mut dist) = kmeans::assign(x, d, &centroids)?;
     for _ in 0..cfg.n_resampling_steps {
-        // This rank's candidates per cluster: (label, distance, global row), closest first.
+        // Every cluster's members in the order of the whole-input sort (distance, then row), or, for `Closest`,
+        // the first `sample_size` of them: one rank has them sorted already; several merge their candidates.
         let (loc_off, loc_members) = sorted_clusters(&labels, &dist, k);
-        let (mut cl, mut cd, mut cr) = (Vec::new(), Vec::new(), Vec::new());
-        for j in 0..k {
-            let c = &loc_members[loc_off[j]..loc_off[j + 1]];
-            let take = match cfg.strategy {
-                Pick::Closest => cfg.sample_size.min(c.len()),
-                Pick::Random => c.len(),
-            };
-            for &i in &c[..take] {
-                cl.push(j as i64);
-                cd.push(dist[i] as f64);
-                cr.push((offset + i) as i64);
+        let clusters: Vec<Vec<usize>> = if comm.world_size() == 1 {
+            (0..k)
+                .map(|j| loc_members[loc_off[j]..loc_off[j + 1]].to_vec())
+                .collect()
+        } else {
+            // This rank's candidates per cluster: (label, distance, global row), closest first.
+            let (mut cl, mut cd, mut cr) = (Vec::new(), Vec::new(), Vec::new());
+            for j in 0..k {
+                let c = &loc_members[loc_off[j]..loc_off[j + 1]];
+                let take = match cfg.strategy {
+                    Pick::Closest => cfg.sample_size.min(c.len()),
+                    Pick::Random => c.len(),
+                };
+                for &i in &c[..take] {
+                    cl.push(j as i64);
+                    cd.push(dist[i] as f64);
+                    cr.push((offset + i) as i64);
+                }
             }
-        }
-        let (cl, cd, cr) = (
-            comm.all_gather_i64(&cl)?,
-            comm.all_gather_f64(&cd)?,
-            comm.all_gather_i64(&cr)?,
-        );
-        // Merge: the clusters' candidates in the order of the whole-input sort (distance, then row).
-        let mut by_cluster: Vec<Vec<(f32, usize)>> = vec![Vec::new(); k];
-        for ((&l, &dd), &row) in cl.iter().zip(&cd).zip(&cr) {
-            by_cluster[l as usize].push((dd as f32, row as usize));
-        }
+            let (cl, cd, cr) = (
+                comm.all_gather_i64(&cl)?,
+                comm.all_gather_f64(&cd)?,
+                comm.all_gather_i64(&cr)?,
+            );
+            let mut by_cluster: Vec<Vec<(f32, usize)>> = vec![Vec::new(); k];
+            for ((&l, &dd), &row) in cl.iter().zip(&cd).zip(&cr) {
+                by_cluster[l as usize].push((dd as f32, row as usize));
+            }
+            by_cluster
+                .into_iter()
+                .map(|mut c| {
+                    c.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    c.into_iter().map(|p| p.1).collect()
+                })
+                .collect()
+        };
         let mut picked = Vec::new();
-        for c in &mut by_cluster {
-            c.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for c in &clusters {
             let m = cfg.sample_size.min(c.len());
             match cfg.strategy {
-                Pick::Closest => picked.extend(c[..m].iter().map(|p| p.1)),
+                Pick::Closest => picked.extend_from_slice(&c[..m]),
                 Pick::Random => {
-                    picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i].1))
+                    picked.extend(sample(&mut rng, c.len(), m).into_iter().map(|i| c[i]))
                 }
             }
         }
@@ -209,12 +222,17 @@ pub fn run_level_sharded(
         dist = a.1;
     }
     let kk = centroids.len() / d;
-    let all_labels: Vec<u32> = comm
-        .all_gather_i64(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
-        .into_iter()
-        .map(|l| l as u32)
-        .collect();
-    let all_dist = comm.all_gather_f32(&dist)?;
+    let (all_labels, all_dist) = if comm.world_size() == 1 {
+        (labels, dist)
+    } else {
+        let l: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let all = comm
+            .all_gather_i64(&l)?
+            .into_iter()
+            .map(|l| l as u32)
+            .collect();
+        (all, comm.all_gather_f32(&dist)?)
+    };
     let (offsets, members) = sorted_clusters(&all_labels, &all_dist, kk);
     Ok(Level {
         k: kk,
