@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use dinov2_data::rand::SeedableRng;
 use dinov2_data::rand_chacha::ChaCha8Rng;
 
@@ -67,6 +67,9 @@ pub struct Trainer {
     groups: Vec<(usize, Vec<Tensor>)>,
     /// Data-parallel over more than one rank (`None`: a single process, no collective at all).
     dp: Option<DataParallel>,
+    /// The student's parameters in name order, taken once when data-parallel training starts (what every step's
+    /// gradient all-reduce walks).
+    dp_params: Vec<(String, Var)>,
     /// Every rank's sampler position, rank order (gathered by [`Self::gather_sampler_positions`]).
     rank_sampler_positions: Vec<u64>,
 }
@@ -112,6 +115,7 @@ impl Trainer {
             sampler_position: 0,
             groups,
             dp: None,
+            dp_params: Vec::new(),
             rank_sampler_positions: Vec::new(),
         })
     }
@@ -177,6 +181,7 @@ impl Trainer {
     pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
         if dp.world_size() == 1 {
             self.dp = None;
+            self.dp_params.clear();
             return Ok(self);
         }
         let student = self.arch.student_parameters();
@@ -187,6 +192,7 @@ impl Trainer {
             .clone()
             .with_communicator(dp.communicator().clone());
         *self.arch.loss_mut() = loss;
+        self.dp_params = student.clone();
         let mut all = student;
         all.extend(
             self.arch
@@ -272,7 +278,7 @@ impl Trainer {
             });
         }
         if let Some(dp) = &self.dp {
-            dp.all_reduce_gradients(&mut out.grads, &self.arch.student_parameters())?;
+            dp.all_reduce_gradients(&mut out.grads, &self.dp_params)?;
         }
         let mut scale: HashMap<&'static str, f64> = HashMap::new();
         let mut grad_norms = Vec::new();
