@@ -1,0 +1,893 @@
+//! `C = A · B (+ C) (+ bias)`, then an optional map over each finished tile, with `B` packed once.
+//!
+//! The blocking is the usual one (Goto/BLIS): `k` is cut into blocks of at most [`KC`] rows, `B`'s block
+//! into panels of [`NR`] columns (packed at construction: [`PackedB`]), `A`'s rows into blocks of at most
+//! [`MC`] rows packed per call into panels of [`MR`] rows. A panel of `B` (`KC × NR`, 16 KiB) stays in L1
+//! while the micro-kernel walks the `A` panels of the block (in L2). Threads split the rows (and the columns
+//! when there are fewer row blocks than threads) and write disjoint tiles.
+//!
+//! Results do not depend on the thread count: every output element is summed in the same order (over `k`
+//! blocks in order, within a block in order) whatever the split.
+
+use std::cell::RefCell;
+use std::fmt;
+
+use rayon::prelude::*;
+
+/// Rows of the micro-tile.
+pub const MR: usize = 6;
+/// Columns of the micro-tile (two 8-lane AVX2 registers).
+pub const NR: usize = 16;
+/// Largest block of `k` (the `B` panel of one block is `KC × NR` floats = 16 KiB, half of L1).
+pub const KC: usize = 256;
+/// Largest block of rows of `A` packed at once (`MC × KC` floats = 144 KiB, in L2).
+pub const MC: usize = 144;
+
+/// Operands whose sizes do not fit together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sgemm: {}", self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// How a product may use threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallelism {
+    /// On the calling thread only (e.g. inside a parallel loop of the caller's).
+    None,
+    /// On the current rayon pool.
+    Rayon,
+}
+
+/// One `k`-row of one panel: `NR` floats on a cache line.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct Row([f32; NR]);
+
+/// The right-hand side `B` (`k × n`) in the micro-kernel's layout: for each block of at most [`KC`] rows of
+/// `k`, for each panel of [`NR`] columns, the block's rows of that panel one after another (columns past `n`
+/// are zero).
+///
+/// Pack once and reuse: the weights of a layer at load time, the centroids of one k-means iteration.
+///
+/// ```
+/// use dinov2_kernels::PackedB;
+/// let w = vec![0f32; 24 * 300]; // a linear layer's weight: 24 outputs, 300 inputs
+/// let b = PackedB::from_weight(&w, 24, 300).unwrap();
+/// assert_eq!((b.k(), b.n()), (300, 24));
+/// assert_eq!(b.memory_bytes(), 2 * 300 * 16 * 4); // two panels of 16 columns (the second half zero)
+/// ```
+#[derive(Clone, Default)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    kc: usize,
+    panels: usize,
+    rows: Vec<Row>,
+}
+
+impl fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PackedB")
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .field("kc", &self.kc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedB {
+    /// `B = wᵀ` for `w` of shape `[n, k]` (row-major): a linear layer's weight `[out, in]`, or the rows of a
+    /// database whose dot products with the rows of `A` are wanted.
+    pub fn from_weight(w: &[f32], n: usize, k: usize) -> Result<Self, ShapeError> {
+        check_len("weight", w.len(), n, k)?;
+        let mut b = PackedB::default();
+        b.repack_strided(w, k, n, 1, k)?;
+        Ok(b)
+    }
+
+    /// `B` given row-major as `[k, n]`.
+    pub fn from_kn(b_kn: &[f32], k: usize, n: usize) -> Result<Self, ShapeError> {
+        check_len("B", b_kn.len(), k, n)?;
+        let mut b = PackedB::default();
+        b.repack_strided(b_kn, k, n, n, 1)?;
+        Ok(b)
+    }
+
+    /// Packs `B[p][j] = src[p · row_stride + j · col_stride]` (`k × n`) into `self`, reusing its allocation:
+    /// the keys (`row_stride = 1`) or values (`col_stride = 1`) of one attention head inside a qkv matrix.
+    ///
+    /// ```
+    /// use dinov2_kernels::PackedB;
+    /// let qkv = [1f32, 2., 3., 4., 5., 6.]; // 2 rows of 3
+    /// let mut b = PackedB::default();
+    /// b.repack_strided(&qkv[1..], 2, 2, 3, 1).unwrap(); // columns 1..3 of both rows
+    /// assert_eq!(b.to_kn(), [2., 3., 5., 6.]);
+    /// b.repack_strided(&qkv, 2, 2, 1, 3).unwrap(); // the first two columns, transposed
+    /// assert_eq!(b.to_kn(), [1., 4., 2., 5.]);
+    /// ```
+    pub fn repack_strided(
+        &mut self,
+        src: &[f32],
+        k: usize,
+        n: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<(), ShapeError> {
+        let last = match (k.checked_sub(1), n.checked_sub(1)) {
+            (Some(p), Some(j)) => p
+                .checked_mul(row_stride)
+                .and_then(|r| j.checked_mul(col_stride).and_then(|c| r.checked_add(c))),
+            _ => Some(0),
+        };
+        if k > 0 && n > 0 && last.is_none_or(|l| l >= src.len()) {
+            return Err(ShapeError(format!(
+                "a {k} x {n} matrix with strides ({row_stride}, {col_stride}) does not fit in {} values",
+                src.len()
+            )));
+        }
+        let blocks = k.div_ceil(KC).max(1);
+        let kc = k.div_ceil(blocks).max(1);
+        let panels = n.div_ceil(NR);
+        let len = k
+            .checked_mul(panels)
+            .filter(|&l| {
+                l.checked_mul(NR * 4)
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| ShapeError(format!("B of {k} x {n} is too large")))?;
+        self.rows.clear();
+        self.rows.resize(len, Row::default());
+        (self.k, self.n, self.kc, self.panels) = (k, n, kc, panels);
+        let mut idx = 0;
+        for kb in (0..k).step_by(kc) {
+            let kl = kc.min(k - kb);
+            for j in 0..panels {
+                let cols = (j * NR)..(j * NR + NR).min(n);
+                for p in kb..kb + kl {
+                    let row = &mut self.rows[idx].0;
+                    let base = p * row_stride;
+                    for (dst, col) in row.iter_mut().zip(cols.clone()) {
+                        *dst = src[base + col * col_stride];
+                    }
+                    idx += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where row `p` of panel `j / NR` lives.
+    #[inline]
+    fn index(&self, p: usize, j: usize) -> usize {
+        let bi = p / self.kc;
+        let kl = self.kc.min(self.k - bi * self.kc);
+        bi * self.kc * self.panels + (j / NR) * kl + p % self.kc
+    }
+
+    /// Rows of `B` (the shared dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of `B` (the output width).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held by the packed copy.
+    pub fn memory_bytes(&self) -> usize {
+        self.rows.len() * NR * 4
+    }
+
+    /// `B` back as row-major `[k, n]` (tests, debugging).
+    pub fn to_kn(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.k * self.n];
+        for p in 0..self.k {
+            for j in 0..self.n {
+                out[p * self.n + j] = self.rows[self.index(p, j)].0[j % NR];
+            }
+        }
+        out
+    }
+}
+
+fn check_len(what: &str, len: usize, rows: usize, cols: usize) -> Result<(), ShapeError> {
+    match rows.checked_mul(cols) {
+        Some(want) if want == len => Ok(()),
+        _ => Err(ShapeError(format!(
+            "{what} holds {len} values, not {rows} x {cols}"
+        ))),
+    }
+}
+
+/// Where the product goes and what it starts from.
+#[derive(Debug)]
+pub struct Output<'a> {
+    /// `C`, row-major `[m, n]` with row stride `ld` (`ld ≥ n`; the last row may be just `n` long).
+    pub data: &'a mut [f32],
+    /// Row stride of `data`.
+    pub ld: usize,
+    /// `C += A·B` (e.g. into a residual stream) instead of `C = A·B`.
+    pub accumulate: bool,
+    /// Added to every row (`n` values).
+    pub bias: Option<&'a [f32]>,
+}
+
+/// A function applied to every finished stretch of an output row (at most [`NR`] values) while it is in cache,
+/// with the stretch's row and first column: `map(row, col, values)`.
+pub type TileMap<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// [`Output`] as a raw pointer, for outputs whose rows interleave with other outputs written at the same time
+/// (the heads of an attention layer share rows).
+#[derive(Debug)]
+pub struct RawOutput<'a> {
+    /// The first element of `C`.
+    pub ptr: *mut f32,
+    /// Row stride.
+    pub ld: usize,
+    /// `C += A·B` instead of `C = A·B`.
+    pub accumulate: bool,
+    /// Added to every row (`n` values).
+    pub bias: Option<&'a [f32]>,
+}
+
+/// `C = [C +] A · B [+ bias]`, then `map` over the finished values, for `A` row-major `[m, k]` with row stride
+/// `lda` and `B` packed.
+///
+/// ```
+/// use dinov2_kernels::sgemm::{gemm_packed, Output, PackedB, Parallelism};
+/// let b = PackedB::from_kn(&[1., 2., 3., 4.], 2, 2).unwrap(); // [[1, 2], [3, 4]]
+/// let mut c = vec![100f32, 100.];
+/// let relu = |_row: usize, _col: usize, t: &mut [f32]| t.iter_mut().for_each(|v| *v = v.max(0.0));
+/// let out = Output { data: &mut c, ld: 2, accumulate: true, bias: None };
+/// gemm_packed(&[1., -50.], 1, 2, &b, out, Some(&relu), Parallelism::None).unwrap();
+/// assert_eq!(c, [100. + 1. - 150., 100. + 2. - 200.].map(|v: f32| v.max(0.)));
+/// ```
+pub fn gemm_packed(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    out: Output<'_>,
+    map: Option<TileMap<'_>>,
+    par: Parallelism,
+) -> Result<(), ShapeError> {
+    let Output {
+        data: c,
+        ld: ldc,
+        accumulate,
+        bias,
+    } = out;
+    let n = b.n;
+    if ldc < n || span(m, ldc, n).is_none_or(|l| c.len() < l) {
+        return Err(ShapeError(format!(
+            "C holds {} values with row stride {ldc}, not {m} rows of {n}",
+            c.len()
+        )));
+    }
+    let out = RawOutput {
+        ptr: c.as_mut_ptr(),
+        ld: ldc,
+        accumulate,
+        bias,
+    };
+    // SAFETY: `c` is borrowed mutably and holds every element the product writes (checked above).
+    unsafe { gemm_packed_raw(a, m, lda, b, out, map, par) }
+}
+
+/// Elements spanned by `rows` rows of `cols` at stride `ld` (`None` on overflow).
+fn span(rows: usize, ld: usize, cols: usize) -> Option<usize> {
+    if rows == 0 {
+        Some(0)
+    } else {
+        (rows - 1).checked_mul(ld)?.checked_add(cols)
+    }
+}
+
+/// [`gemm_packed`] into a raw output.
+///
+/// # Safety
+/// `out.ptr` is valid for reads and writes of the `m × n` tile with row stride `out.ld`, and nothing else
+/// reads or writes that tile during the call.
+pub unsafe fn gemm_packed_raw(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    out: RawOutput<'_>,
+    map: Option<TileMap<'_>>,
+    par: Parallelism,
+) -> Result<(), ShapeError> {
+    let (k, n) = (b.k, b.n);
+    let RawOutput {
+        ptr: c,
+        ld: ldc,
+        accumulate,
+        bias,
+    } = out;
+    if lda < k || span(m, lda, k).is_none_or(|l| a.len() < l) {
+        return Err(ShapeError(format!(
+            "A holds {} values with row stride {lda}, not {m} rows of {k}",
+            a.len()
+        )));
+    }
+    if ldc < n {
+        return Err(ShapeError(format!(
+            "C has row stride {ldc} for rows of {n}"
+        )));
+    }
+    if let Some(bias) = bias {
+        if bias.len() != n {
+            return Err(ShapeError(format!(
+                "bias holds {} values, not {n}",
+                bias.len()
+            )));
+        }
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+            if !accumulate {
+                row.fill(0.0);
+            }
+            if let Some(bias) = bias {
+                row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+            }
+            if let Some(f) = map {
+                for (jc, t) in row.chunks_mut(NR).enumerate() {
+                    f(i, jc * NR, t);
+                }
+            }
+        }
+        return Ok(());
+    }
+
+    let threads = match par {
+        Parallelism::None => 1,
+        Parallelism::Rayon => rayon::current_num_threads().max(1),
+    };
+    let mut m_blocks = m.div_ceil(MC);
+    if m_blocks < threads {
+        m_blocks = threads.min(m.div_ceil(MR));
+    }
+    let mc = m.div_ceil(m_blocks).next_multiple_of(MR);
+    let m_blocks = m.div_ceil(mc);
+    let n_chunks = if m_blocks < threads {
+        threads.div_ceil(m_blocks).min(b.panels)
+    } else {
+        1
+    };
+    let panels_per_chunk = b.panels.div_ceil(n_chunks);
+    let n_chunks = b.panels.div_ceil(panels_per_chunk);
+    let tasks = m_blocks * n_chunks;
+
+    let job = Job {
+        a,
+        lda,
+        b,
+        c: SyncPtr(c),
+        ldc,
+        m,
+        accumulate,
+        bias,
+        map,
+        kernel: select_kernel(),
+    };
+    let run = |t: usize| {
+        let (mi, ni) = (t / n_chunks, t % n_chunks);
+        let rows = mi * mc..(mi * mc + mc).min(m);
+        let panels =
+            ni * panels_per_chunk..(ni * panels_per_chunk + panels_per_chunk).min(b.panels);
+        // SAFETY: tasks cover disjoint tiles of C, all inside the bounds checked above.
+        unsafe { job.run(rows, panels) };
+    };
+    if tasks == 1 || threads == 1 {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// `kernel(kl, a_panel, b_panel, c, ldc, load_c, bias)`: a full `MR × NR` tile,
+/// `c = [c +] a_panel · b_panel [+ bias]`.
+type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, *const f32);
+
+struct Job<'a> {
+    a: &'a [f32],
+    lda: usize,
+    b: &'a PackedB,
+    c: SyncPtr,
+    ldc: usize,
+    m: usize,
+    accumulate: bool,
+    bias: Option<&'a [f32]>,
+    map: Option<TileMap<'a>>,
+    kernel: Kernel,
+}
+
+thread_local! {
+    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Job<'_> {
+    /// The tile `rows × panels` of C.
+    ///
+    /// # Safety
+    /// No other thread touches this tile; `rows` and `panels` are within the checked bounds.
+    unsafe fn run(&self, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+        let b = self.b;
+        let (k, n) = (b.k, b.n);
+        let mc = rows.len();
+        let m_panels = mc.div_ceil(MR);
+        let blocks = k.div_ceil(b.kc);
+        A_PACK.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let need = m_panels * MR * b.kc;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            for bi in 0..blocks {
+                let kb = bi * b.kc;
+                let kl = b.kc.min(k - kb);
+                pack_a(self.a, self.lda, rows.start, mc, kb, kl, &mut buf);
+                let first = bi == 0;
+                let last = bi + 1 == blocks;
+                let load_c = self.accumulate || !first;
+                for j in panels.clone() {
+                    let bp = b.rows.as_ptr().add(bi * b.kc * b.panels + j * kl) as *const f32;
+                    let col = j * NR;
+                    let nr = NR.min(n - col);
+                    let bias = match (first, self.bias) {
+                        (true, Some(bias)) => bias.as_ptr().add(col),
+                        _ => std::ptr::null(),
+                    };
+                    for ip in 0..m_panels {
+                        let row = rows.start + ip * MR;
+                        let mr = MR.min(self.m - row).min(rows.end - row);
+                        let ap = buf.as_ptr().add(ip * MR * kl);
+                        let cp = self.c.0.add(row * self.ldc + col);
+                        if mr == MR && nr == NR {
+                            (self.kernel)(kl, ap, bp, cp, self.ldc, load_c, bias);
+                        } else {
+                            let mut tmp = [Row::default(); MR];
+                            (self.kernel)(
+                                kl,
+                                ap,
+                                bp,
+                                tmp.as_mut_ptr() as *mut f32,
+                                NR,
+                                false,
+                                std::ptr::null(),
+                            );
+                            for (i, t) in tmp.iter().enumerate().take(mr) {
+                                let dst = cp.add(i * self.ldc);
+                                for jj in 0..nr {
+                                    let mut v = t.0[jj];
+                                    if !bias.is_null() {
+                                        v += *bias.add(jj);
+                                    }
+                                    if load_c {
+                                        v += *dst.add(jj);
+                                    }
+                                    *dst.add(jj) = v;
+                                }
+                            }
+                        }
+                        if last {
+                            if let Some(f) = self.map {
+                                for i in 0..mr {
+                                    let values =
+                                        std::slice::from_raw_parts_mut(cp.add(i * self.ldc), nr);
+                                    f(row + i, col, values);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Packs rows `r0..r0 + mc` and columns `kb..kb + kl` of `A` into panels of `MR` rows:
+/// `buf[panel · MR · kl + p · MR + i]` (rows past `mc` are zero).
+fn pack_a(a: &[f32], lda: usize, r0: usize, mc: usize, kb: usize, kl: usize, buf: &mut [f32]) {
+    for (ip, panel) in buf
+        .chunks_exact_mut(MR * kl)
+        .take(mc.div_ceil(MR))
+        .enumerate()
+    {
+        for i in 0..MR {
+            let r = ip * MR + i;
+            if r < mc {
+                let src = &a[(r0 + r) * lda + kb..][..kl];
+                for (p, &v) in src.iter().enumerate() {
+                    panel[p * MR + i] = v;
+                }
+            } else {
+                for p in 0..kl {
+                    panel[p * MR + i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+fn select_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !force_portable() && has_avx2_fma() {
+            return avx2::kernel;
+        }
+    }
+    kernel_portable
+}
+
+/// Whether this CPU runs the AVX2+FMA micro-kernel.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn force_portable() -> bool {
+    FORCE_PORTABLE.with(|f| f.get())
+}
+
+#[cfg(not(test))]
+#[inline]
+fn force_portable() -> bool {
+    false
+}
+
+/// The micro-kernel in plain Rust, for CPUs without AVX2+FMA. Same summation order as the SIMD kernel
+/// (`k` in order, one multiply-add per step), so the two agree up to FMA rounding.
+unsafe fn kernel_portable(
+    kl: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    bias: *const f32,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for p in 0..kl {
+        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let x = *a.add(p * MR + i);
+            for (o, &y) in acc.iter_mut().zip(bp) {
+                *o += x * y;
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let dst = c.add(i * ldc);
+        for (jj, &v) in acc.iter().enumerate() {
+            let mut v = v;
+            if !bias.is_null() {
+                v += *bias.add(jj);
+            }
+            if load_c {
+                v += *dst.add(jj);
+            }
+            *dst.add(jj) = v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The 6 × 16 AVX2+FMA micro-kernel: 12 accumulators, two loads of `B` and six broadcasts of `A` per step.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a` holds `kl · MR` values, `b` holds `kl · NR` values (64-byte aligned),
+    /// `c` is valid for an `MR × NR` tile with row stride `ldc`, and `bias` is null or holds `NR` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel(
+        kl: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        bias: *const f32,
+    ) {
+        const _: () = assert!(MR == 6 && NR == 16);
+        // The C tile is read (or written) only after the loop: ask for its lines now, so they arrive
+        // during the ~1500 cycles of FMAs instead of stalling the stores (C is often far larger than L2).
+        for i in 0..MR {
+            let row = c.add(i * ldc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(row);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(NR * 4 - 4));
+        }
+        let mut acc = [_mm256_setzero_ps(); 12];
+        let (mut a, mut b) = (a, b);
+        macro_rules! step {
+            () => {{
+                let b0 = _mm256_load_ps(b);
+                let b1 = _mm256_load_ps(b.add(8));
+                let x = _mm256_broadcast_ss(&*a);
+                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+                let x = _mm256_broadcast_ss(&*a.add(1));
+                acc[2] = _mm256_fmadd_ps(x, b0, acc[2]);
+                acc[3] = _mm256_fmadd_ps(x, b1, acc[3]);
+                let x = _mm256_broadcast_ss(&*a.add(2));
+                acc[4] = _mm256_fmadd_ps(x, b0, acc[4]);
+                acc[5] = _mm256_fmadd_ps(x, b1, acc[5]);
+                let x = _mm256_broadcast_ss(&*a.add(3));
+                acc[6] = _mm256_fmadd_ps(x, b0, acc[6]);
+                acc[7] = _mm256_fmadd_ps(x, b1, acc[7]);
+                let x = _mm256_broadcast_ss(&*a.add(4));
+                acc[8] = _mm256_fmadd_ps(x, b0, acc[8]);
+                acc[9] = _mm256_fmadd_ps(x, b1, acc[9]);
+                let x = _mm256_broadcast_ss(&*a.add(5));
+                acc[10] = _mm256_fmadd_ps(x, b0, acc[10]);
+                acc[11] = _mm256_fmadd_ps(x, b1, acc[11]);
+                a = a.add(MR);
+                b = b.add(NR);
+            }};
+        }
+        let mut p = kl;
+        while p >= 4 {
+            step!();
+            step!();
+            step!();
+            step!();
+            p -= 4;
+        }
+        while p > 0 {
+            step!();
+            p -= 1;
+        }
+        let (b0, b1) = if bias.is_null() {
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        } else {
+            (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)))
+        };
+        for i in 0..MR {
+            let dst = c.add(i * ldc);
+            let mut v0 = acc[2 * i];
+            let mut v1 = acc[2 * i + 1];
+            if !bias.is_null() {
+                v0 = _mm256_add_ps(v0, b0);
+                v1 = _mm256_add_ps(v1, b1);
+            }
+            if load_c {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(dst));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(dst.add(8)));
+            }
+            _mm256_storeu_ps(dst, v0);
+            _mm256_storeu_ps(dst.add(8), v1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn mark(row: usize, col: usize) -> f32 {
+        ((row * 7 + col) % 5) as f32 * 0.5
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        m: usize,
+        k: usize,
+        n: usize,
+        lda: usize,
+        ldc: usize,
+        acc: bool,
+        bias: bool,
+        par: Parallelism,
+    ) {
+        let a = values(m.saturating_sub(1) * lda + k, 1 + m as u64);
+        let w = values(n * k, 2 + n as u64);
+        let bv = values(n, 3);
+        let c0 = values(m.saturating_sub(1) * ldc + n + 5, 4);
+        let packed = PackedB::from_weight(&w, n, k).unwrap();
+        let mut c = c0.clone();
+        let map = |i: usize, j: usize, t: &mut [f32]| {
+            // Depends on the position, so a wrong (row, col) shows.
+            t.iter_mut()
+                .enumerate()
+                .for_each(|(jj, v)| *v = 2.0 * *v + 1.0 + mark(i, j + jj))
+        };
+        gemm_packed(
+            &a,
+            m,
+            lda,
+            &packed,
+            Output {
+                data: &mut c,
+                ld: ldc,
+                accumulate: acc,
+                bias: bias.then_some(&bv[..]),
+            },
+            Some(&map),
+            par,
+        )
+        .unwrap();
+        for i in 0..m {
+            for j in 0..ldc.min(c.len() - i * ldc) {
+                let got = c[i * ldc + j];
+                if j >= n {
+                    assert_eq!(got, c0[i * ldc + j], "outside the output at ({i}, {j})");
+                    continue;
+                }
+                let mut want = 0f64;
+                let mut mag = 0f64;
+                for p in 0..k {
+                    let t = a[i * lda + p] as f64 * w[j * k + p] as f64;
+                    want += t;
+                    mag += t.abs();
+                }
+                if bias {
+                    want += bv[j] as f64;
+                    mag += (bv[j] as f64).abs();
+                }
+                if acc {
+                    want += c0[i * ldc + j] as f64;
+                    mag += (c0[i * ldc + j] as f64).abs();
+                }
+                let want = 2.0 * want + 1.0 + mark(i, j) as f64;
+                // Summation error of k + 2 terms in f32, doubled by the map.
+                let tol = 2.0 * (k as f64 + 3.0) * f32::EPSILON as f64 * mag + 1e-6;
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "m {m} k {k} n {n} at ({i}, {j}): {got} vs {want} (tol {tol:e})"
+                );
+            }
+        }
+    }
+
+    fn sweep() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (6, 16, 16),
+            (7, 5, 17),
+            (13, 300, 33),
+            (5, 256, 16),
+            (12, 257, 48),
+            (150, 40, 20),
+            (290, 520, 35),
+            (3, 0, 4),
+        ] {
+            for (acc, bias) in [(false, false), (true, false), (false, true), (true, true)] {
+                for par in [Parallelism::None, Parallelism::Rayon] {
+                    check(m, k, n, k, n, acc, bias, par);
+                }
+            }
+            check(m, k, n, k + 3, n + 7, true, true, Parallelism::Rayon);
+        }
+    }
+
+    #[test]
+    fn matches_f64_reference() {
+        sweep();
+    }
+
+    #[test]
+    fn portable_kernel_matches_f64_reference() {
+        FORCE_PORTABLE.with(|f| f.set(true));
+        // The kernel is chosen on the calling thread, so the rayon runs take the portable one too.
+        sweep();
+        FORCE_PORTABLE.with(|f| f.set(false));
+    }
+
+    #[test]
+    fn results_do_not_depend_on_threads() {
+        let (m, k, n) = (301, 700, 70);
+        let a = values(m * k, 7);
+        let w = values(n * k, 8);
+        let packed = PackedB::from_weight(&w, n, k).unwrap();
+        let run = |par| {
+            let mut c = vec![0f32; m * n];
+            let out = Output {
+                data: &mut c,
+                ld: n,
+                accumulate: false,
+                bias: None,
+            };
+            gemm_packed(&a, m, k, &packed, out, None, par).unwrap();
+            c
+        };
+        let one = run(Parallelism::None);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        assert_eq!(one, pool.install(|| run(Parallelism::Rayon)));
+    }
+
+    #[test]
+    fn packing_round_trips_and_sizes_are_checked() {
+        let (k, n) = (530, 37);
+        let kn = values(k * n, 9);
+        let b = PackedB::from_kn(&kn, k, n).unwrap();
+        assert_eq!(b.to_kn(), kn);
+        let mut nk = vec![0f32; n * k];
+        for p in 0..k {
+            for j in 0..n {
+                nk[j * k + p] = kn[p * n + j];
+            }
+        }
+        assert_eq!(PackedB::from_weight(&nk, n, k).unwrap().to_kn(), kn);
+        assert!(PackedB::from_weight(&nk, n, k + 1).is_err());
+        assert!(PackedB::from_kn(&kn, usize::MAX, 2).is_err());
+        let mut c = vec![0f32; 3 * n];
+        fn out(c: &mut [f32], n: usize) -> Output<'_> {
+            Output {
+                data: c,
+                ld: n,
+                accumulate: false,
+                bias: None,
+            }
+        }
+        let err = gemm_packed(
+            &kn[..2 * k],
+            3,
+            k,
+            &b,
+            out(&mut c, n),
+            None,
+            Parallelism::None,
+        );
+        assert!(err.unwrap_err().0.contains("A holds"));
+        let a = vec![0f32; 4 * k];
+        let err = gemm_packed(&a, 4, k, &b, out(&mut c, n), None, Parallelism::None);
+        assert!(err.unwrap_err().0.contains("C holds"));
+        let short_bias = Output {
+            data: &mut c,
+            ld: n,
+            accumulate: false,
+            bias: Some(&[1.0]),
+        };
+        let err = gemm_packed(&a, 3, k, &b, short_bias, None, Parallelism::None);
+        assert!(err.unwrap_err().0.contains("bias"));
+    }
+}
