@@ -784,25 +784,29 @@ pub struct Block {
     drop_path: f64,
 }
 
-/// `proj` and the FFN output layer with LayerScale folded in: `γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b`.
+/// A block's linear layers packed for the CPU GEMM kernel (`dinov2_kernels`), with LayerScale folded into
+/// `proj` and the FFN output layer: `γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b`.
 #[derive(Debug, Clone)]
 pub(crate) struct FoldedOutputs {
-    proj_w: Tensor,
-    proj_b: Option<Arc<Vec<f32>>>,
-    out_w: Tensor,
-    out_b: Option<Arc<Vec<f32>>>,
+    qkv: ops::PackedLinear,
+    proj: ops::PackedLinear,
+    /// `fc1` (GELU fused) or the packed SwiGLU `w12`.
+    ffn_in: ops::PackedLinear,
+    ffn_out: ops::PackedLinear,
 }
 
-fn fold(lin: &Linear, ls: Option<&LayerScale>) -> Result<(Tensor, Option<Arc<Vec<f32>>>)> {
-    let (w, b) = match ls {
-        Some(ls) => (
-            lin.weight.broadcast_mul(&ls.gamma.unsqueeze(1)?)?,
-            lin.bias.as_ref().map(|b| b * &ls.gamma).transpose()?,
-        ),
-        None => (lin.weight.clone(), lin.bias.clone()),
-    };
-    let b = b.map(|b| b.to_vec1::<f32>().map(Arc::new)).transpose()?;
-    Ok((w.contiguous()?, b))
+fn fold(lin: &Linear, ls: Option<&LayerScale>) -> Result<ops::PackedLinear> {
+    Ok(match ls {
+        Some(ls) => ops::PackedLinear::new(
+            &lin.weight.broadcast_mul(&ls.gamma.unsqueeze(1)?)?,
+            lin.bias
+                .as_ref()
+                .map(|b| b * &ls.gamma)
+                .transpose()?
+                .as_ref(),
+        )?,
+        None => ops::PackedLinear::new(&lin.weight, lin.bias.as_ref())?,
+    })
 }
 
 impl Block {
@@ -985,43 +989,38 @@ impl Block {
         }
     }
 
-    /// The output projections with LayerScale folded in, from the current weights.
+    /// The linear layers packed for the CPU kernels, LayerScale folded into the output layers, from the
+    /// current weights.
     pub(crate) fn fold(&self) -> Result<FoldedOutputs> {
-        let (proj_w, proj_b) = fold(&self.attn.proj, self.ls1.as_ref())?;
-        let (out_w, out_b) = fold(self.mlp.output(), self.ls2.as_ref())?;
+        let ffn_in = match &self.mlp {
+            Ffn::Mlp { fc1, .. } => fc1,
+            Ffn::Swiglu { w12, .. } => w12,
+        };
         Ok(FoldedOutputs {
-            proj_w,
-            proj_b,
-            out_w,
-            out_b,
+            qkv: fold(&self.attn.qkv, None)?,
+            proj: fold(&self.attn.proj, self.ls1.as_ref())?,
+            ffn_in: fold(ffn_in, None)?,
+            ffn_out: fold(self.mlp.output(), self.ls2.as_ref())?,
         })
     }
 
-    /// Inference on CPU f32 without gradient tracking: LayerScale folded into the output projections, whose
-    /// GEMMs accumulate straight into the residual stream; bias + GELU fused into `fc1`'s GEMM.
+    /// Inference on CPU f32 without gradient tracking, on packed weights: LayerScale folded into the output
+    /// projections, whose GEMMs accumulate straight into the residual stream; GELU fused into `fc1`'s GEMM.
     fn forward_inference(
         &self,
         x: &Tensor,
         layout: &SeqLayout,
         f: &FoldedOutputs,
     ) -> Result<Tensor> {
-        let qkv = self.attn.qkv.forward(&self.norm1.forward(x)?)?;
+        let qkv = f.qkv.forward(&self.norm1.forward(x)?, false)?;
         let o = self.attn.attend(&qkv, layout)?;
-        let x = ops::linear_residual_inference(x, &o, &f.proj_w, f.proj_b.clone())?;
+        let x = f.proj.forward_residual(x, &o)?;
         let h = self.norm2.forward(&x)?;
         let hidden = match &self.mlp {
-            Ffn::Mlp { fc1, .. } => match &fc1.bias {
-                Some(b) => ops::linear_gelu_inference(&h, &fc1.weight, b)?,
-                None => ops::gelu_erf(&fc1.forward(&h)?)?,
-            },
-            Ffn::Swiglu { w12, hidden, .. } => swiglu(&w12.forward(&h)?, *hidden)?,
+            Ffn::Mlp { .. } => f.ffn_in.forward(&h, true)?,
+            Ffn::Swiglu { hidden, .. } => swiglu(&f.ffn_in.forward(&h, false)?, *hidden)?,
         };
-        Ok(ops::linear_residual_inference(
-            &x,
-            &hidden,
-            &f.out_w,
-            f.out_b.clone(),
-        )?)
+        Ok(f.ffn_out.forward_residual(&x, &hidden)?)
     }
 
     /// The block with every weight detached (sharing storage): forwards record no gradient graph.

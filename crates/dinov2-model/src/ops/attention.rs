@@ -13,7 +13,11 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{slice_f32, with_f32, SyncPtr};
-use super::softmax::softmax_rows;
+use dinov2_kernels::sgemm::{
+    gemm_packed, gemm_packed_raw, Output, PackedB, Parallelism, RawOutput,
+};
+
+use super::softmax::{softmax_rows, softmax_rows_unnormalised};
 
 /// Where each sequence sits in a packed token matrix.
 ///
@@ -416,23 +420,42 @@ impl AttentionOp {
         items
     }
 
-    /// Forward work items: each (segment, head) split into blocks of query rows, so a block's score rows
-    /// (`rows × len` floats, at most about 512 KiB, half the L2, for long sequences) stay in cache and short batches still
-    /// have enough items for every thread. Each block sees all keys: the softmax needs no rescaling.
+    /// Forward work items `(segment start, segment length, head, first query, queries)`: one per (segment,
+    /// head), whose keys and values are packed once, split into query ranges only when there are fewer than
+    /// four items per thread.
     fn forward_items(&self) -> Vec<(usize, usize, usize, usize, usize)> {
+        let items = self.items();
+        let want = 4 * rayon::current_num_threads().max(1);
+        let splits = want.div_ceil(items.len().max(1));
         let mut out = Vec::new();
-        for (start, len, h) in self.items() {
-            let max_block = (131_072 / len.max(1)).max(64);
-            let block = len.div_ceil(len.div_ceil(max_block).max(1)).max(1); // equal-sized blocks
+        for (start, len, h) in items {
+            let parts = splits.min(len.div_ceil(32)).max(1);
+            let part = len.div_ceil(parts); // equal-sized ranges
             let mut q0 = 0;
             while q0 < len {
-                let qn = block.min(len - q0);
+                let qn = part.min(len - q0);
                 out.push((start, len, h, q0, qn));
                 q0 += qn;
             }
         }
         out
     }
+}
+
+/// Per-thread buffers of the forward: one head's packed keys (`Kᵀ`) and values, a block of scores, and the
+/// block's softmax normalisers.
+#[derive(Default)]
+struct ForwardScratch {
+    keys: PackedB,
+    values: PackedB,
+    scores: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// Query rows per block so that a block's scores (`rows × len` floats) take about 256 KiB (half of a 512 KiB
+/// L2): all of a 224 px image's 257 queries at once, 47 of the 1370 at 518 px.
+fn query_block(len: usize) -> usize {
+    (65_536 / len.max(1)).max(16)
 }
 
 impl CustomOp1 for AttentionOp {
@@ -456,56 +479,63 @@ impl CustomOp1 for AttentionOp {
         // the length is set only after they have run.
         let mut out: Vec<f32> = Vec::with_capacity(rows * d);
         let dst = SyncPtr(out.as_mut_ptr());
-        let src = qkv.as_ptr() as usize;
         let scale = self.scale;
-        self.forward_items().into_par_iter().for_each_init(
-            Vec::new,
-            |scratch: &mut Vec<f32>, (start, t, h, q0, qn)| {
-                scratch.resize(qn * t, 0.0);
-                let base = src as *const f32;
-                // SAFETY: all offsets stay inside the [rows, 3D] input and [rows, D] output; each
-                // (segment, head, query block) writes a disjoint block of its own rows and head columns.
-                unsafe {
-                    let q = base.add((start + q0) * three_d + h * hd);
-                    let k = base.add(start * three_d + d + h * hd);
-                    let v = base.add(start * three_d + 2 * d + h * hd);
-                    gemm_st(
-                        qn,
-                        t,
-                        hd,
-                        scratch.as_mut_ptr(),
-                        t,
-                        1,
-                        false,
-                        q,
-                        three_d,
-                        1,
-                        k,
-                        1,
-                        three_d,
-                        scale,
-                    );
-                    softmax_rows(scratch, t);
-                    let o = dst.get().add((start + q0) * d + h * hd);
-                    gemm_st(
-                        qn,
-                        hd,
-                        t,
-                        o,
-                        d,
-                        1,
-                        false,
-                        scratch.as_ptr(),
-                        t,
-                        1,
-                        v,
-                        three_d,
-                        1,
-                        1.0,
-                    );
+        let wrap = candle_core::Error::wrap;
+        self.forward_items().into_par_iter().try_for_each_init(
+            ForwardScratch::default,
+            |s: &mut ForwardScratch, (start, t, h, q0, qn)| -> Result<()> {
+                let head = start * three_d + h * hd;
+                // Kᵀ (hd × t): B[p][j] = K[j][p]; V (t × hd).
+                s.keys
+                    .repack_strided(&qkv[head + d..], hd, t, 1, three_d)
+                    .map_err(wrap)?;
+                s.values
+                    .repack_strided(&qkv[head + 2 * d..], t, hd, three_d, 1)
+                    .map_err(wrap)?;
+                let block = query_block(t);
+                let mut b0 = q0;
+                while b0 < q0 + qn {
+                    let bn = block.min(q0 + qn - b0);
+                    s.scores.resize(bn * t, 0.0);
+                    s.inv.resize(bn, 0.0);
+                    let scores = Output {
+                        data: &mut s.scores,
+                        ld: t,
+                        accumulate: false,
+                        bias: None,
+                    };
+                    let q = &qkv[head + b0 * three_d..];
+                    gemm_packed(q, bn, three_d, &s.keys, scores, None, Parallelism::None)
+                        .map_err(wrap)?;
+                    softmax_rows_unnormalised(&mut s.scores, t, scale, &mut s.inv);
+                    let inv = &s.inv;
+                    let normalise =
+                        |r: usize, _: usize, o: &mut [f32]| o.iter_mut().for_each(|v| *v *= inv[r]);
+                    let o = RawOutput {
+                        // SAFETY (of the offset): inside the [rows, D] output.
+                        ptr: unsafe { dst.get().add((start + b0) * d + h * hd) },
+                        ld: d,
+                        accumulate: false,
+                        bias: None,
+                    };
+                    // SAFETY: this (segment, head, query block) alone writes these rows' head columns.
+                    unsafe {
+                        gemm_packed_raw(
+                            &s.scores,
+                            bn,
+                            t,
+                            &s.values,
+                            o,
+                            Some(&normalise),
+                            Parallelism::None,
+                        )
+                    }
+                    .map_err(wrap)?;
+                    b0 += bn;
                 }
+                Ok(())
             },
-        );
+        )?;
         // SAFETY: the query blocks cover every row of every segment, the segments cover all `rows` rows, and
         // every head's columns are written, so all rows·d values were written by the GEMMs above.
         unsafe { out.set_len(rows * d) };

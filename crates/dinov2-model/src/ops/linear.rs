@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use dinov2_kernels::sgemm::{gemm_packed, Output, PackedB, Parallelism, TileMap};
 use rayon::prelude::*;
 
 use super::cpu::{slice_f32, SyncPtr};
@@ -42,37 +43,108 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
-/// `gelu(x · weightᵀ + bias)` without gradient tracking: the inference fast path of the MLP's first layer.
-pub(crate) fn linear_gelu_inference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        &LinearOp { gelu: true },
-    )
-}
-
-/// `residual + x · weightᵀ + bias` without gradient tracking: the GEMM accumulates straight into a copy
-/// of the residual stream (inference fast path; LayerScale is folded into `weight` and `bias` by the caller).
-pub(crate) fn linear_residual_inference(
-    residual: &Tensor,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<Arc<Vec<f32>>>,
-) -> Result<Tensor> {
-    residual.contiguous()?.apply_op3_no_bwd(
-        &x.contiguous()?,
-        &weight.contiguous()?,
-        &ResidualLinearOp { bias },
-    )
-}
-
-struct ResidualLinearOp {
+/// A linear layer's weight packed once into the GEMM micro-kernel's layout (`dinov2_kernels::PackedB`), with
+/// its bias: the inference form of `qkv`, `proj`, `fc1` and `fc2` (LayerScale folded into the output layers
+/// by the caller). Forwards record no gradient.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedLinear {
+    weight: Arc<PackedB>,
     bias: Option<Arc<Vec<f32>>>,
 }
 
-impl CustomOp3 for ResidualLinearOp {
+impl PackedLinear {
+    /// From an f32 CPU `weight` `[out, in]` and `bias` `[out]`.
+    pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let weight = PackedB::from_weight(&w, n, k).map_err(candle_core::Error::wrap)?;
+        let bias = bias.map(|b| b.to_vec1::<f32>().map(Arc::new)).transpose()?;
+        Ok(PackedLinear {
+            weight: Arc::new(weight),
+            bias,
+        })
+    }
+
+    /// `x · Wᵀ + b` over the last dimension, then GELU when `gelu` is set (fused into the GEMM's tiles).
+    pub(crate) fn forward(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&PackedLinearOp {
+            lin: self.clone(),
+            gelu,
+        })
+    }
+
+    /// `residual + x · Wᵀ + b`: the GEMM accumulates straight into a copy of the residual stream.
+    pub(crate) fn forward_residual(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
+        residual
+            .contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &ResidualOp { lin: self.clone() })
+    }
+
+    /// `out` (`m` rows of `n`) `[+]= x · Wᵀ + b`, with GELU when asked.
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        gelu: bool,
+    ) -> Result<()> {
+        let n = self.weight.n();
+        let gelu_map = |_row: usize, _col: usize, t: &mut [f32]| gelu_in_place(t);
+        let map: Option<TileMap> = if gelu { Some(&gelu_map) } else { None };
+        let output = Output {
+            data: out,
+            ld: n,
+            accumulate,
+            bias: self.bias.as_deref().map(|b| &b[..]),
+        };
+        let k = self.weight.k();
+        gemm_packed(x, m, k, &self.weight, output, map, Parallelism::Rayon)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn rows(&self, x: &[f32], dims: &[usize]) -> Result<usize> {
+        let k = self.weight.k();
+        match dims.last() {
+            Some(&last) if last == k => Ok(x.len().checked_div(k).unwrap_or(0)),
+            _ => {
+                candle_core::bail!("linear: input {dims:?} does not end in the weight's {k} inputs")
+            }
+        }
+    }
+}
+
+struct PackedLinearOp {
+    lin: PackedLinear,
+    gelu: bool,
+}
+
+impl CustomOp1 for PackedLinearOp {
     fn name(&self) -> &'static str {
-        "dinov2-residual-linear"
+        "dinov2-packed-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s, l)?;
+        let m = self.lin.rows(x, l.dims())?;
+        let n = self.lin.weight.n();
+        let mut out = vec![0f32; m * n];
+        self.lin.run(x, m, &mut out, false, self.gelu)?;
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+struct ResidualOp {
+    lin: PackedLinear,
+}
+
+impl CustomOp2 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "dinov2-packed-residual-linear"
     }
 
     fn cpu_fwd(
@@ -81,36 +153,20 @@ impl CustomOp3 for ResidualLinearOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let residual = slice_f32(s1, l1)?;
         let x = slice_f32(s2, l2)?;
-        let w = slice_f32(s3, l3)?;
-        let (n, k) = l3.shape().dims2()?;
-        let m = residual.len().checked_div(n).unwrap_or(0);
-        if residual.len() != m * n
-            || x.len() != m * k
-            || self.bias.as_ref().is_some_and(|b| b.len() != n)
-        {
+        let m = self.lin.rows(x, l2.dims())?;
+        if residual.len() != m * self.lin.weight.n() {
             candle_core::bail!(
-                "residual linear: residual {:?}, input {:?}, weight {:?} do not fit",
+                "residual linear: residual {:?} and input {:?} do not fit a weight of {} outputs",
                 l1.dims(),
                 l2.dims(),
-                l3.dims()
+                self.lin.weight.n()
             );
         }
         let mut out = residual.to_vec();
-        if let Some(b) = &self.bias {
-            out.par_chunks_mut(n.max(1) * 64).for_each(|c| {
-                c.chunks_exact_mut(n)
-                    .for_each(|r| r.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += v))
-            });
-        }
-        if m > 0 && n > 0 && k > 0 {
-            // SAFETY: the destination holds m·n values; x is [m, k] and w is [n, k], both contiguous.
-            unsafe { gemm_accumulate(m, n, k, out.as_mut_ptr(), x, w) };
-        }
+        self.lin.run(x, m, &mut out, true, false)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -18,8 +18,8 @@ pub use attention::{
 };
 pub use gelu::{gelu_erf, gelu_erf_generic};
 pub use layer_norm::{layer_norm, layer_norm_generic};
+pub(crate) use linear::PackedLinear;
 pub use linear::{linear, linear_generic};
-pub(crate) use linear::{linear_gelu_inference, linear_residual_inference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_generic};
 
 pub(crate) use cpu::slice_f32 as cpu_slice;

@@ -62,6 +62,21 @@ simd_kernel! {
     }
 }
 
+simd_kernel! {
+    /// `rows[i] = exp(scale · (rows[i] − max))` for each `d`-wide row, and `inv[r] = 1 / Σ rows[r]`: the
+    /// softmax of `scale · rows` without its normalisation, which the caller applies later to a narrower
+    /// result (attention's `P · V`). `scale > 0`.
+    pub(crate) fn softmax_rows_unnormalised(rows: &mut [f32], d: usize, scale: f32, inv: &mut [f32]) {
+        for (row, inv) in rows.chunks_exact_mut(d).zip(inv.iter_mut()) {
+            let max = max_lanes(row);
+            for v in row.iter_mut() {
+                *v = fast_exp((*v - max) * scale);
+            }
+            *inv = 1.0 / sum_lanes(row);
+        }
+    }
+}
+
 struct SoftmaxOp;
 
 impl CustomOp1 for SoftmaxOp {
