@@ -18,9 +18,9 @@ What it does:
       `forward_features`), built with `cargo build --profile bench-release -p dinov2-model --bench bench_forward`
       into `--target-dir` (default: the repository's `target/`; a no-op when up to date) unless `--bin PATH` is
       given. `RAYON_NUM_THREADS=2`.
-    - `timm`: `timm.create_model("vit_{small,base}_patch14_dinov2", pretrained=False, img_size=<size>)`,
+    - `timm`: `timm.create_model("vit_{small,base,large}_patch14_dinov2", pretrained=False, img_size=<size>)`,
       `forward_features` (its position embedding is made for <size>: no interpolation at run time).
-    - `official`: `dinov2.models.vision_transformer.vit_{small,base}(patch_size=14, img_size=518, init_values=1.0,
+    - `official`: `dinov2.models.vision_transformer.vit_{small,base,large}(patch_size=14, img_size=518, init_values=1.0,
       block_chunks=0)`, `forward_features` (interpolates its 37x37 position embedding on every call when the
       grid differs; ours caches the interpolated table per grid). Imported from `--dinov2-src` / `$DINOV2_SRC`,
       else the installed `dinov2` package; `XFORMERS_DISABLED=1` (plain PyTorch
@@ -62,7 +62,7 @@ from cargo_bench import CargoError, bench_executable  # noqa: E402
 IMPLS = ("ours", "timm", "official", "base")
 DEFAULT_IMPLS = "ours,timm,official"
 DEFAULT_ROWS = "s:224:1,s:224:16,s:518:1,b:224:16"
-ARCH_NAMES = {"s": "ViT-S/14", "b": "ViT-B/14"}
+ARCH_NAMES = {"s": "ViT-S/14", "b": "ViT-B/14", "l": "ViT-L/14"}
 
 
 class BenchError(Exception):
@@ -92,7 +92,7 @@ def run_worker(args) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    arch = {"s": "small", "b": "base"}[args.arch]
+    arch = {"s": "small", "b": "base", "l": "large"}[args.arch]
     if args.worker == "timm":
         import timm
     else:

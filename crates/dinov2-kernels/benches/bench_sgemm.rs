@@ -43,6 +43,9 @@ fn main() {
         ("B fc2 b16", 4112, 3072, 768),
         ("L fc1 b16", 4112, 1024, 4096),
         ("S fc1 518", 1370, 384, 1536),
+        // One attention head at 518 px, a block of 48 queries: Q·Kᵀ and P·V.
+        ("QK 518", 48, 64, 1370),
+        ("PV 518", 48, 1370, 64),
     ];
     for (label, m, k, n) in shapes {
         let a = values(m * k);

@@ -1,15 +1,16 @@
 //! `C = A · B (+ C) (+ bias)`, then an optional map over each finished tile, with `B` packed once.
 //!
-//! The blocking is the usual one (Goto/BLIS): `k` is cut into blocks of at most [`KC`] rows, `B`'s block
-//! into panels of [`NR`] columns (packed at construction: [`PackedB`]), `A`'s rows into blocks of at most
-//! [`MC`] rows packed per call into panels of [`MR`] rows. A panel of `B` (`KC × NR`, 16 KiB) stays in L1
-//! while the micro-kernel walks the `A` panels of the block (in L2). Threads split the rows (and the columns
-//! when there are fewer row blocks than threads) and write disjoint tiles.
+//! The blocking is the usual one (Goto/BLIS) except that `A` is not packed: `k` is cut into blocks of at
+//! most [`KC`] rows, `B`'s block into panels of [`NR`] columns (packed at construction: [`PackedB`]), and `A`'s
+//! rows into blocks of at most [`MC`] rows read in place. A panel of `B` (`KC × NR`, 16 KiB) stays in L1 while
+//! the micro-kernel walks the block's rows of `A` (`MC × KC`, in L2) [`MR`] at a time, broadcasting from each
+//! row. Not packing `A` saves a strided copy per product, which is what dominates when `n` is small (the
+//! `P · V` of attention, `n` = 64). Threads split the rows (and the columns when there are fewer row blocks
+//! than threads) and write disjoint tiles.
 //!
 //! Results do not depend on the thread count: every output element is summed in the same order (over `k`
 //! blocks in order, within a block in order) whatever the split.
 
-use std::cell::RefCell;
 use std::fmt;
 
 use rayon::prelude::*;
@@ -20,7 +21,7 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Largest block of `k` (the `B` panel of one block is `KC × NR` floats = 16 KiB, half of L1).
 pub const KC: usize = 256;
-/// Largest block of rows of `A` packed at once (`MC × KC` floats = 144 KiB, in L2).
+/// Largest block of rows of `A` one thread works on (`MC × KC` floats = 144 KiB, in L2).
 pub const MC: usize = 144;
 
 /// Operands whose sizes do not fit together.
@@ -141,22 +142,44 @@ impl PackedB {
                     .is_some_and(|b| b <= isize::MAX as usize)
             })
             .ok_or_else(|| ShapeError(format!("B of {k} x {n} is too large")))?;
-        self.rows.clear();
+        // Every row is written below (padding lanes with zeros): a repack only grows the allocation.
         self.rows.resize(len, Row::default());
         (self.k, self.n, self.kc, self.panels) = (k, n, kc, panels);
         let mut idx = 0;
         for kb in (0..k).step_by(kc) {
             let kl = kc.min(k - kb);
             for j in 0..panels {
-                let cols = (j * NR)..(j * NR + NR).min(n);
-                for p in kb..kb + kl {
-                    let row = &mut self.rows[idx].0;
-                    let base = p * row_stride;
-                    for (dst, col) in row.iter_mut().zip(cols.clone()) {
-                        *dst = src[base + col * col_stride];
+                let c0 = j * NR;
+                let width = NR.min(n - c0);
+                let dst = &mut self.rows[idx..idx + kl];
+                if col_stride == 1 && width == NR {
+                    for (p, row) in (kb..).zip(dst.iter_mut()) {
+                        row.0.copy_from_slice(&src[p * row_stride + c0..][..NR]);
                     }
-                    idx += 1;
+                } else if row_stride == 1 {
+                    // Transposing: read each column's run of `k` contiguously.
+                    for jj in 0..NR {
+                        if jj < width {
+                            let col = &src[(c0 + jj) * col_stride + kb..][..kl];
+                            for (row, &v) in dst.iter_mut().zip(col) {
+                                row.0[jj] = v;
+                            }
+                        } else {
+                            dst.iter_mut().for_each(|row| row.0[jj] = 0.0);
+                        }
+                    }
+                } else {
+                    for (p, row) in (kb..).zip(dst.iter_mut()) {
+                        for (jj, v) in row.0.iter_mut().enumerate() {
+                            *v = if jj < width {
+                                src[p * row_stride + (c0 + jj) * col_stride]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
                 }
+                idx += kl;
             }
         }
         Ok(())
@@ -290,7 +313,8 @@ fn span(rows: usize, ld: usize, cols: usize) -> Option<usize> {
     }
 }
 
-/// [`gemm_packed`] into a raw output.
+/// [`gemm_packed`] into a raw output. Without `accumulate`, `C` is only written, never read: it may be
+/// uninitialised memory (a `Vec`'s spare capacity).
 ///
 /// # Safety
 /// `out.ptr` is valid for reads and writes of the `m × n` tile with row stride `out.ld`, and nothing else
@@ -403,9 +427,34 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// `kernel(kl, a_panel, b_panel, c, ldc, load_c, bias)`: a full `MR × NR` tile,
-/// `c = [c +] a_panel · b_panel [+ bias]`.
-type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, *const f32);
+/// The operands of one `MR × NR` micro-tile: `c = [c +] a · b [+ bias]`.
+struct Tile {
+    /// Length of the shared dimension in this block.
+    kl: usize,
+    /// The first of the tile's rows of `A` (row-major, stride `lda`), at the block's first column.
+    a: *const f32,
+    lda: usize,
+    /// Valid rows of `A` (1..=MR): rows past it repeat the last valid one, and their results are not wanted.
+    mr: usize,
+    /// The `kl × NR` panel of `B`, 64-byte aligned.
+    b: *const f32,
+    /// The tile of `C`, `MR × NR` with row stride `ldc`.
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    /// Null, or `NR` values added to every row.
+    bias: *const f32,
+}
+
+impl Tile {
+    /// The tile's row pointers into `A`.
+    #[inline(always)]
+    fn rows(&self) -> [*const f32; MR] {
+        std::array::from_fn(|i| self.a.wrapping_add(i.min(self.mr - 1) * self.lda))
+    }
+}
+
+type Kernel = unsafe fn(&Tile);
 
 struct Job<'a> {
     a: &'a [f32],
@@ -420,108 +469,73 @@ struct Job<'a> {
     kernel: Kernel,
 }
 
-thread_local! {
-    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 impl Job<'_> {
-    /// The tile `rows × panels` of C.
+    /// The tile `rows × panels` of C. `A` is read in place (no packing): its block of rows and columns
+    /// (at most `MC × KC`) stays in L2 while the micro-kernel walks it once per panel of `B`.
     ///
     /// # Safety
     /// No other thread touches this tile; `rows` and `panels` are within the checked bounds.
     unsafe fn run(&self, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
         let b = self.b;
         let (k, n) = (b.k, b.n);
-        let mc = rows.len();
-        let m_panels = mc.div_ceil(MR);
         let blocks = k.div_ceil(b.kc);
-        A_PACK.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let need = m_panels * MR * b.kc;
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
-            for bi in 0..blocks {
-                let kb = bi * b.kc;
-                let kl = b.kc.min(k - kb);
-                pack_a(self.a, self.lda, rows.start, mc, kb, kl, &mut buf);
-                let first = bi == 0;
-                let last = bi + 1 == blocks;
-                let load_c = self.accumulate || !first;
-                for j in panels.clone() {
-                    let bp = b.rows.as_ptr().add(bi * b.kc * b.panels + j * kl) as *const f32;
-                    let col = j * NR;
-                    let nr = NR.min(n - col);
-                    let bias = match (first, self.bias) {
-                        (true, Some(bias)) => bias.as_ptr().add(col),
-                        _ => std::ptr::null(),
+        for bi in 0..blocks {
+            let kb = bi * b.kc;
+            let kl = b.kc.min(k - kb);
+            let first = bi == 0;
+            let last = bi + 1 == blocks;
+            let load_c = self.accumulate || !first;
+            for j in panels.clone() {
+                let bp = b.rows.as_ptr().add(bi * b.kc * b.panels + j * kl) as *const f32;
+                let col = j * NR;
+                let nr = NR.min(n - col);
+                let bias = match (first, self.bias) {
+                    (true, Some(bias)) => bias.as_ptr().add(col),
+                    _ => std::ptr::null(),
+                };
+                for row in rows.clone().step_by(MR) {
+                    let mr = MR.min(rows.end - row).min(self.m - row);
+                    let cp = self.c.0.add(row * self.ldc + col);
+                    let mut tile = Tile {
+                        kl,
+                        a: self.a.as_ptr().add(row * self.lda + kb),
+                        lda: self.lda,
+                        mr,
+                        b: bp,
+                        c: cp,
+                        ldc: self.ldc,
+                        load_c,
+                        bias,
                     };
-                    for ip in 0..m_panels {
-                        let row = rows.start + ip * MR;
-                        let mr = MR.min(self.m - row).min(rows.end - row);
-                        let ap = buf.as_ptr().add(ip * MR * kl);
-                        let cp = self.c.0.add(row * self.ldc + col);
-                        if mr == MR && nr == NR {
-                            (self.kernel)(kl, ap, bp, cp, self.ldc, load_c, bias);
-                        } else {
-                            let mut tmp = [Row::default(); MR];
-                            (self.kernel)(
-                                kl,
-                                ap,
-                                bp,
-                                tmp.as_mut_ptr() as *mut f32,
-                                NR,
-                                false,
-                                std::ptr::null(),
-                            );
-                            for (i, t) in tmp.iter().enumerate().take(mr) {
-                                let dst = cp.add(i * self.ldc);
-                                for jj in 0..nr {
-                                    let mut v = t.0[jj];
-                                    if !bias.is_null() {
-                                        v += *bias.add(jj);
-                                    }
-                                    if load_c {
-                                        v += *dst.add(jj);
-                                    }
-                                    *dst.add(jj) = v;
+                    if mr == MR && nr == NR {
+                        (self.kernel)(&tile);
+                    } else {
+                        let mut tmp = [Row::default(); MR];
+                        (tile.c, tile.ldc, tile.load_c, tile.bias) =
+                            (tmp.as_mut_ptr() as *mut f32, NR, false, std::ptr::null());
+                        (self.kernel)(&tile);
+                        for (i, t) in tmp.iter().enumerate().take(mr) {
+                            let dst = cp.add(i * self.ldc);
+                            for (jj, &v) in t.0.iter().enumerate().take(nr) {
+                                let mut v = v;
+                                if !bias.is_null() {
+                                    v += *bias.add(jj);
                                 }
-                            }
-                        }
-                        if last {
-                            if let Some(f) = self.map {
-                                for i in 0..mr {
-                                    let values =
-                                        std::slice::from_raw_parts_mut(cp.add(i * self.ldc), nr);
-                                    f(row + i, col, values);
+                                if load_c {
+                                    v += *dst.add(jj);
                                 }
+                                *dst.add(jj) = v;
                             }
                         }
                     }
-                }
-            }
-        });
-    }
-}
-
-/// Packs rows `r0..r0 + mc` and columns `kb..kb + kl` of `A` into panels of `MR` rows:
-/// `buf[panel · MR · kl + p · MR + i]` (rows past `mc` are zero).
-fn pack_a(a: &[f32], lda: usize, r0: usize, mc: usize, kb: usize, kl: usize, buf: &mut [f32]) {
-    for (ip, panel) in buf
-        .chunks_exact_mut(MR * kl)
-        .take(mc.div_ceil(MR))
-        .enumerate()
-    {
-        for i in 0..MR {
-            let r = ip * MR + i;
-            if r < mc {
-                let src = &a[(r0 + r) * lda + kb..][..kl];
-                for (p, &v) in src.iter().enumerate() {
-                    panel[p * MR + i] = v;
-                }
-            } else {
-                for p in 0..kl {
-                    panel[p * MR + i] = 0.0;
+                    if last {
+                        if let Some(f) = self.map {
+                            for i in 0..mr {
+                                let values = std::slice::from_raw_parts_mut(cp.add(i * self.ldc), nr);
+                                f(row + i, col, values);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -568,33 +582,26 @@ fn force_portable() -> bool {
 
 /// The micro-kernel in plain Rust, for CPUs without AVX2+FMA. Same summation order as the SIMD kernel
 /// (`k` in order, one multiply-add per step), so the two agree up to FMA rounding.
-unsafe fn kernel_portable(
-    kl: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    load_c: bool,
-    bias: *const f32,
-) {
+unsafe fn kernel_portable(t: &Tile) {
+    let rows = t.rows();
     let mut acc = [[0f32; NR]; MR];
-    for p in 0..kl {
-        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let x = *a.add(p * MR + i);
+    for p in 0..t.kl {
+        let bp = std::slice::from_raw_parts(t.b.add(p * NR), NR);
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let x = *row.add(p);
             for (o, &y) in acc.iter_mut().zip(bp) {
                 *o += x * y;
             }
         }
     }
     for (i, acc) in acc.iter().enumerate() {
-        let dst = c.add(i * ldc);
+        let dst = t.c.add(i * t.ldc);
         for (jj, &v) in acc.iter().enumerate() {
             let mut v = v;
-            if !bias.is_null() {
-                v += *bias.add(jj);
+            if !t.bias.is_null() {
+                v += *t.bias.add(jj);
             }
-            if load_c {
+            if t.load_c {
                 v += *dst.add(jj);
             }
             *dst.add(jj) = v;
@@ -604,7 +611,7 @@ unsafe fn kernel_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR};
+    use super::{Tile, MR, NR};
     use std::arch::x86_64::*;
 
     /// The 6 × 16 AVX2+FMA micro-kernel: 12 accumulators, two loads of `B` and six broadcasts of `A` per step.
@@ -613,63 +620,57 @@ mod avx2 {
     /// The CPU has AVX2 and FMA; `a` holds `kl · MR` values, `b` holds `kl · NR` values (64-byte aligned),
     /// `c` is valid for an `MR × NR` tile with row stride `ldc`, and `bias` is null or holds `NR` values.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel(
-        kl: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        load_c: bool,
-        bias: *const f32,
-    ) {
+    pub(super) unsafe fn kernel(t: &Tile) {
         const _: () = assert!(MR == 6 && NR == 16);
+        let (c, ldc) = (t.c, t.ldc);
         // The C tile is read (or written) only after the loop: ask for its lines now, so they arrive
-        // during the ~1500 cycles of FMAs instead of stalling the stores (C is often far larger than L2).
+        // during the FMAs instead of stalling the stores (C is often far larger than L2).
         for i in 0..MR {
             let row = c.add(i * ldc) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(row);
             _mm_prefetch::<_MM_HINT_T0>(row.add(NR * 4 - 4));
         }
+        let [a0, a1, a2, a3, a4, a5] = t.rows();
         let mut acc = [_mm256_setzero_ps(); 12];
-        let (mut a, mut b) = (a, b);
+        let mut b = t.b;
+        let mut p = 0;
         macro_rules! step {
             () => {{
                 let b0 = _mm256_load_ps(b);
                 let b1 = _mm256_load_ps(b.add(8));
-                let x = _mm256_broadcast_ss(&*a);
+                let x = _mm256_broadcast_ss(&*a0.add(p));
                 acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
-                let x = _mm256_broadcast_ss(&*a.add(1));
+                let x = _mm256_broadcast_ss(&*a1.add(p));
                 acc[2] = _mm256_fmadd_ps(x, b0, acc[2]);
                 acc[3] = _mm256_fmadd_ps(x, b1, acc[3]);
-                let x = _mm256_broadcast_ss(&*a.add(2));
+                let x = _mm256_broadcast_ss(&*a2.add(p));
                 acc[4] = _mm256_fmadd_ps(x, b0, acc[4]);
                 acc[5] = _mm256_fmadd_ps(x, b1, acc[5]);
-                let x = _mm256_broadcast_ss(&*a.add(3));
+                let x = _mm256_broadcast_ss(&*a3.add(p));
                 acc[6] = _mm256_fmadd_ps(x, b0, acc[6]);
                 acc[7] = _mm256_fmadd_ps(x, b1, acc[7]);
-                let x = _mm256_broadcast_ss(&*a.add(4));
+                let x = _mm256_broadcast_ss(&*a4.add(p));
                 acc[8] = _mm256_fmadd_ps(x, b0, acc[8]);
                 acc[9] = _mm256_fmadd_ps(x, b1, acc[9]);
-                let x = _mm256_broadcast_ss(&*a.add(5));
+                let x = _mm256_broadcast_ss(&*a5.add(p));
                 acc[10] = _mm256_fmadd_ps(x, b0, acc[10]);
                 acc[11] = _mm256_fmadd_ps(x, b1, acc[11]);
-                a = a.add(MR);
                 b = b.add(NR);
+                p += 1;
             }};
         }
-        let mut p = kl;
-        while p >= 4 {
+        let kl = t.kl;
+        while p + 4 <= kl {
             step!();
             step!();
             step!();
             step!();
-            p -= 4;
         }
-        while p > 0 {
+        while p < kl {
             step!();
-            p -= 1;
         }
+        let bias = t.bias;
         let (b0, b1) = if bias.is_null() {
             (_mm256_setzero_ps(), _mm256_setzero_ps())
         } else {
@@ -683,7 +684,7 @@ mod avx2 {
                 v0 = _mm256_add_ps(v0, b0);
                 v1 = _mm256_add_ps(v1, b1);
             }
-            if load_c {
+            if t.load_c {
                 v0 = _mm256_add_ps(v0, _mm256_loadu_ps(dst));
                 v1 = _mm256_add_ps(v1, _mm256_loadu_ps(dst.add(8)));
             }
@@ -856,7 +857,15 @@ mod tests {
                 nk[j * k + p] = kn[p * n + j];
             }
         }
-        assert_eq!(PackedB::from_weight(&nk, n, k).unwrap().to_kn(), kn);
+        let mut reused = PackedB::from_weight(&nk, n, k).unwrap();
+        assert_eq!(reused.to_kn(), kn);
+        // Repacking into a used buffer: a smaller matrix, then a general strided one (every other column).
+        reused.repack_strided(&kn, 3, 5, n, 1).unwrap();
+        assert_eq!(reused.to_kn(), [&kn[..5], &kn[n..n + 5], &kn[2 * n..2 * n + 5]].concat());
+        reused.repack_strided(&kn, 4, 18, n, 2).unwrap();
+        let every_other: Vec<f32> = (0..4).flat_map(|p| (0..18).map(move |j| (p, j))).map(|(p, j)| kn[p * n + 2 * j]).collect();
+        assert_eq!(reused.to_kn(), every_other);
+        assert!(reused.repack_strided(&kn, k, n, n, 2).is_err());
         assert!(PackedB::from_weight(&nk, n, k + 1).is_err());
         assert!(PackedB::from_kn(&kn, usize::MAX, 2).is_err());
         let mut c = vec![0f32; 3 * n];

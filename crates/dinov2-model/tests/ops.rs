@@ -157,6 +157,22 @@ fn packed_attention_fused_equals_generic_for_ragged_layouts() {
 }
 
 #[test]
+fn long_sequences_take_the_blocked_online_softmax_and_match_the_exact_one() {
+    // Sequences past 384 tokens are attended in key blocks of about 256 with a running maximum and sum
+    // (1000 → 4 blocks, 390 → 2): the result must be the exact softmax's. Scores of size ~±40 make the
+    // running maximum change from block to block; 2 heads of width 8 (D = 16, qkv 48 wide).
+    let layout = SeqLayout::from_lengths(&[1000, 40, 390, 257]);
+    let rows = layout.total_rows();
+    let qkv = rand(&[rows, 48], 21);
+    for scale in [0.35, 2.5] {
+        let fused = CpuFusedAttention.attention(&qkv, &layout, 2, scale).unwrap();
+        let generic = GenericAttention.attention(&qkv, &layout, 2, scale).unwrap();
+        let err = max_rel(&fused, &generic);
+        assert!(err < 2e-5, "scale {scale}: max relative error {err:e}");
+    }
+}
+
+#[test]
 fn attention_probabilities_are_rows_of_a_softmax() {
     let qkv = rand(&[2 * 6, 3 * 8], 10);
     let p = ops::attention_probs(&qkv, 2, 2, 0.5).unwrap();

@@ -14,10 +14,10 @@ use rayon::prelude::*;
 
 use super::cpu::{slice_f32, with_f32, SyncPtr};
 use dinov2_kernels::sgemm::{
-    gemm_packed, gemm_packed_raw, Output, PackedB, Parallelism, RawOutput,
+    gemm_packed, gemm_packed_raw, Output, PackedB, Parallelism, RawOutput, TileMap, MR, NR,
 };
 
-use super::softmax::{softmax_rows, softmax_rows_unnormalised};
+use super::softmax::{online_softmax_block, softmax_rows};
 
 /// Where each sequence sits in a packed token matrix.
 ///
@@ -442,21 +442,31 @@ impl AttentionOp {
     }
 }
 
-/// Per-thread buffers of the forward: one head's packed keys (`Kᵀ`) and values, a block of scores, and the
-/// block's softmax normalisers.
+/// Per-thread buffers of the forward: one block of a head's keys (packed as `Kᵀ`) and values, a block of
+/// scores, and the online-softmax state of the item's queries.
 #[derive(Default)]
 struct ForwardScratch {
     keys: PackedB,
     values: PackedB,
     scores: Vec<f32>,
-    inv: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    correction: Vec<f32>,
 }
 
-/// Query rows per block so that a block's scores (`rows × len` floats) take about 256 KiB (half of a 512 KiB
-/// L2): all of a 224 px image's 257 queries at once, 47 of the 1370 at 518 px.
-fn query_block(len: usize) -> usize {
-    (65_536 / len.max(1)).max(16)
+/// Keys per block of the forward: all of them up to 384 (a 224 px image's 257 in one block, an exact
+/// softmax), else equal blocks of about 256 rounded up to whole panels of the GEMM (16 columns), so that a
+/// block's packed keys and values (64 KiB each at head dimension 64) and its scores stay in L2.
+fn key_block(len: usize) -> usize {
+    if len <= 384 {
+        len.max(1)
+    } else {
+        len.div_ceil(len.div_ceil(256)).next_multiple_of(NR)
+    }
 }
+
+/// Queries per block of the forward: whole micro-tiles (6 rows), a score block of at most 144 × 256.
+const QUERY_BLOCK: usize = 24 * MR;
 
 impl CustomOp1 for AttentionOp {
     fn name(&self) -> &'static str {
@@ -485,53 +495,62 @@ impl CustomOp1 for AttentionOp {
             ForwardScratch::default,
             |s: &mut ForwardScratch, (start, t, h, q0, qn)| -> Result<()> {
                 let head = start * three_d + h * hd;
-                // Kᵀ (hd × t): B[p][j] = K[j][p]; V (t × hd).
-                s.keys
-                    .repack_strided(&qkv[head + d..], hd, t, 1, three_d)
-                    .map_err(wrap)?;
-                s.values
-                    .repack_strided(&qkv[head + 2 * d..], t, hd, three_d, 1)
-                    .map_err(wrap)?;
-                let block = query_block(t);
-                let mut b0 = q0;
-                while b0 < q0 + qn {
-                    let bn = block.min(q0 + qn - b0);
-                    s.scores.resize(bn * t, 0.0);
-                    s.inv.resize(bn, 0.0);
-                    let scores = Output {
-                        data: &mut s.scores,
-                        ld: t,
-                        accumulate: false,
-                        bias: None,
-                    };
-                    let q = &qkv[head + b0 * three_d..];
-                    gemm_packed(q, bn, three_d, &s.keys, scores, None, Parallelism::None)
-                        .map_err(wrap)?;
-                    softmax_rows_unnormalised(&mut s.scores, t, scale, &mut s.inv);
-                    let inv = &s.inv;
-                    let normalise =
-                        |r: usize, _: usize, o: &mut [f32]| o.iter_mut().for_each(|v| *v *= inv[r]);
-                    let o = RawOutput {
+                (s.max.resize(qn, 0.0), s.sum.resize(qn, 0.0), s.correction.resize(qn, 0.0));
+                let kb = key_block(t);
+                let key_blocks = t.div_ceil(kb);
+                for (bi, k0) in (0..t).step_by(kb).enumerate() {
+                    let kn = kb.min(t - k0);
+                    let (first, last) = (bi == 0, bi + 1 == key_blocks);
+                    // Kᵀ (hd × kn): B[p][j] = K[k0 + j][p]; V (kn × hd).
+                    let kv = head + k0 * three_d;
+                    s.keys.repack_strided(&qkv[kv + d..], hd, kn, 1, three_d).map_err(wrap)?;
+                    s.values.repack_strided(&qkv[kv + 2 * d..], kn, hd, three_d, 1).map_err(wrap)?;
+                    for b0 in (q0..q0 + qn).step_by(QUERY_BLOCK) {
+                        let bn = QUERY_BLOCK.min(q0 + qn - b0);
+                        let state = b0 - q0..b0 - q0 + bn;
+                        s.scores.resize(bn * kn, 0.0);
+                        let scores = Output {
+                            data: &mut s.scores,
+                            ld: kn,
+                            accumulate: false,
+                            bias: None,
+                        };
+                        let q = &qkv[head + b0 * three_d..];
+                        gemm_packed(q, bn, three_d, &s.keys, scores, None, Parallelism::None).map_err(wrap)?;
+                        online_softmax_block(
+                            &mut s.scores,
+                            kn,
+                            scale,
+                            first,
+                            &mut s.max[state.clone()],
+                            &mut s.sum[state.clone()],
+                            &mut s.correction[state.clone()],
+                        );
                         // SAFETY (of the offset): inside the [rows, D] output.
-                        ptr: unsafe { dst.get().add((start + b0) * d + h * hd) },
-                        ld: d,
-                        accumulate: false,
-                        bias: None,
-                    };
-                    // SAFETY: this (segment, head, query block) alone writes these rows' head columns.
-                    unsafe {
-                        gemm_packed_raw(
-                            &s.scores,
-                            bn,
-                            t,
-                            &s.values,
-                            o,
-                            Some(&normalise),
-                            Parallelism::None,
-                        )
+                        let o_ptr = unsafe { dst.get().add((start + b0) * d + h * hd) };
+                        if !first {
+                            for (r, &c) in s.correction[state.clone()].iter().enumerate() {
+                                // SAFETY: this item's own rows and head columns, written by the first block.
+                                let o = unsafe { std::slice::from_raw_parts_mut(o_ptr.add(r * d), hd) };
+                                o.iter_mut().for_each(|v| *v *= c);
+                            }
+                        }
+                        let sums = &s.sum[state];
+                        let normalise = |r: usize, _: usize, o: &mut [f32]| {
+                            let inv = 1.0 / sums[r];
+                            o.iter_mut().for_each(|v| *v *= inv)
+                        };
+                        let o = RawOutput {
+                            ptr: o_ptr,
+                            ld: d,
+                            accumulate: !first,
+                            bias: None,
+                        };
+                        let map: Option<TileMap> = if last { Some(&normalise) } else { None };
+                        // SAFETY: this (segment, head, query range) alone writes these rows' head columns.
+                        unsafe { gemm_packed_raw(&s.scores, bn, kn, &s.values, o, map, Parallelism::None) }
+                            .map_err(wrap)?;
                     }
-                    .map_err(wrap)?;
-                    b0 += bn;
                 }
                 Ok(())
             },

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use dinov2_kernels::sgemm::{gemm_packed, Output, PackedB, Parallelism, TileMap};
+use dinov2_kernels::sgemm::{gemm_packed_raw, PackedB, Parallelism, RawOutput, TileMap};
 use rayon::prelude::*;
 
 use super::cpu::{slice_f32, SyncPtr};
@@ -81,25 +81,30 @@ impl PackedLinear {
     }
 
     /// `out` (`m` rows of `n`) `[+]= x · Wᵀ + b`, with GELU when asked.
-    fn run(
-        &self,
-        x: &[f32],
-        m: usize,
-        out: &mut [f32],
-        accumulate: bool,
-        gelu: bool,
-    ) -> Result<()> {
+    fn run(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool, gelu: bool) -> Result<()> {
         let n = self.weight.n();
-        let gelu_map = |_row: usize, _col: usize, t: &mut [f32]| gelu_in_place(t);
-        let map: Option<TileMap> = if gelu { Some(&gelu_map) } else { None };
-        let output = Output {
-            data: out,
+        if out.len() != m * n {
+            candle_core::bail!("linear: output of {} values for {m} rows of {n}", out.len());
+        }
+        let o = RawOutput {
+            ptr: out.as_mut_ptr(),
             ld: n,
             accumulate,
             bias: self.bias.as_deref().map(|b| &b[..]),
         };
+        // SAFETY: `out` is borrowed mutably and holds the m × n output (checked above).
+        unsafe { self.run_raw(x, m, o, gelu) }
+    }
+
+    /// [`Self::run`] into a raw output.
+    ///
+    /// # Safety
+    /// As [`gemm_packed_raw`]: `o.ptr` is valid for the `m × n` output and nothing else touches it.
+    unsafe fn run_raw(&self, x: &[f32], m: usize, o: RawOutput<'_>, gelu: bool) -> Result<()> {
+        let gelu_map = |_row: usize, _col: usize, t: &mut [f32]| gelu_in_place(t);
+        let map: Option<TileMap> = if gelu { Some(&gelu_map) } else { None };
         let k = self.weight.k();
-        gemm_packed(x, m, k, &self.weight, output, map, Parallelism::Rayon)
+        gemm_packed_raw(x, m, k, &self.weight, o, map, Parallelism::Rayon)
             .map_err(candle_core::Error::wrap)
     }
 
@@ -128,8 +133,18 @@ impl CustomOp1 for PackedLinearOp {
         let x = slice_f32(s, l)?;
         let m = self.lin.rows(x, l.dims())?;
         let n = self.lin.weight.n();
-        let mut out = vec![0f32; m * n];
-        self.lin.run(x, m, &mut out, false, self.gelu)?;
+        let len = m * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let o = RawOutput {
+            ptr: out.as_mut_ptr(),
+            ld: n,
+            accumulate: false,
+            bias: self.lin.bias.as_deref().map(|b| &b[..]),
+        };
+        // SAFETY: the capacity holds the m × n output, written (never read: no accumulation) by the product.
+        unsafe { self.lin.run_raw(x, m, o, self.gelu)? };
+        // SAFETY: every one of the m·n values was written above (the product writes its whole output).
+        unsafe { out.set_len(len) };
         let mut dims = l.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;

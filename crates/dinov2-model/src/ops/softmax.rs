@@ -63,16 +63,36 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `rows[i] = exp(scale · (rows[i] − max))` for each `d`-wide row, and `inv[r] = 1 / Σ rows[r]`: the
-    /// softmax of `scale · rows` without its normalisation, which the caller applies later to a narrower
-    /// result (attention's `P · V`). `scale > 0`.
-    pub(crate) fn softmax_rows_unnormalised(rows: &mut [f32], d: usize, scale: f32, inv: &mut [f32]) {
-        for (row, inv) in rows.chunks_exact_mut(d).zip(inv.iter_mut()) {
-            let max = max_lanes(row);
+    /// One key block of an online softmax (as in flash attention), over the `d`-wide rows of `rows` (the
+    /// raw scores `q · kᵀ` of a block of keys): with the running maximum `max[r]` and sum `sum[r]` of each
+    /// row over the earlier blocks (ignored when `first`), writes `rows = exp(scale · (rows − m))` for the new
+    /// maximum `m`, sets `correction[r] = exp(scale · (max_old − m))` (the factor by which what was summed so
+    /// far must be scaled), and updates `max` and `sum`. `scale > 0`.
+    pub(crate) fn online_softmax_block(
+        rows: &mut [f32],
+        d: usize,
+        scale: f32,
+        first: bool,
+        max: &mut [f32],
+        sum: &mut [f32],
+        correction: &mut [f32],
+    ) {
+        let state = max.iter_mut().zip(sum.iter_mut()).zip(correction.iter_mut());
+        for (row, ((max, sum), corr)) in rows.chunks_exact_mut(d).zip(state) {
+            let block_max = max_lanes(row);
+            let m = if first { block_max } else { max.max(block_max) };
             for v in row.iter_mut() {
-                *v = fast_exp((*v - max) * scale);
+                *v = fast_exp((*v - m) * scale);
             }
-            *inv = 1.0 / sum_lanes(row);
+            let s = sum_lanes(row);
+            if first {
+                *sum = s;
+                *corr = 1.0;
+            } else {
+                *corr = fast_exp((*max - m) * scale);
+                *sum = *sum * *corr + s;
+            }
+            *max = m;
         }
     }
 }
