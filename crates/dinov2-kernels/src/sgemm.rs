@@ -156,6 +156,16 @@ impl PackedB {
                     for (p, row) in (kb..).zip(dst.iter_mut()) {
                         row.0.copy_from_slice(&src[p * row_stride + c0..][..NR]);
                     }
+                } else if row_stride == 1 && width == NR && has_avx2_fma() {
+                    let base = src[c0 * col_stride + kb..].as_ptr();
+                    // SAFETY: AVX2 is present; columns c0..c0 + NR and rows kb..kb + kl are inside `src`
+                    // (checked against `last` above), and `dst` holds `kl` rows.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx2::transpose_panel(base, col_stride, kl, dst.as_mut_ptr() as *mut f32)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("AVX2 on a non-x86 target: {base:?}");
                 } else if row_stride == 1 {
                     // Transposing: read each column's run of `k` contiguously.
                     for jj in 0..NR {
@@ -619,6 +629,58 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `a` holds `kl · MR` values, `b` holds `kl · NR` values (64-byte aligned),
     /// `c` is valid for an `MR × NR` tile with row stride `ldc`, and `bias` is null or holds `NR` values.
+    /// `dst[p · NR + jj] = src[jj · col_stride + p]` for the `NR` columns `jj` and `p < kl`: one panel of a
+    /// transposed operand (the keys of an attention head), 8 × 8 blocks at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `src` is valid for `NR` runs of `kl` values `col_stride` apart, `dst` for `kl · NR`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transpose_panel(src: *const f32, col_stride: usize, kl: usize, dst: *mut f32) {
+        for half in 0..NR / 8 {
+            let cols = src.add(half * 8 * col_stride);
+            let out = dst.add(half * 8);
+            let mut p = 0;
+            while p + 8 <= kl {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(cols.add(i * col_stride + p)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let o = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (q, v) in o.into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add((p + q) * NR), v);
+                }
+                p += 8;
+            }
+            for p in p..kl {
+                for i in 0..8 {
+                    *out.add(p * NR + i) = *cols.add(i * col_stride + p);
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(t: &Tile) {
         const _: () = assert!(MR == 6 && NR == 16);
