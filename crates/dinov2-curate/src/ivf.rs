@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::error::{check_rows, Error, Result};
 use crate::kmeans::{self, group_by_label, Init, KMeansConfig};
 use crate::knn::{exact_knn, KnnResult, TopK};
-use crate::linalg::{matmul_abt, sq_norms};
+use crate::linalg::{matmul_abt, matmul_abt_packed, pack_rows, sq_norms};
 use dinov2_dist::{shard_range, Communicator, SingleProcess};
 
 /// IVF construction parameters.
@@ -159,6 +159,7 @@ impl IvfFlat {
             let qs = &queries[q0 * d..(q0 + m) * d];
             // Coarse scores 2 q.c - |c|^2 (larger = closer in L2), top nprobe lists per query; sub-blocks of
             // queries in parallel, each with its own cache-sized score buffer.
+            let packed = pack_rows(&self.centroids, nlist, d)?;
             let mut probe_s = vec![0f32; m * nprobe];
             let mut probe_l = vec![0i64; m * nprobe];
             probe_s
@@ -169,7 +170,7 @@ impl IvfFlat {
                     let mb = ps.len() / nprobe;
                     let qb = &qs[bi * COARSE_BLOCK * d..(bi * COARSE_BLOCK + mb) * d];
                     sc.resize(mb * nlist, 0.0);
-                    matmul_abt(qb, mb, &self.centroids, nlist, d, sc, false)?;
+                    matmul_abt_packed(qb, mb, &packed, sc, false)?;
                     for (qi, (ps, pl)) in
                         ps.chunks_mut(nprobe).zip(pl.chunks_mut(nprobe)).enumerate()
                     {

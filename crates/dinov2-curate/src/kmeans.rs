@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::error::{check_rows, invalid, Error, Result};
-use crate::linalg::{matmul_abt, sq_norm, sq_norms, threads};
+use crate::linalg::{matmul_abt_packed, pack_rows, sq_norm, sq_norms, threads};
 use dinov2_dist::{gather_counts as gather_row_counts, Communicator, SingleProcess};
 
 /// Initialisation method.
@@ -78,6 +78,7 @@ pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f
         return Err(invalid("centroids", "no centroids to assign to"));
     }
     let cn = sq_norms(centroids, d);
+    let packed = pack_rows(centroids, k, d)?;
     let mut labels = vec![0u32; n];
     let mut dist = vec![0f32; n];
     // Rows per GEMM (a multiple of the 64-row AVX-512 micro-kernel): the score block (rows x k, ~4 MB) stays in
@@ -91,7 +92,7 @@ pub fn assign(x: &[f32], d: usize, centroids: &[f32]) -> Result<(Vec<u32>, Vec<f
     let work = |buf: &mut Vec<f32>, ((xs, ls), ds): ((&[f32], &mut [u32]), &mut [f32])| {
         let m = ls.len();
         buf.resize(m * k, 0.0);
-        matmul_abt(xs, m, centroids, k, d, buf, inner)?;
+        matmul_abt_packed(xs, m, &packed, buf, inner)?;
         for (i, (l, dd)) in ls.iter_mut().zip(ds.iter_mut()).enumerate() {
             let (j, best) = nearest_shifted(&buf[i * k..(i + 1) * k], &cn);
             *l = j as u32;
@@ -381,6 +382,7 @@ pub fn kmeans_plus_plus_sharded(
         // n_local x t squared distances, row-major.
         let t = cands.len() / d;
         let cn = sq_norms(cands, d);
+        let packed = pack_rows(cands, t, d)?;
         let mut out = vec![0f64; n_local * t];
         if n_local == 0 {
             return Ok(out);
@@ -392,7 +394,7 @@ pub fn kmeans_plus_plus_sharded(
             .try_for_each(|((xs, o), xns)| {
                 let m = xns.len();
                 let mut buf = vec![0f32; m * t];
-                matmul_abt(xs, m, cands, t, d, &mut buf, false)?;
+                matmul_abt_packed(xs, m, &packed, &mut buf, false)?;
                 for i in 0..m {
                     for j in 0..t {
                         o[i * t + j] = ((xns[i] + cn[j] - 2.0 * buf[i * t + j]) as f64).max(0.0);
