@@ -61,7 +61,8 @@ struct Row([f32; NR]);
 /// let w = vec![0f32; 24 * 300]; // a linear layer's weight: 24 outputs, 300 inputs
 /// let b = PackedB::from_weight(&w, 24, 300).unwrap();
 /// assert_eq!((b.k(), b.n()), (300, 24));
-/// assert_eq!(b.memory_bytes(), 2 * 300 * 16 * 4); // two panels of 16 columns (the second half zero)
+/// // Two panels of 16 columns, the second half zero (or the plain 24 × 300 copy under `Backend::Gemm`).
+/// assert!([2 * 300 * 16 * 4, 24 * 300 * 4].contains(&b.memory_bytes()));
 /// ```
 #[derive(Clone, Default)]
 pub struct PackedB {
@@ -70,6 +71,49 @@ pub struct PackedB {
     kc: usize,
     panels: usize,
     rows: Vec<Row>,
+    /// Row-major `[k, n]` instead of panels, for the `gemm` crate's kernels (see [`Backend`]).
+    plain: Option<Vec<f32>>,
+}
+
+/// Which micro-kernels run the products.
+///
+/// Chosen once per process: `DINOV2_SGEMM=panels|gemm` in the environment, else [`Backend::Panels`] on CPUs
+/// without AVX-512 and [`Backend::Gemm`] on CPUs with AVX-512F, whose `gemm` crate kernels (`x86-v4`) use the
+/// 512-bit registers our AVX2 micro-kernel does not (not measured against each other on such a CPU yet: the
+/// variable lets one do so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Our micro-kernels on `B` packed into panels (AVX2+FMA, or portable Rust).
+    Panels,
+    /// The `gemm` crate on `B` stored row-major, epilogues applied around it.
+    Gemm,
+}
+
+/// The backend of this process (see [`Backend`]).
+pub fn backend() -> Backend {
+    static CHOICE: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if let Some(b) = FORCE_BACKEND.with(|f| f.get()) {
+        return b;
+    }
+    *CHOICE.get_or_init(|| match std::env::var("DINOV2_SGEMM").as_deref() {
+        Ok("panels") => Backend::Panels,
+        Ok("gemm") => Backend::Gemm,
+        _ if has_avx512f() => Backend::Gemm,
+        _ => Backend::Panels,
+    })
+}
+
+/// Whether this CPU has AVX-512F.
+pub fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl fmt::Debug for PackedB {
@@ -132,6 +176,18 @@ impl PackedB {
                 src.len()
             )));
         }
+        if backend() == Backend::Gemm {
+            let plain = self.plain.get_or_insert_with(Vec::new);
+            plain.clear();
+            plain.reserve(k * n);
+            for p in 0..k {
+                plain.extend((0..n).map(|j| src[p * row_stride + j * col_stride]));
+            }
+            (self.k, self.n, self.kc, self.panels) = (k, n, k.max(1), 0);
+            self.rows.clear();
+            return Ok(());
+        }
+        self.plain = None;
         let blocks = k.div_ceil(KC).max(1);
         let kc = k.div_ceil(blocks).max(1);
         let panels = n.div_ceil(NR);
@@ -215,11 +271,14 @@ impl PackedB {
 
     /// Bytes held by the packed copy.
     pub fn memory_bytes(&self) -> usize {
-        self.rows.len() * NR * 4
+        self.rows.len() * NR * 4 + self.plain.as_ref().map_or(0, |p| p.len() * 4)
     }
 
     /// `B` back as row-major `[k, n]` (tests, debugging).
     pub fn to_kn(&self) -> Vec<f32> {
+        if let Some(plain) = &self.plain {
+            return plain.clone();
+        }
         let mut out = vec![0f32; self.k * self.n];
         for p in 0..self.k {
             for j in 0..self.n {
@@ -389,6 +448,12 @@ pub unsafe fn gemm_packed_raw(
         Parallelism::None => 1,
         Parallelism::Rayon => rayon::current_num_threads().max(1),
     };
+    if let Some(plain) = &b.plain {
+        gemm_crate(
+            a, m, lda, plain, k, n, c, ldc, accumulate, bias, map, threads,
+        );
+        return Ok(());
+    }
     let mut m_blocks = m.div_ceil(MC);
     if m_blocks < threads {
         m_blocks = threads.min(m.div_ceil(MR));
@@ -432,8 +497,89 @@ pub unsafe fn gemm_packed_raw(
     Ok(())
 }
 
+/// The [`Backend::Gemm`] product: bias written (or added) first, the `gemm` crate accumulating into it, then the
+/// map over each row in stretches of `NR`.
+///
+/// # Safety
+/// As [`gemm_packed_raw`], with every size checked by it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_crate(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &[f32],
+    k: usize,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+    map: Option<TileMap<'_>>,
+    threads: usize,
+) {
+    let cp = SyncPtr(c);
+    let rows = |f: &(dyn Fn(usize, &mut [f32]) + Sync)| {
+        let run = |i: usize| f(i, std::slice::from_raw_parts_mut(cp.get().add(i * ldc), n));
+        if threads > 1 {
+            (0..m).into_par_iter().for_each(run);
+        } else {
+            (0..m).for_each(run);
+        }
+    };
+    if let Some(bias) = bias {
+        rows(&|_, row| {
+            if accumulate {
+                row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+            } else {
+                row.copy_from_slice(bias);
+            }
+        });
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate || bias.is_some(),
+        a.as_ptr(),
+        1,
+        lda as isize,
+        b.as_ptr(),
+        1,
+        n as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    );
+    if let Some(f) = map {
+        rows(&|i, row| {
+            for (jc, t) in row.chunks_mut(NR).enumerate() {
+                f(i, jc * NR, t);
+            }
+        });
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
+
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
@@ -541,7 +687,8 @@ impl Job<'_> {
                     if last {
                         if let Some(f) = self.map {
                             for i in 0..mr {
-                                let values = std::slice::from_raw_parts_mut(cp.add(i * self.ldc), nr);
+                                let values =
+                                    std::slice::from_raw_parts_mut(cp.add(i * self.ldc), nr);
                                 f(row + i, col, values);
                             }
                         }
@@ -577,6 +724,11 @@ pub fn has_avx2_fma() -> bool {
 #[cfg(test)]
 thread_local! {
     static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+thread_local! {
+    static FORCE_BACKEND: std::cell::Cell<Option<Backend>> = const { std::cell::Cell::new(None) };
 }
 
 #[cfg(test)]
@@ -635,13 +787,19 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2; `src` is valid for `NR` runs of `kl` values `col_stride` apart, `dst` for `kl · NR`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn transpose_panel(src: *const f32, col_stride: usize, kl: usize, dst: *mut f32) {
+    pub(super) unsafe fn transpose_panel(
+        src: *const f32,
+        col_stride: usize,
+        kl: usize,
+        dst: *mut f32,
+    ) {
         for half in 0..NR / 8 {
             let cols = src.add(half * 8 * col_stride);
             let out = dst.add(half * 8);
             let mut p = 0;
             while p + 8 <= kl {
-                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(cols.add(i * col_stride + p)));
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(cols.add(i * col_stride + p)));
                 let t0 = _mm256_unpacklo_ps(r[0], r[1]);
                 let t1 = _mm256_unpackhi_ps(r[0], r[1]);
                 let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -871,11 +1029,13 @@ mod tests {
 
     #[test]
     fn matches_f64_reference() {
+        FORCE_BACKEND.with(|f| f.set(Some(Backend::Panels)));
         sweep();
     }
 
     #[test]
     fn portable_kernel_matches_f64_reference() {
+        FORCE_BACKEND.with(|f| f.set(Some(Backend::Panels)));
         FORCE_PORTABLE.with(|f| f.set(true));
         // The kernel is chosen on the calling thread, so the rayon runs take the portable one too.
         sweep();
@@ -883,7 +1043,18 @@ mod tests {
     }
 
     #[test]
+    fn gemm_backend_matches_f64_reference() {
+        // The layout AVX-512 CPUs get, exercised here whatever the CPU (the gemm crate picks its own kernels).
+        FORCE_BACKEND.with(|f| f.set(Some(Backend::Gemm)));
+        let b = PackedB::from_kn(&[1., 2., 3., 4.], 2, 2).unwrap();
+        assert!(b.plain.is_some() && b.rows.is_empty());
+        sweep();
+        FORCE_BACKEND.with(|f| f.set(None));
+    }
+
+    #[test]
     fn results_do_not_depend_on_threads() {
+        FORCE_BACKEND.with(|f| f.set(Some(Backend::Panels)));
         let (m, k, n) = (301, 700, 70);
         let a = values(m * k, 7);
         let w = values(n * k, 8);
@@ -923,9 +1094,15 @@ mod tests {
         assert_eq!(reused.to_kn(), kn);
         // Repacking into a used buffer: a smaller matrix, then a general strided one (every other column).
         reused.repack_strided(&kn, 3, 5, n, 1).unwrap();
-        assert_eq!(reused.to_kn(), [&kn[..5], &kn[n..n + 5], &kn[2 * n..2 * n + 5]].concat());
+        assert_eq!(
+            reused.to_kn(),
+            [&kn[..5], &kn[n..n + 5], &kn[2 * n..2 * n + 5]].concat()
+        );
         reused.repack_strided(&kn, 4, 18, n, 2).unwrap();
-        let every_other: Vec<f32> = (0..4).flat_map(|p| (0..18).map(move |j| (p, j))).map(|(p, j)| kn[p * n + 2 * j]).collect();
+        let every_other: Vec<f32> = (0..4)
+            .flat_map(|p| (0..18).map(move |j| (p, j)))
+            .map(|(p, j)| kn[p * n + 2 * j])
+            .collect();
         assert_eq!(reused.to_kn(), every_other);
         assert!(reused.repack_strided(&kn, k, n, n, 2).is_err());
         assert!(PackedB::from_weight(&nk, n, k + 1).is_err());

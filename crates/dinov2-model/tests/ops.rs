@@ -165,7 +165,9 @@ fn long_sequences_take_the_blocked_online_softmax_and_match_the_exact_one() {
     let rows = layout.total_rows();
     let qkv = rand(&[rows, 48], 21);
     for scale in [0.35, 2.5] {
-        let fused = CpuFusedAttention.attention(&qkv, &layout, 2, scale).unwrap();
+        let fused = CpuFusedAttention
+            .attention(&qkv, &layout, 2, scale)
+            .unwrap();
         let generic = GenericAttention.attention(&qkv, &layout, 2, scale).unwrap();
         let err = max_rel(&fused, &generic);
         assert!(err < 2e-5, "scale {scale}: max relative error {err:e}");

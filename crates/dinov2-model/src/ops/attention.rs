@@ -495,7 +495,11 @@ impl CustomOp1 for AttentionOp {
             ForwardScratch::default,
             |s: &mut ForwardScratch, (start, t, h, q0, qn)| -> Result<()> {
                 let head = start * three_d + h * hd;
-                (s.max.resize(qn, 0.0), s.sum.resize(qn, 0.0), s.correction.resize(qn, 0.0));
+                (
+                    s.max.resize(qn, 0.0),
+                    s.sum.resize(qn, 0.0),
+                    s.correction.resize(qn, 0.0),
+                );
                 let kb = key_block(t);
                 let key_blocks = t.div_ceil(kb);
                 for (bi, k0) in (0..t).step_by(kb).enumerate() {
@@ -503,8 +507,12 @@ impl CustomOp1 for AttentionOp {
                     let (first, last) = (bi == 0, bi + 1 == key_blocks);
                     // Kᵀ (hd × kn): B[p][j] = K[k0 + j][p]; V (kn × hd).
                     let kv = head + k0 * three_d;
-                    s.keys.repack_strided(&qkv[kv + d..], hd, kn, 1, three_d).map_err(wrap)?;
-                    s.values.repack_strided(&qkv[kv + 2 * d..], kn, hd, three_d, 1).map_err(wrap)?;
+                    s.keys
+                        .repack_strided(&qkv[kv + d..], hd, kn, 1, three_d)
+                        .map_err(wrap)?;
+                    s.values
+                        .repack_strided(&qkv[kv + 2 * d..], kn, hd, three_d, 1)
+                        .map_err(wrap)?;
                     for b0 in (q0..q0 + qn).step_by(QUERY_BLOCK) {
                         let bn = QUERY_BLOCK.min(q0 + qn - b0);
                         let state = b0 - q0..b0 - q0 + bn;
@@ -516,7 +524,8 @@ impl CustomOp1 for AttentionOp {
                             bias: None,
                         };
                         let q = &qkv[head + b0 * three_d..];
-                        gemm_packed(q, bn, three_d, &s.keys, scores, None, Parallelism::None).map_err(wrap)?;
+                        gemm_packed(q, bn, three_d, &s.keys, scores, None, Parallelism::None)
+                            .map_err(wrap)?;
                         online_softmax_block(
                             &mut s.scores,
                             kn,
@@ -531,7 +540,8 @@ impl CustomOp1 for AttentionOp {
                         if !first {
                             for (r, &c) in s.correction[state.clone()].iter().enumerate() {
                                 // SAFETY: this item's own rows and head columns, written by the first block.
-                                let o = unsafe { std::slice::from_raw_parts_mut(o_ptr.add(r * d), hd) };
+                                let o =
+                                    unsafe { std::slice::from_raw_parts_mut(o_ptr.add(r * d), hd) };
                                 o.iter_mut().for_each(|v| *v *= c);
                             }
                         }
@@ -548,8 +558,10 @@ impl CustomOp1 for AttentionOp {
                         };
                         let map: Option<TileMap> = if last { Some(&normalise) } else { None };
                         // SAFETY: this (segment, head, query range) alone writes these rows' head columns.
-                        unsafe { gemm_packed_raw(&s.scores, bn, kn, &s.values, o, map, Parallelism::None) }
-                            .map_err(wrap)?;
+                        unsafe {
+                            gemm_packed_raw(&s.scores, bn, kn, &s.values, o, map, Parallelism::None)
+                        }
+                        .map_err(wrap)?;
                     }
                 }
                 Ok(())

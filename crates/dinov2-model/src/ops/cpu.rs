@@ -76,7 +76,10 @@ pub(crate) unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
     #[inline(always)]
     unsafe fn exp8(v: __m256, m: __m256, scale: __m256) -> __m256 {
         let x = _mm256_mul_ps(_mm256_sub_ps(v, m), scale);
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_54)), _mm256_set1_ps(88.376_26));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+            _mm256_set1_ps(88.376_26),
+        );
         let magic = _mm256_set1_ps(12_582_912.0);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
         let nf = _mm256_sub_ps(t, magic);
@@ -84,7 +87,11 @@ pub(crate) unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
         let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
         let z = _mm256_mul_ps(r, r);
-        let mut p = _mm256_fmadd_ps(_mm256_set1_ps(1.987_569_1e-4), r, _mm256_set1_ps(1.398_199_9e-3));
+        let mut p = _mm256_fmadd_ps(
+            _mm256_set1_ps(1.987_569_1e-4),
+            r,
+            _mm256_set1_ps(1.398_199_9e-3),
+        );
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
@@ -112,7 +119,9 @@ pub(crate) unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
         *v = fast_exp((*v - m) * scale);
         tail += *v;
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
 }
 
 /// `erf` for f32 as PyTorch's vectorised CPU kernels compute it (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
@@ -216,11 +225,19 @@ mod tests {
         let sum = unsafe { exp_sum_avx2(&mut got, m, scale) };
         let mut want_sum = 0f64;
         for (&x, &g) in row.iter().zip(&got) {
-            let want = (((x - m) * scale) as f64).clamp(-87.336_54, 88.376_26).exp();
+            let want = (((x - m) * scale) as f64)
+                .clamp(-87.336_54, 88.376_26)
+                .exp();
             want_sum += want;
-            assert!(((g as f64 - want) / want).abs() < 3e-7, "exp({x}): {g} vs {want}");
+            assert!(
+                ((g as f64 - want) / want).abs() < 3e-7,
+                "exp({x}): {g} vs {want}"
+            );
         }
-        assert!(((sum as f64 - want_sum) / want_sum).abs() < 1e-6, "{sum} vs {want_sum}");
+        assert!(
+            ((sum as f64 - want_sum) / want_sum).abs() < 1e-6,
+            "{sum} vs {want_sum}"
+        );
     }
 
     #[test]

@@ -81,7 +81,14 @@ impl PackedLinear {
     }
 
     /// `out` (`m` rows of `n`) `[+]= x · Wᵀ + b`, with GELU when asked.
-    fn run(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool, gelu: bool) -> Result<()> {
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        gelu: bool,
+    ) -> Result<()> {
         let n = self.weight.n();
         if out.len() != m * n {
             candle_core::bail!("linear: output of {} values for {m} rows of {n}", out.len());
