@@ -495,11 +495,9 @@ impl CustomOp1 for AttentionOp {
             ForwardScratch::default,
             |s: &mut ForwardScratch, (start, t, h, q0, qn)| -> Result<()> {
                 let head = start * three_d + h * hd;
-                (
-                    s.max.resize(qn, 0.0),
-                    s.sum.resize(qn, 0.0),
-                    s.correction.resize(qn, 0.0),
-                );
+                s.max.resize(qn, 0.0);
+                s.sum.resize(qn, 0.0);
+                s.correction.resize(qn, 0.0);
                 let kb = key_block(t);
                 let key_blocks = t.div_ceil(kb);
                 for (bi, k0) in (0..t).step_by(kb).enumerate() {
