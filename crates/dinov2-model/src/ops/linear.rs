@@ -4,10 +4,9 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use dinov2_kernels::sgemm::{gemm_packed_raw, PackedB, Parallelism, RawOutput, TileMap};
-use rayon::prelude::*;
 
-use super::cpu::{slice_f32, SyncPtr};
-use super::gelu::{gelu_in_place, PAR_CHUNK};
+use super::cpu::slice_f32;
+use super::gelu::gelu_in_place;
 
 /// `x · weightᵀ + bias` for `x` of shape `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
 ///
@@ -33,11 +32,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 && super::use_cpu_kernel(weight)
                 && super::use_cpu_kernel(b) =>
         {
-            x.contiguous()?.apply_op3(
-                &weight.contiguous()?,
-                &b.contiguous()?,
-                LinearOp { gelu: false },
-            )
+            x.contiguous()?
+                .apply_op3(&weight.contiguous()?, &b.contiguous()?, LinearOp)
         }
         _ => linear_generic(x, weight, bias),
     }
@@ -215,37 +211,7 @@ pub fn linear_generic(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
     }
 }
 
-/// `dst[m, n] += x[m, k] · w[n, k]ᵀ` (row-major), on the rayon pool.
-///
-/// # Safety
-/// `dst` must be valid for `m · n` writes; `x` and `w` must hold `m · k` and `n · k` values.
-unsafe fn gemm_accumulate(m: usize, n: usize, k: usize, dst: *mut f32, x: &[f32], w: &[f32]) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        true,
-        x.as_ptr(),
-        1,
-        k as isize,
-        w.as_ptr(),
-        k as isize,
-        1,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    )
-}
-
-struct LinearOp {
-    gelu: bool,
-}
+struct LinearOp;
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -275,29 +241,21 @@ impl CustomOp3 for LinearOp {
             );
         }
         let m = x.len().checked_div(k).unwrap_or(0);
-        // Every row starts as the bias (written once, no zero-fill), then the GEMM accumulates into it.
+        // The weight is packed for this one product (as a GEMM library does on every call); inference models
+        // pack theirs once instead (`PackedLinear`). The output is written once, the bias in the GEMM's tiles.
+        let packed = PackedB::from_weight(w, n, k).map_err(candle_core::Error::wrap)?;
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        if n > 0 {
-            out.spare_capacity_mut()[..m * n]
-                .par_chunks_mut(n * 64)
-                .for_each(|c| {
-                    c.chunks_exact_mut(n).for_each(|r| {
-                        r.iter_mut().zip(b).for_each(|(d, &v)| {
-                            d.write(v);
-                        })
-                    })
-                });
-        }
-        // SAFETY: the m·n elements were all written just above.
+        let o = RawOutput {
+            ptr: out.as_mut_ptr(),
+            ld: n,
+            accumulate: false,
+            bias: Some(b),
+        };
+        // SAFETY: the capacity holds the m × n output, only written by the product (no accumulation).
+        unsafe { gemm_packed_raw(x, m, k, &packed, o, None, Parallelism::Rayon) }
+            .map_err(candle_core::Error::wrap)?;
+        // SAFETY: the product wrote all m·n values.
         unsafe { out.set_len(m * n) };
-        if m > 0 && n > 0 && k > 0 {
-            let dst = SyncPtr(out.as_mut_ptr());
-            // SAFETY: the destination holds m·n values; x is [m, k] and w is [n, k], both contiguous.
-            unsafe { gemm_accumulate(m, n, k, dst.get(), x, w) };
-        }
-        if self.gelu {
-            out.par_chunks_mut(PAR_CHUNK).for_each(gelu_in_place);
-        }
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
