@@ -1,7 +1,7 @@
 //! Dense kernels: `A * B^T` through the `gemm` crate or, when `B` is reused (centroids), on `B` packed once for
 //! `dinov2-kernels`' GEMM; squared norms, and the thread count.
 
-use dinov2_kernels::sgemm::{gemm_packed, Output, PackedB, Parallelism};
+use dinov2_kernels::sgemm::{gemm_packed, Output, PackedB, Parallelism, ShapeError};
 
 use crate::error::{Error, Result};
 
@@ -75,10 +75,14 @@ pub fn matmul_abt(
 /// The rows of `b` (`n x d`) packed once for [`matmul_abt_packed`]: centroids reused over every chunk of an
 /// assignment.
 pub fn pack_rows(b: &[f32], n: usize, d: usize) -> Result<PackedB> {
-    PackedB::from_weight(b, n, d).map_err(|e| Error::Shape {
+    PackedB::from_weight(b, n, d).map_err(shape_error)
+}
+
+fn shape_error(e: ShapeError) -> Error {
+    Error::Shape {
         op: "gemm",
         reason: e.0,
-    })
+    }
 }
 
 /// [`matmul_abt`] with `b` packed by [`pack_rows`]: `out[i * n + j] = <a_i, b_j>`.
@@ -89,12 +93,6 @@ pub fn matmul_abt_packed(
     out: &mut [f32],
     parallel: bool,
 ) -> Result<()> {
-    let (d, n) = (b.k(), b.n());
-    let len = out.len();
-    let out = out.get_mut(..m * n).ok_or_else(|| Error::Shape {
-        op: "gemm",
-        reason: format!("{m}x{n} scores in a buffer of {len} values"),
-    })?;
     let par = if parallel && threads() > 1 {
         Parallelism::Rayon
     } else {
@@ -102,14 +100,11 @@ pub fn matmul_abt_packed(
     };
     let output = Output {
         data: out,
-        ld: n,
+        ld: b.n(),
         accumulate: false,
         bias: None,
     };
-    gemm_packed(a, m, d, b, output, None, par).map_err(|e| Error::Shape {
-        op: "gemm",
-        reason: e.0,
-    })
+    gemm_packed(a, m, b.k(), b, output, None, par).map_err(shape_error)
 }
 
 /// Squared L2 norm of every `d`-long row.

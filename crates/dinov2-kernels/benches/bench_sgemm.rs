@@ -12,6 +12,15 @@ fn values(len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Mean seconds per call of `f` over `reps` calls.
+fn seconds_per_call(reps: usize, mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -56,8 +65,7 @@ fn main() {
         let reps = ((2e9 / (2.0 * (m * k * n) as f64)) as usize).clamp(2, 200);
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let t = Instant::now();
-            for _ in 0..reps {
+            ours.push(seconds_per_call(reps, || {
                 let out = Output {
                     data: &mut c,
                     ld: n,
@@ -65,10 +73,8 @@ fn main() {
                     bias: Some(&bias),
                 };
                 gemm_packed(&a, m, k, &packed, out, None, Parallelism::Rayon).unwrap();
-            }
-            ours.push(t.elapsed().as_secs_f64() / reps as f64);
-            let t = Instant::now();
-            for _ in 0..reps {
+            }));
+            theirs.push(seconds_per_call(reps, || {
                 // As the model did: bias written first, then the GEMM accumulates into it.
                 c.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(&bias));
                 unsafe {
@@ -94,8 +100,7 @@ fn main() {
                         gemm::Parallelism::Rayon(threads),
                     )
                 };
-            }
-            theirs.push(t.elapsed().as_secs_f64() / reps as f64);
+            }));
         }
         let flop = 2.0 * (m * k * n) as f64;
         let (o, t) = (median(ours), median(theirs));

@@ -23,5 +23,6 @@
 pub mod sgemm;
 
 pub use sgemm::{
-    gemm_packed, gemm_packed_raw, Output, PackedB, Parallelism, RawOutput, ShapeError, TileMap,
+    gemm_packed, gemm_packed_new, gemm_packed_raw, Output, PackedB, Parallelism, RawOutput,
+    ShapeError, TileMap,
 };

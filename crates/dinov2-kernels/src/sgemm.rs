@@ -201,6 +201,7 @@ impl PackedB {
         // Every row is written below (padding lanes with zeros): a repack only grows the allocation.
         self.rows.resize(len, Row::default());
         (self.k, self.n, self.kc, self.panels) = (k, n, kc, panels);
+        let avx2 = has_avx2_fma();
         let mut idx = 0;
         for kb in (0..k).step_by(kc) {
             let kl = kc.min(k - kb);
@@ -212,7 +213,7 @@ impl PackedB {
                     for (p, row) in (kb..).zip(dst.iter_mut()) {
                         row.0.copy_from_slice(&src[p * row_stride + c0..][..NR]);
                     }
-                } else if row_stride == 1 && width == NR && has_avx2_fma() {
+                } else if row_stride == 1 && width == NR && avx2 {
                     let base = src[c0 * col_stride + kb..].as_ptr();
                     // SAFETY: AVX2 is present; columns c0..c0 + NR and rows kb..kb + kl are inside `src`
                     // (checked against `last` above), and `dst` holds `kl` rows.
@@ -373,6 +374,40 @@ pub fn gemm_packed(
     unsafe { gemm_packed_raw(a, m, lda, b, out, map, par) }
 }
 
+/// `A · B [+ bias]`, then `map`, into a new row-major `[m, n]` buffer written once (no zero fill first).
+///
+/// ```
+/// use dinov2_kernels::sgemm::{gemm_packed_new, PackedB, Parallelism};
+/// let b = PackedB::from_kn(&[1., 2., 3., 4.], 2, 2).unwrap(); // [[1, 2], [3, 4]]
+/// let c = gemm_packed_new(&[1., 1., 0., 2.], 2, 2, &b, Some(&[0.5, 0.]), None, Parallelism::Rayon).unwrap();
+/// assert_eq!(c, [4.5, 6., 6.5, 8.]);
+/// ```
+pub fn gemm_packed_new(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    map: Option<TileMap<'_>>,
+    par: Parallelism,
+) -> Result<Vec<f32>, ShapeError> {
+    let len = m
+        .checked_mul(b.n)
+        .ok_or_else(|| ShapeError(format!("an output of {m} x {} is too large", b.n)))?;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let o = RawOutput {
+        ptr: out.as_mut_ptr(),
+        ld: b.n,
+        accumulate: false,
+        bias,
+    };
+    // SAFETY: the capacity holds the m × n output, which the product only writes (no accumulation).
+    unsafe { gemm_packed_raw(a, m, lda, b, o, map, par)? };
+    // SAFETY: the product wrote every one of the m·n values.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
 /// Elements spanned by `rows` rows of `cols` at stride `ld` (`None` on overflow).
 fn span(rows: usize, ld: usize, cols: usize) -> Option<usize> {
     if rows == 0 {
@@ -436,9 +471,7 @@ pub unsafe fn gemm_packed_raw(
                 row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
             }
             if let Some(f) = map {
-                for (jc, t) in row.chunks_mut(NR).enumerate() {
-                    f(i, jc * NR, t);
-                }
+                map_row(f, i, row);
             }
         }
         return Ok(());
@@ -475,7 +508,6 @@ pub unsafe fn gemm_packed_raw(
         b,
         c: SyncPtr(c),
         ldc,
-        m,
         accumulate,
         bias,
         map,
@@ -562,11 +594,14 @@ unsafe fn gemm_crate(
         par,
     );
     if let Some(f) = map {
-        rows(&|i, row| {
-            for (jc, t) in row.chunks_mut(NR).enumerate() {
-                f(i, jc * NR, t);
-            }
-        });
+        rows(&|i, row| map_row(f, i, row));
+    }
+}
+
+/// `map` over a whole output row `i` in stretches of `NR`, as the micro-kernel path calls it tile by tile.
+fn map_row(map: TileMap<'_>, i: usize, row: &mut [f32]) {
+    for (jc, t) in row.chunks_mut(NR).enumerate() {
+        map(i, jc * NR, t);
     }
 }
 
@@ -618,7 +653,6 @@ struct Job<'a> {
     b: &'a PackedB,
     c: SyncPtr,
     ldc: usize,
-    m: usize,
     accumulate: bool,
     bias: Option<&'a [f32]>,
     map: Option<TileMap<'a>>,
@@ -650,7 +684,7 @@ impl Job<'_> {
                     _ => std::ptr::null(),
                 };
                 for row in rows.clone().step_by(MR) {
-                    let mr = MR.min(rows.end - row).min(self.m - row);
+                    let mr = MR.min(rows.end - row);
                     let cp = self.c.0.add(row * self.ldc + col);
                     let mut tile = Tile {
                         kl,
@@ -671,17 +705,7 @@ impl Job<'_> {
                             (tmp.as_mut_ptr() as *mut f32, NR, false, std::ptr::null());
                         (self.kernel)(&tile);
                         for (i, t) in tmp.iter().enumerate().take(mr) {
-                            let dst = cp.add(i * self.ldc);
-                            for (jj, &v) in t.0.iter().enumerate().take(nr) {
-                                let mut v = v;
-                                if !bias.is_null() {
-                                    v += *bias.add(jj);
-                                }
-                                if load_c {
-                                    v += *dst.add(jj);
-                                }
-                                *dst.add(jj) = v;
-                            }
+                            store_row(&t.0[..nr], cp.add(i * self.ldc), bias, load_c);
                         }
                     }
                     if last {
@@ -757,17 +781,26 @@ unsafe fn kernel_portable(t: &Tile) {
         }
     }
     for (i, acc) in acc.iter().enumerate() {
-        let dst = t.c.add(i * t.ldc);
-        for (jj, &v) in acc.iter().enumerate() {
-            let mut v = v;
-            if !t.bias.is_null() {
-                v += *t.bias.add(jj);
-            }
-            if t.load_c {
-                v += *dst.add(jj);
-            }
-            *dst.add(jj) = v;
+        store_row(acc, t.c.add(i * t.ldc), t.bias, t.load_c);
+    }
+}
+
+/// `dst[j] = acc[j] [+ bias[j]] [+ dst[j]]`: a micro-tile row's store, in plain Rust (the portable kernel, and
+/// the edge tiles, which the SIMD kernel computes into a scratch tile).
+///
+/// # Safety
+/// `dst` is valid for `acc.len()` values; `bias` is null or holds as many.
+#[inline(always)]
+unsafe fn store_row(acc: &[f32], dst: *mut f32, bias: *const f32, load_c: bool) {
+    for (jj, &v) in acc.iter().enumerate() {
+        let mut v = v;
+        if !bias.is_null() {
+            v += *bias.add(jj);
         }
+        if load_c {
+            v += *dst.add(jj);
+        }
+        *dst.add(jj) = v;
     }
 }
 
@@ -776,11 +809,6 @@ mod avx2 {
     use super::{Tile, MR, NR};
     use std::arch::x86_64::*;
 
-    /// The 6 × 16 AVX2+FMA micro-kernel: 12 accumulators, two loads of `B` and six broadcasts of `A` per step.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `a` holds `kl · MR` values, `b` holds `kl · NR` values (64-byte aligned),
-    /// `c` is valid for an `MR × NR` tile with row stride `ldc`, and `bias` is null or holds `NR` values.
     /// `dst[p · NR + jj] = src[jj · col_stride + p]` for the `NR` columns `jj` and `p < kl`: one panel of a
     /// transposed operand (the keys of an attention head), 8 × 8 blocks at a time.
     ///
@@ -839,6 +867,12 @@ mod avx2 {
         }
     }
 
+    /// The 6 × 16 AVX2+FMA micro-kernel: 12 accumulators, two loads of `B` and six broadcasts of `A` per step.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the tile's rows of `A` hold `kl` values each, `b` holds `kl · NR` values
+    /// (64-byte aligned), `c` is valid for an `MR × NR` tile with row stride `ldc`, and `bias` is null or holds
+    /// `NR` values.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(t: &Tile) {
         const _: () = assert!(MR == 6 && NR == 16);

@@ -670,6 +670,14 @@ impl Ffn {
         }
     }
 
+    /// The input layer (`fc1` or the packed `w12`).
+    fn input(&self) -> &Linear {
+        match self {
+            Ffn::Mlp { fc1, .. } => fc1,
+            Ffn::Swiglu { w12, .. } => w12,
+        }
+    }
+
     /// The output layer (`fc2` or `w3`).
     fn output(&self) -> &Linear {
         match self {
@@ -787,7 +795,7 @@ pub struct Block {
 /// A block's linear layers packed for the CPU GEMM kernel (`dinov2_kernels`), with LayerScale folded into
 /// `proj` and the FFN output layer: `γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b`.
 #[derive(Debug, Clone)]
-pub(crate) struct FoldedOutputs {
+pub(crate) struct PackedBlock {
     qkv: ops::PackedLinear,
     proj: ops::PackedLinear,
     /// `fc1` (GELU fused) or the packed SwiGLU `w12`.
@@ -960,7 +968,7 @@ impl Block {
         packing: &Packing,
         layout: &SeqLayout,
         drop_path_rng: Option<&mut dyn RngCore>,
-        folded: Option<&FoldedOutputs>,
+        folded: Option<&PackedBlock>,
     ) -> Result<Tensor> {
         match drop_path_rng {
             Some(rng) if self.drop_path > 0.0 => {
@@ -991,27 +999,18 @@ impl Block {
 
     /// The linear layers packed for the CPU kernels, LayerScale folded into the output layers, from the
     /// current weights.
-    pub(crate) fn fold(&self) -> Result<FoldedOutputs> {
-        let ffn_in = match &self.mlp {
-            Ffn::Mlp { fc1, .. } => fc1,
-            Ffn::Swiglu { w12, .. } => w12,
-        };
-        Ok(FoldedOutputs {
+    pub(crate) fn fold(&self) -> Result<PackedBlock> {
+        Ok(PackedBlock {
             qkv: fold(&self.attn.qkv, None)?,
             proj: fold(&self.attn.proj, self.ls1.as_ref())?,
-            ffn_in: fold(ffn_in, None)?,
+            ffn_in: fold(self.mlp.input(), None)?,
             ffn_out: fold(self.mlp.output(), self.ls2.as_ref())?,
         })
     }
 
     /// Inference on CPU f32 without gradient tracking, on packed weights: LayerScale folded into the output
     /// projections, whose GEMMs accumulate straight into the residual stream; GELU fused into `fc1`'s GEMM.
-    fn forward_inference(
-        &self,
-        x: &Tensor,
-        layout: &SeqLayout,
-        f: &FoldedOutputs,
-    ) -> Result<Tensor> {
+    fn forward_inference(&self, x: &Tensor, layout: &SeqLayout, f: &PackedBlock) -> Result<Tensor> {
         let qkv = f.qkv.forward(&self.norm1.forward(x)?, false)?;
         let o = self.attn.attend(&qkv, layout)?;
         let x = f.proj.forward_residual(x, &o)?;

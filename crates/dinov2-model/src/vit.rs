@@ -10,7 +10,7 @@ use rand::RngCore;
 use crate::config::VitConfig;
 use crate::error::{Error, Result};
 use crate::init::{NORMAL_1E6, TRUNC_NORMAL_002, ZEROS};
-use crate::layers::{Block, FoldedOutputs, LayerNorm, Packing, PatchEmbed};
+use crate::layers::{Block, LayerNorm, PackedBlock, Packing, PatchEmbed};
 use crate::ops::AttentionBackend;
 use crate::params::{meta_build, Recorder};
 use crate::pos_embed::{interpolate_pos_embed, ResamplerCache};
@@ -163,9 +163,9 @@ pub struct DinoVisionTransformer {
 /// What [`DinoVisionTransformer::fuse_for_inference`] precomputes from immutable weights.
 #[derive(Debug)]
 struct Fused {
-    /// Per block, the output projections with LayerScale folded in (for the CPU f32 kernels; `None` for other
-    /// devices and dtypes, whose forwards do not use them).
-    folded: Option<Vec<FoldedOutputs>>,
+    /// Per block, the linear layers packed for the CPU GEMM with LayerScale folded into the output layers (for
+    /// the CPU f32 kernels; `None` for other devices and dtypes, whose forwards do not use them).
+    folded: Option<Vec<PackedBlock>>,
     /// Interpolated position tables per `(h, w, square input)`.
     pos: Mutex<HashMap<(usize, usize, bool), Tensor>>,
 }
@@ -355,9 +355,9 @@ impl DinoVisionTransformer {
         Self::new(cfg, VarBuilder::from_varmap(varmap, dtype, device))
     }
 
-    /// Precomputes the inference fusions: LayerScale folded into `proj` and the FFN output layer (whose
-    /// GEMMs then accumulate straight into the residual stream), and a cache of interpolated position
-    /// tables. Forwards on the CPU in f32 use them whenever no gradient is recorded.
+    /// Precomputes the inference fusions: every block's linear layers packed once for the CPU GEMM, with
+    /// LayerScale folded into `proj` and the FFN output layer (whose GEMMs then accumulate straight into the
+    /// residual stream), and a cache of interpolated position tables. Forwards on the CPU in f32 use them whenever no gradient is recorded.
     ///
     /// Only weights that cannot change are fused: a model on `Var`s (or a [`detached`](Self::detached)
     /// view of one) is refused with [`Error::MutableWeights`]; its gradient-free forwards fold on every

@@ -71,7 +71,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
+unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
     use std::arch::x86_64::*;
     #[inline(always)]
     unsafe fn exp8(v: __m256, m: __m256, scale: __m256) -> __m256 {
@@ -119,9 +119,7 @@ pub(crate) unsafe fn exp_sum_avx2(row: &mut [f32], m: f32, scale: f32) -> f32 {
         *v = fast_exp((*v - m) * scale);
         tail += *v;
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
+    fold_lanes(lanes, tail)
 }
 
 /// `erf` for f32 as PyTorch's vectorised CPU kernels compute it (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
@@ -138,14 +136,7 @@ pub(crate) fn fast_erf(x: f32) -> f32 {
 /// Whether this CPU runs the AVX2+FMA builds of our kernels (checked once, cached by std).
 #[inline]
 pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    dinov2_kernels::sgemm::has_avx2_fma()
 }
 
 /// Defines a kernel function whose body is compiled twice: for the baseline target and with AVX2+FMA
@@ -184,8 +175,39 @@ pub(crate) fn sum_lanes(xs: &[f32]) -> f32 {
             acc[i] += c[i];
         }
     }
-    let tail: f32 = rem.iter().sum();
+    fold_lanes(acc, rem.iter().sum())
+}
+
+/// The sum of 8 lane accumulators (pairwise, in a fixed order) and a tail.
+#[inline(always)]
+fn fold_lanes(acc: [f32; 8], tail: f32) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `row = exp(scale · (row − m))` and its sum, in one pass: [`exp_sum_avx2`] on CPUs with AVX2+FMA, else 8
+/// independent accumulators over [`fast_exp`].
+#[inline(always)]
+pub(crate) fn exp_sum(row: &mut [f32], m: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { exp_sum_avx2(row, m, scale) };
+    }
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            let e = fast_exp((c[i] - m) * scale);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = fast_exp((*v - m) * scale);
+        tail += *v;
+    }
+    fold_lanes(acc, tail)
 }
 
 /// Maximum with 8 independent lanes.

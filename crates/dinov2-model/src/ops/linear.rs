@@ -3,15 +3,15 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use dinov2_kernels::sgemm::{gemm_packed_raw, PackedB, Parallelism, RawOutput, TileMap};
+use dinov2_kernels::sgemm::{gemm_packed, gemm_packed_new, Output, PackedB, Parallelism, TileMap};
 
 use super::cpu::slice_f32;
 use super::gelu::gelu_in_place;
 
 /// `x · weightᵀ + bias` for `x` of shape `[.., in]`, `weight` `[out, in]`, `bias` `[out]`.
 ///
-/// Differentiable on every device. On the CPU in f32 the bias is written before the GEMM accumulates into it
-/// (one pass over the output instead of two).
+/// Differentiable on every device. On the CPU in f32 the forward runs on `dinov2_kernels`' GEMM (the weight
+/// packed for the call), the bias added in its tiles (one pass over the output).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -76,39 +76,24 @@ impl PackedLinear {
             .apply_op2_no_bwd(&x.contiguous()?, &ResidualOp { lin: self.clone() })
     }
 
-    /// `out` (`m` rows of `n`) `[+]= x · Wᵀ + b`, with GELU when asked.
-    fn run(
-        &self,
-        x: &[f32],
-        m: usize,
-        out: &mut [f32],
-        accumulate: bool,
-        gelu: bool,
-    ) -> Result<()> {
-        let n = self.weight.n();
-        if out.len() != m * n {
-            candle_core::bail!("linear: output of {} values for {m} rows of {n}", out.len());
-        }
-        let o = RawOutput {
-            ptr: out.as_mut_ptr(),
-            ld: n,
-            accumulate,
-            bias: self.bias.as_deref().map(|b| &b[..]),
+    /// `out` (`m` rows of `n`) `+= x · Wᵀ + b`.
+    fn accumulate(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let output = Output {
+            data: out,
+            ld: self.weight.n(),
+            accumulate: true,
+            bias: self.bias.as_deref().map(Vec::as_slice),
         };
-        // SAFETY: `out` is borrowed mutably and holds the m × n output (checked above).
-        unsafe { self.run_raw(x, m, o, gelu) }
-    }
-
-    /// [`Self::run`] into a raw output.
-    ///
-    /// # Safety
-    /// As [`gemm_packed_raw`]: `o.ptr` is valid for the `m × n` output and nothing else touches it.
-    unsafe fn run_raw(&self, x: &[f32], m: usize, o: RawOutput<'_>, gelu: bool) -> Result<()> {
-        let gelu_map = |_row: usize, _col: usize, t: &mut [f32]| gelu_in_place(t);
-        let map: Option<TileMap> = if gelu { Some(&gelu_map) } else { None };
-        let k = self.weight.k();
-        gemm_packed_raw(x, m, k, &self.weight, o, map, Parallelism::Rayon)
-            .map_err(candle_core::Error::wrap)
+        gemm_packed(
+            x,
+            m,
+            self.weight.k(),
+            &self.weight,
+            output,
+            None,
+            Parallelism::Rayon,
+        )
+        .map_err(candle_core::Error::wrap)
     }
 
     fn rows(&self, x: &[f32], dims: &[usize]) -> Result<usize> {
@@ -120,6 +105,27 @@ impl PackedLinear {
             }
         }
     }
+}
+
+/// `x · Wᵀ [+ b]` for the `m` rows of `x` (`dims`, ending in `W`'s inputs), then GELU when asked (in the
+/// GEMM's tiles): a new `[.., n]` output.
+fn affine(
+    x: &[f32],
+    m: usize,
+    dims: &[usize],
+    w: &PackedB,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let gelu_map = |_row: usize, _col: usize, t: &mut [f32]| gelu_in_place(t);
+    let map: Option<TileMap> = if gelu { Some(&gelu_map) } else { None };
+    let out = gemm_packed_new(x, m, w.k(), w, bias, map, Parallelism::Rayon)
+        .map_err(candle_core::Error::wrap)?;
+    let mut dims = dims.to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.n();
+    }
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
 
 struct PackedLinearOp {
@@ -135,24 +141,8 @@ impl CustomOp1 for PackedLinearOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice_f32(s, l)?;
         let m = self.lin.rows(x, l.dims())?;
-        let n = self.lin.weight.n();
-        let len = m * n;
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        let o = RawOutput {
-            ptr: out.as_mut_ptr(),
-            ld: n,
-            accumulate: false,
-            bias: self.lin.bias.as_deref().map(|b| &b[..]),
-        };
-        // SAFETY: the capacity holds the m × n output, written (never read: no accumulation) by the product.
-        unsafe { self.lin.run_raw(x, m, o, self.gelu)? };
-        // SAFETY: every one of the m·n values was written above (the product writes its whole output).
-        unsafe { out.set_len(len) };
-        let mut dims = l.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        let bias = self.lin.bias.as_deref().map(Vec::as_slice);
+        affine(x, m, l.dims(), &self.lin.weight, bias, self.gelu)
     }
 }
 
@@ -184,7 +174,7 @@ impl CustomOp2 for ResidualOp {
             );
         }
         let mut out = residual.to_vec();
-        self.lin.run(x, m, &mut out, true, false)?;
+        self.lin.accumulate(x, m, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -244,23 +234,7 @@ impl CustomOp3 for LinearOp {
         // The weight is packed for this one product (as a GEMM library does on every call); inference models
         // pack theirs once instead (`PackedLinear`). The output is written once, the bias in the GEMM's tiles.
         let packed = PackedB::from_weight(w, n, k).map_err(candle_core::Error::wrap)?;
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let o = RawOutput {
-            ptr: out.as_mut_ptr(),
-            ld: n,
-            accumulate: false,
-            bias: Some(b),
-        };
-        // SAFETY: the capacity holds the m × n output, only written by the product (no accumulation).
-        unsafe { gemm_packed_raw(x, m, k, &packed, o, None, Parallelism::Rayon) }
-            .map_err(candle_core::Error::wrap)?;
-        // SAFETY: the product wrote all m·n values.
-        unsafe { out.set_len(m * n) };
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        affine(x, m, l1.dims(), &packed, Some(b), false)
     }
 
     fn bwd(

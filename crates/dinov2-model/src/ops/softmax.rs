@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu::{fast_exp, max_lanes, rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
+use super::cpu::{exp_sum, fast_exp, max_lanes, rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
 
 /// Softmax over the last dimension, differentiable on every device (unlike `candle_nn::ops::softmax_last_dim`).
 ///
@@ -62,31 +62,6 @@ simd_kernel! {
     }
 }
 
-/// `row = exp(scale · (row − m))` and its sum, in one pass with 8 independent accumulators.
-#[inline(always)]
-fn exp_sum_lanes(row: &mut [f32], m: f32, scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { super::cpu::exp_sum_avx2(row, m, scale) };
-    }
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            let e = fast_exp((c[i] - m) * scale);
-            c[i] = e;
-            acc[i] += e;
-        }
-    }
-    let mut tail = 0.0;
-    for v in chunks.into_remainder() {
-        *v = fast_exp((*v - m) * scale);
-        tail += *v;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 simd_kernel! {
     /// One key block of an online softmax (as in flash attention), over the `d`-wide rows of `rows` (the
     /// raw scores `q · kᵀ` of a block of keys): with the running maximum `max[r]` and sum `sum[r]` of each
@@ -106,7 +81,7 @@ simd_kernel! {
         for (row, ((max, sum), corr)) in rows.chunks_exact_mut(d).zip(state) {
             let block_max = max_lanes(row);
             let m = if first { block_max } else { max.max(block_max) };
-            let s = exp_sum_lanes(row, m, scale);
+            let s = exp_sum(row, m, scale);
             if first {
                 *sum = s;
                 *corr = 1.0;
