@@ -50,7 +50,7 @@ use rand::RngCore;
 use crate::config::{FfnKind, VitConfig};
 use crate::error::{Error, Result};
 use crate::init::{ONES, TRUNC_NORMAL_002, ZEROS};
-use crate::ops::{self, AttentionBackend, CpuFusedAttention, SeqLayout};
+use crate::ops::{self, AttentionBackend, DefaultAttention, SeqLayout};
 
 /// The attention kernel a layer holds.
 pub(crate) type SharedBackend = Arc<dyn AttentionBackend>;
@@ -275,7 +275,7 @@ impl LayerScale {
 
 impl Module for LayerScale {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_mul(&self.gamma)
+        x.broadcast_mul(&ops::cast_like(&self.gamma, x)?)
     }
 }
 
@@ -426,7 +426,8 @@ pub struct Attention {
 
 impl Attention {
     /// From `vb` at `attn`: `qkv` (`D → 3D`) and `proj` (`D → D`), with the configuration's biases, on the
-    /// default kernel ([`CpuFusedAttention`], which defers to candle ops off the CPU).
+    /// default kernel ([`DefaultAttention`](crate::ops::DefaultAttention): the fused CPU kernel, flash-attn on CUDA
+    /// with the `flash-attn` feature, candle ops otherwise).
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -449,7 +450,7 @@ impl Attention {
             proj: Linear::new(d, d, cfg.proj_bias, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
             scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
-            backend: Arc::new(CpuFusedAttention),
+            backend: Arc::new(DefaultAttention),
         })
     }
 

@@ -11,7 +11,7 @@ use crate::config::VitConfig;
 use crate::error::{Error, Result};
 use crate::init::{NORMAL_1E6, TRUNC_NORMAL_002, ZEROS};
 use crate::layers::{Block, LayerNorm, PackedBlock, Packing, PatchEmbed};
-use crate::ops::AttentionBackend;
+use crate::ops::{self, AttentionBackend};
 use crate::params::{meta_build, Recorder};
 use crate::pos_embed::{interpolate_pos_embed, ResamplerCache};
 use crate::state_dict::StateDict;
@@ -158,6 +158,8 @@ pub struct DinoVisionTransformer {
     fused: Option<Arc<Fused>>,
     /// Whether the weights can change in place (`Var`s, or a detached view of them).
     mutable: bool,
+    /// The activations' dtype when it differs from the weights' ([`Self::set_compute_dtype`]).
+    compute_dtype: Option<DType>,
 }
 
 /// What [`DinoVisionTransformer::fuse_for_inference`] precomputes from immutable weights.
@@ -231,6 +233,7 @@ impl DinoVisionTransformer {
             resamplers: Arc::default(),
             fused: None,
             mutable,
+            compute_dtype: None,
         })
     }
 
@@ -453,6 +456,7 @@ impl DinoVisionTransformer {
             resamplers: self.resamplers.clone(),
             fused: self.fused.clone(),
             mutable: self.mutable,
+            compute_dtype: self.compute_dtype,
         }
     }
 
@@ -504,6 +508,23 @@ impl DinoVisionTransformer {
         self.cfg.embed_dim
     }
 
+    /// The device the weights live on (inputs are moved there by the caller).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// assert!(model.device().is_cpu());
+    /// # Ok(()) }
+    /// ```
+    pub fn device(&self) -> &Device {
+        self.cls_token.device()
+    }
+
     /// The blocks.
     ///
     /// ```
@@ -526,6 +547,50 @@ impl DinoVisionTransformer {
     /// ```
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
+    }
+
+    /// Runs the forwards in `dtype` whatever the weights' dtype (mixed precision): the input is cast to it, and
+    /// every layer casts its weights to its input's dtype, so f32 master weights (`Var`s) compute in bf16 and
+    /// receive f32 gradients through the casts. Layer-norm statistics and the softmax reductions stay in f32.
+    /// `None` (the default) computes in the weights' dtype.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::VarMap;
+    /// use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// let mut cfg = VitConfig::vit_small();
+    /// (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+    /// let varmap = VarMap::new();
+    /// let mut model = DinoVisionTransformer::new(&cfg, dinov2_model::init::seeded(&varmap, 0, DType::F32, &Device::Cpu))?;
+    /// model.set_compute_dtype(Some(DType::BF16));
+    /// let x = Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu)?;
+    /// let out = model.forward_features(&x, None)?;
+    /// assert_eq!(out.x_norm_clstoken.dtype(), DType::BF16);
+    /// let grads = out.x_norm_clstoken.to_dtype(DType::F32)?.sum_all()?.backward()?;
+    /// let w = varmap.data().lock().unwrap()["norm.weight"].clone();
+    /// assert_eq!(grads.get(&w).unwrap().dtype(), DType::F32); // f32 gradients for the f32 weights
+    /// # Ok(()) }
+    /// ```
+    pub fn set_compute_dtype(&mut self, dtype: Option<DType>) {
+        self.compute_dtype = dtype;
+    }
+
+    /// The dtype the forwards compute in: [`Self::set_compute_dtype`]'s, or the weights'.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use dinov2_model::{DinoVisionTransformer, VitConfig};
+    /// # fn main() -> dinov2_model::Result<()> {
+    /// # let mut cfg = VitConfig::vit_small();
+    /// # (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.img_size) = (32, 2, 1, 28);
+    /// # let sd = dinov2_model::init::init_state_dict(&cfg, 0)?;
+    /// let model = DinoVisionTransformer::from_state_dict(&cfg, &sd, &Device::Cpu, DType::F32)?;
+    /// assert_eq!(model.compute_dtype(), DType::F32);
+    /// # Ok(()) }
+    /// ```
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype.unwrap_or(self.cls_token.dtype())
     }
 
     /// Replaces the attention kernel of every block (for example a CUDA varlen kernel; see
@@ -671,7 +736,7 @@ impl DinoVisionTransformer {
         masks: Option<&Tensor>,
     ) -> Result<(Tensor, (usize, usize))> {
         let (b, _, hp, wp) = x.dims4()?;
-        let x = x.to_dtype(self.cls_token.dtype())?;
+        let x = x.to_dtype(self.compute_dtype())?;
         let (t, grid) = self.patch_embed.forward_grid(&x)?;
         let (_, n, d) = t.dims3()?;
         let t = match masks {
@@ -687,24 +752,23 @@ impl DinoVisionTransformer {
                     .ne(0u8)?
                     .unsqueeze(2)?
                     .broadcast_as((b, n, d))?;
-                let tok = self
-                    .mask_token
+                let tok = ops::cast_like(&self.mask_token, &t)?
                     .reshape((1, 1, d))?
                     .broadcast_as((b, n, d))?;
                 cond.where_cond(&tok, &t)?
             }
             None => t,
         };
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let cls = ops::cast_like(&self.cls_token, &t)?.broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &t], 1)?;
-        let x = x.broadcast_add(&self.pos_embed_for(grid, (hp, wp))?)?;
+        let x = x.broadcast_add(&ops::cast_like(&self.pos_embed_for(grid, (hp, wp))?, &x)?)?;
         let x = match &self.register_tokens {
             Some(reg) => {
                 let r = reg.dim(1)?;
                 Tensor::cat(
                     &[
                         &x.narrow(1, 0, 1)?,
-                        &reg.broadcast_as((b, r, d))?,
+                        &ops::cast_like(reg, &x)?.broadcast_as((b, r, d))?,
                         &x.narrow(1, 1, n)?,
                     ],
                     1,

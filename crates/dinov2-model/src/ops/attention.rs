@@ -190,6 +190,42 @@ pub trait AttentionBackend: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuFusedAttention;
 
+/// The default backend of every [`Attention`](crate::layers::Attention) layer: picks by the tensor's device
+/// and dtype. [`CpuFusedAttention`] for f32 on the CPU; with the `flash-attn` feature, flash-attn 2's varlen
+/// kernels ([`FlashAttention`]) for bf16/f16 on CUDA at head dimension 64 (every DINOv2 backbone); otherwise
+/// [`GenericAttention`] (on CUDA: one dense batched attention per run of equal-length crops, through cuBLAS
+/// and a softmax kernel with a backward).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use dinov2_model::ops::{AttentionBackend, DefaultAttention, GenericAttention, SeqLayout};
+/// # fn main() -> candle_core::Result<()> {
+/// let qkv = (Tensor::arange(0f32, 7. * 24., &Device::Cpu)? * 0.1)?.sin()?.reshape((7, 24))?;
+/// let layout = SeqLayout::from_lengths(&[3, 4]);
+/// let a = DefaultAttention.attention(&qkv, &layout, 2, 0.5)?;
+/// let b = GenericAttention.attention(&qkv, &layout, 2, 0.5)?;
+/// assert!((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-6);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DefaultAttention;
+
+impl AttentionBackend for DefaultAttention {
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        layout: &SeqLayout,
+        num_heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "flash-attn")]
+        if super::flash::FlashAttention::applies(qkv, num_heads) {
+            return super::flash::FlashAttention.attention(qkv, layout, num_heads, scale);
+        }
+        CpuFusedAttention.attention(qkv, layout, num_heads, scale)
+    }
+}
+
 /// Attention from primitive candle ops (batched matmuls and a differentiable softmax); works on every device.
 ///
 /// ```
@@ -239,8 +275,8 @@ impl AttentionBackend for GenericAttention {
     }
 }
 
-/// The default backend for a tensor's device: the fused CPU kernel (which itself defers to the
-/// generic path off the CPU).
+/// Packed attention on the default backend ([`DefaultAttention`]: the fused CPU kernel for f32 on the CPU,
+/// flash-attn on CUDA with the `flash-attn` feature, candle ops otherwise).
 ///
 /// ```
 /// # use candle_core::{DType, Device, Tensor};
@@ -256,10 +292,10 @@ impl AttentionBackend for GenericAttention {
 /// # Ok(()) }
 /// ```
 pub fn attention(qkv: &Tensor, layout: &SeqLayout, num_heads: usize, scale: f64) -> Result<Tensor> {
-    CpuFusedAttention.attention(qkv, layout, num_heads, scale)
+    DefaultAttention.attention(qkv, layout, num_heads, scale)
 }
 
-fn check_qkv(qkv: &Tensor, layout: &SeqLayout, num_heads: usize) -> Result<()> {
+pub(super) fn check_qkv(qkv: &Tensor, layout: &SeqLayout, num_heads: usize) -> Result<()> {
     let (rows, three_d) = qkv.dims2()?;
     if rows != layout.total_rows() {
         bail!(
@@ -343,8 +379,15 @@ pub fn attention_generic(
         let b = j - i;
         let part = qkv.narrow(0, start, b * len)?;
         let (q, k, v) = split_heads(&part, b, len, num_heads)?;
-        let s = (q.matmul(&k.t()?)? * scale)?;
-        let p = super::softmax::softmax_last_dim_generic(&s)?;
+        let p = if super::use_cuda_kernel(&q) {
+            // CUDA: the scale on q (T·hd values, not T²), cuBLAS batched GEMMs, and the softmax kernel with
+            // its f32 reductions and fused backward (the composed softmax keeps ~4 T² tensors per layer).
+            let s = (q * scale)?.matmul(&k.t()?)?;
+            super::softmax::softmax_last_dim(&s)?
+        } else {
+            let s = (q.matmul(&k.t()?)? * scale)?;
+            super::softmax::softmax_last_dim_generic(&s)?
+        };
         let o = p.matmul(&v)?; // [b, heads, len, hd]
         outs.push(o.transpose(1, 2)?.reshape((b * len, d))?);
         i = j;

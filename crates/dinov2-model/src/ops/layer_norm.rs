@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension, with weight and bias.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::cpu::{rows_per_chunk, simd_kernel, slice_f32, sum_lanes};
@@ -32,8 +32,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             &bias.contiguous()?,
             LayerNormOp { eps },
         )
+    } else if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // Statistics in f32, as PyTorch's layer norm does for half-precision inputs.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        layer_norm_generic(&f(x)?, &f(weight)?, &f(bias)?, eps)?.to_dtype(x.dtype())
     } else {
-        layer_norm_generic(x, weight, bias, eps)
+        let (w, b) = (super::cast_like(weight, x)?, super::cast_like(bias, x)?);
+        layer_norm_generic(x, &w, &b, eps)
     }
 }
 

@@ -35,7 +35,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
             x.contiguous()?
                 .apply_op3(&weight.contiguous()?, &b.contiguous()?, LinearOp)
         }
-        _ => linear_generic(x, weight, bias),
+        _ => {
+            // Weights follow the activations' dtype (f32 master weights, bf16 compute).
+            let bias = bias.map(|b| super::cast_like(b, x)).transpose()?;
+            linear_generic(x, &super::cast_like(weight, x)?, bias.as_ref())
+        }
     }
 }
 

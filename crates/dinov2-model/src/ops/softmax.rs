@@ -22,7 +22,7 @@ use super::cpu::{exp_sum, fast_exp, max_lanes, rows_per_chunk, simd_kernel, slic
 /// # Ok(()) }
 /// ```
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if super::use_cpu_kernel(x) {
+    if super::use_cpu_kernel(x) || super::use_cuda_kernel(x) {
         x.contiguous()?.apply_op1(SoftmaxOp)
     } else {
         softmax_last_dim_generic(x)
@@ -111,8 +111,50 @@ impl CustomOp1 for SoftmaxOp {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_fwd(s, l)
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if super::use_cuda_kernel(y) {
+            return Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGradOp)?));
+        }
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// The softmax backward on CUDA, `y · (g − Σ g·y)` with the row sums in f32 (one kernel, no temporaries).
+struct SoftmaxGradOp;
+
+impl candle_core::CustomOp2 for SoftmaxGradOp {
+    fn name(&self) -> &'static str {
+        "dinov2-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("dinov2-softmax-grad runs on CUDA only (the CPU backward is composed)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_bwd(y, ly, g, lg)
     }
 }
