@@ -170,3 +170,44 @@ fn with_communicator(f: impl FnOnce(Arc<dyn Communicator>) -> Result<()>) -> Res
     }
     res
 }
+
+/// `--device`: `cpu`, `cuda` (device 0) or `cuda:N`.
+pub(crate) fn parse_device(spec: &str) -> Result<candle_core::Device> {
+    let ordinal = match spec.trim() {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("--device `{spec}`: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "--device {spec}: this dinov2 was built without CUDA; build with `tools/build_cuda.sh build --features cuda` \
+             (docs/cuda.md)"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal)
+        .with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_device;
+
+    #[test]
+    fn device_specs() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda0"] {
+            let e = parse_device(bad).unwrap_err().to_string();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = parse_device("cuda:1").unwrap_err().to_string();
+            assert!(
+                e.contains("built without CUDA") && e.contains("tools/build_cuda.sh"),
+                "{e}"
+            );
+        }
+    }
+}

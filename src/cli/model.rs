@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::ValueEnum;
 use dinov2::embed::{
     collect_images, load_image, read_pixel_values, stack, write_safetensors_atomic,
@@ -32,6 +32,9 @@ pub(super) struct ModelArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub(super) dtype: Precision,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature; docs/cuda.md).
+    #[arg(long, default_value = "cpu")]
+    pub(super) device: String,
 }
 
 impl ModelArgs {
@@ -42,6 +45,7 @@ impl ModelArgs {
             config: None,
             checkpoint_key: None,
             dtype: Precision::F32,
+            device: "cpu".into(),
         }
     }
 }
@@ -97,7 +101,7 @@ pub(super) fn load(args: &ModelArgs) -> Result<LoadedModel> {
         &args.model,
         &HubOptions::from_env(),
         &opts,
-        &Device::Cpu,
+        &super::parse_device(&args.device)?,
         dtype,
     )
     .with_context(|| format!("cannot load model `{}`", args.model))
@@ -186,7 +190,7 @@ pub(super) fn embed(
                 }
             }
             if !batch.is_empty() {
-                out.push_batch(m, &stack(&batch, &Device::Cpu)?)?;
+                out.push_batch(m, &stack(&batch, m.device())?)?;
             }
             pb.inc(chunk.len() as u64);
         }
@@ -211,7 +215,7 @@ pub(super) fn pca(model: &ModelArgs, image: &Path, output: &Path, size: u32) -> 
         multiple: p,
         shorter_side: Some(size),
     };
-    let x = stack(&[load_image(image, &pre)?], &Device::Cpu)?;
+    let x = stack(&[load_image(image, &pre)?], loaded.model.device())?;
     let f = loaded.model.forward_features(&x, None)?;
     let picture = dinov2::pca::pca_image(&f.x_norm_patchtokens.squeeze(0)?, f.grid, p)?;
     let dir = output

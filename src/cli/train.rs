@@ -27,6 +27,13 @@ pub struct TrainArgs {
     /// Data-parallel runs (`mpirun -np N dinov2 train`): size of the gradient all-reduce buckets, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 25)]
     grad_bucket_mib: usize,
+    /// Where the model trains: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature; docs/cuda.md).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The backbones' compute dtype: bf16 or f16 for mixed precision on f32 master weights (heads, losses and
+    /// the optimizer stay in f32).
+    #[arg(long, value_enum, default_value_t = super::model::Precision::F32)]
+    dtype: super::model::Precision,
     /// Official-style overrides, e.g. `optim.epochs=10 train.dataset_path=photos/`.
     #[arg(value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -42,6 +49,12 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
     let mut opts = RunOptions::new(&output_dir);
     opts.resume = !args.no_resume;
     opts.stop_after_iters = args.stop_after_iters;
+    opts.device = super::parse_device(&args.device)?;
+    opts.compute_dtype = match args.dtype {
+        super::model::Precision::F32 => None,
+        super::model::Precision::Bf16 => Some(candle_core::DType::BF16),
+        super::model::Precision::F16 => Some(candle_core::DType::F16),
+    };
     opts = opts.with_communicator(comm.clone());
     anyhow::ensure!(
         args.grad_bucket_mib > 0,

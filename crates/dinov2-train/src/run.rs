@@ -62,6 +62,11 @@ pub struct RunOptions {
     pub communicator: Arc<dyn Communicator>,
     /// Bucket size of the gradient all-reduce (data-parallel only).
     pub grad_bucket_bytes: usize,
+    /// Where the model runs (`Device::Cpu` by default; a CUDA device needs the `cuda` feature).
+    pub device: Device,
+    /// Mixed precision: the backbones compute in this dtype (bf16 on CUDA, say) on f32 master weights
+    /// ([`SslMetaArch::set_compute_dtype`]); `None` (the default) computes in f32.
+    pub compute_dtype: Option<candle_core::DType>,
 }
 
 impl RunOptions {
@@ -74,6 +79,8 @@ impl RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
             communicator: Arc::new(SingleProcess),
             grad_bucket_bytes: DEFAULT_BUCKET_BYTES,
+            device: Device::Cpu,
+            compute_dtype: None,
         }
     }
 
@@ -270,14 +277,15 @@ pub fn run(
         Ok(None)
     })?;
 
-    let device = Device::Cpu;
-    let arch = if cfg.distillation.enabled {
+    let device = opts.device.clone();
+    let mut arch = if cfg.distillation.enabled {
         let (arch, info) = crate::distill::build_arch(cfg, &device)?;
         on_event(Event::DistillationTeacher { info: &info });
         arch
     } else {
         build_arch(cfg, &device)?
     };
+    arch.set_compute_dtype(opts.compute_dtype);
     let dp = DataParallel::new(comm.clone()).with_bucket_bytes(opts.grad_bucket_bytes)?;
     let mut trainer = Trainer::new(arch, &optim_settings_for(cfg, world), cfg.train.seed)?
         .with_data_parallel(dp)?;
