@@ -69,7 +69,7 @@ run() {
     # wheels (and libcuda.so.1 from the driver).
     local libs
     libs="$(python3 -c 'import os, nvidia.cu13 as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null ||
-        dirname "$(find / -name 'libcublas.so.13' 2>/dev/null | head -n 1)")"
+        dirname "$(find /opt /usr /root /home -name 'libcublas.so.13' -print -quit 2>/dev/null)")"
     export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     say "machine"
     { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
@@ -95,7 +95,9 @@ run() {
             sed "s/^{/{\"section\": \"e\", \"arch\": \"$arch\", \"batch\": 32, \"dtype\": \"bf16\", /" | rows
         kill "$smi" 2>/dev/null
         wait "$smi" 2>/dev/null
-        echo "{\"section\": \"e\", \"arch\": \"$arch\", \"peak_gpu_memory_mib\": $(sort -n "$bin/mem.txt" | tail -n 1)}" | rows
+        local peak
+        peak="$(sort -n "$bin/mem.txt" 2>/dev/null | tail -n 1)"
+        echo "{\"section\": \"e\", \"arch\": \"$arch\", \"peak_gpu_memory_mib\": ${peak:-null}}" | rows
     done
     say "done"
 }

@@ -192,7 +192,7 @@ pub struct CpuFusedAttention;
 
 /// The default backend of every [`Attention`](crate::layers::Attention) layer: picks by the tensor's device
 /// and dtype. [`CpuFusedAttention`] for f32 on the CPU; with the `flash-attn` feature, flash-attn 2's varlen
-/// kernels ([`FlashAttention`]) for bf16/f16 on CUDA at head dimension 64 (every DINOv2 backbone); otherwise
+/// kernels (`FlashAttention`) for bf16/f16 on CUDA at head dimension 64 (every DINOv2 backbone); otherwise
 /// [`GenericAttention`] (on CUDA: one dense batched attention per run of equal-length crops, through cuBLAS
 /// and a softmax kernel with a backward).
 ///
