@@ -36,7 +36,6 @@ build() {
     cargo test --release --locked -p dinov2-flash-attn --features cuda --no-run
     mkdir -p "$BUNDLE"
     rm -f "$BUNDLE"/*
-    local newest
     newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n 1; }
     cp "$(newest "$CARGO_TARGET_DIR/release/deps/gpu_check-*")" "$BUNDLE/gpu_check"
     cp "$(newest "$CARGO_TARGET_DIR/release/deps/bench_step-*")" "$BUNDLE/bench_step"

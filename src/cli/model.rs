@@ -57,6 +57,16 @@ pub(super) enum Precision {
     F16,
 }
 
+impl Precision {
+    pub(super) fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 pub(super) enum PreprocessMode {
     /// Official eval transform: resize the shorter side to --resize (bicubic), center-crop --crop.
@@ -92,17 +102,12 @@ pub(super) fn load(args: &ModelArgs) -> Result<LoadedModel> {
         config,
         checkpoint_key: args.checkpoint_key.clone(),
     };
-    let dtype = match args.dtype {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-        Precision::F16 => DType::F16,
-    };
     load_model_with(
         &args.model,
         &HubOptions::from_env(),
         &opts,
         &super::parse_device(&args.device)?,
-        dtype,
+        args.dtype.dtype(),
     )
     .with_context(|| format!("cannot load model `{}`", args.model))
 }

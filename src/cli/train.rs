@@ -50,11 +50,8 @@ pub fn train(args: TrainArgs, comm: std::sync::Arc<dyn dinov2_dist::Communicator
     opts.resume = !args.no_resume;
     opts.stop_after_iters = args.stop_after_iters;
     opts.device = super::parse_device(&args.device)?;
-    opts.compute_dtype = match args.dtype {
-        super::model::Precision::F32 => None,
-        super::model::Precision::Bf16 => Some(candle_core::DType::BF16),
-        super::model::Precision::F16 => Some(candle_core::DType::F16),
-    };
+    // f32 is the master weights' own dtype: no mixed precision
+    opts.compute_dtype = Some(args.dtype.dtype()).filter(|&d| d != candle_core::DType::F32);
     opts = opts.with_communicator(comm.clone());
     anyhow::ensure!(
         args.grad_bucket_mib > 0,

@@ -4,7 +4,9 @@
 //! with `flash-attn-candle`, forwards that record no gradient (inference, the EMA teacher) run candle-flash-attn's
 //! `flash_attn_varlen` instead.
 
-use candle_core::{DType, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{check_qkv, AttentionBackend, GenericAttention, SeqLayout};
 
@@ -57,9 +59,7 @@ impl AttentionBackend for FlashAttention {
         let x = qkv.reshape((rows, 3, num_heads, 64))?;
         let part = |i: usize| x.narrow(1, i, 1).and_then(|t| t.squeeze(1));
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let cu = layout.cu_seqlens();
-        let n = cu.len();
-        let cu = Tensor::from_vec(cu, n, qkv.device())?;
+        let cu = cu_seqlens_on(layout, qkv.device())?;
         let max_len = layout.segments().iter().map(|&(_, l)| l).max().unwrap_or(0);
         #[cfg(feature = "flash-attn-candle")]
         if !qkv.track_op() {
@@ -80,4 +80,29 @@ impl AttentionBackend for FlashAttention {
         let out = dinov2_flash_attn::flash_attn_varlen(&q, &k, &v, &cu, max_len, scale as f32)?;
         out.reshape((rows, num_heads * 64))
     }
+}
+
+/// Device copies of recent layouts' `cu_seqlens`. Every block of a forward attends over the same layout, and a
+/// training run repeats a handful of them (teacher, student, the drop-path subsets), so each is uploaded once
+/// instead of once per layer (a host-to-device copy from pageable memory on every call).
+static CU_SEQLENS: Mutex<Vec<(SeqLayout, Device, Tensor)>> = Mutex::new(Vec::new());
+/// How many layouts [`CU_SEQLENS`] keeps (the oldest goes first).
+const CU_SEQLENS_KEPT: usize = 64;
+
+fn cu_seqlens_on(layout: &SeqLayout, device: &Device) -> Result<Tensor> {
+    let mut cache = CU_SEQLENS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, t)) = cache
+        .iter()
+        .find(|(l, d, _)| l == layout && d.same_device(device))
+    {
+        return Ok(t.clone());
+    }
+    let cu = layout.cu_seqlens();
+    let n = cu.len();
+    let t = Tensor::from_vec(cu, n, device)?;
+    if cache.len() == CU_SEQLENS_KEPT {
+        cache.remove(0);
+    }
+    cache.push((layout.clone(), device.clone(), t.clone()));
+    Ok(t)
 }
